@@ -1,0 +1,87 @@
+"""Turning a broker URL into libpq connection parameters, and connecting."""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from celery_pgnotify.errors import ConfigurationError
+
+#: Dead peers are noticed by TCP keepalives unless the DSN says otherwise.
+_KEEPALIVE_DEFAULTS = {
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+}
+_SCHEMES = ("pgnotify", "postgresql", "postgres")
+
+
+def conninfo_from_url(url: str, dsn: str | None, connect_timeout: float,
+                      application_name: str = "celery-pgnotify") -> str:
+    """The libpq conninfo for a ``pgnotify://`` URL (or the ``dsn`` option).
+
+    libpq query options in the URL (``sslmode``, ``sslrootcert``, ...) pass
+    through unchanged.
+    """
+    source = dsn if dsn else url
+    setting = "broker_transport_options['dsn']" if dsn else "broker_url"
+    if "://" in source:
+        parts = urlsplit(source)
+        if parts.scheme not in _SCHEMES:
+            raise ConfigurationError(
+                setting, f"scheme {parts.scheme!r} is not one of {', '.join(_SCHEMES)}"
+            )
+        source = urlunsplit(("postgresql",) + tuple(parts)[1:])
+    try:
+        params = conninfo_to_dict(source)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigurationError(setting, f"not a valid PostgreSQL DSN: {exc}") from None
+    for key, value in _KEEPALIVE_DEFAULTS.items():
+        params.setdefault(key, value)
+    params.setdefault("connect_timeout", str(max(1, int(connect_timeout))))
+    params.setdefault("application_name", application_name)
+    return make_conninfo(**params)
+
+
+def mask_url(url: str, mask: str = "**") -> str:
+    """``url`` with its password replaced by ``mask``."""
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    userinfo = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{userinfo}:{mask}@{netloc[1]}"))
+
+
+def connect(conninfo: str) -> psycopg.Connection[Any]:
+    """An autocommit connection; every hot-path statement is a single statement."""
+    return psycopg.Connection.connect(conninfo, autocommit=True)
+
+
+# --- fork safety ------------------------------------------------------------
+# A child forked after a connection exists (Celery's prefork pool) must never
+# use it, nor close it: closing sends a Terminate message on the socket the
+# parent still uses. After a fork each registered owner drops its references.
+
+_owners: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def forget_after_fork(owner: Any) -> None:
+    """Have ``owner._forget_after_fork()`` called in a forked child while it lives."""
+    _owners.add(owner)
+
+
+def _after_fork_in_child() -> None:
+    for owner in list(_owners):
+        owner._forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,301 @@
+"""The consumer's session: LISTEN, liveness and the reaper, on one thread.
+
+One :class:`Listener` runs per consuming transport, on its own dedicated
+connection (never pooled: LISTEN does not survive PgBouncer's transaction
+mode). It
+
+- LISTENs on the NOTIFY channel of every queue the process consumes and
+  wakes the consuming side through a pipe (a file descriptor Celery's event
+  loop or ``select()`` can watch);
+- registers the consumer (a row in ``consumers``) and holds a session-level
+  advisory lock keyed by the consumer id, so the consumer's liveness is the
+  liveness of this session: a SIGKILLed process drops the session and with
+  it the lock;
+- heartbeats every ``heartbeat_interval`` from this thread, so a task that
+  blocks the main thread (``-P solo``) or runs for hours never loses its
+  lease;
+- reaps dead consumers: their leased messages return to their queues
+  (see ``sql.TEMPLATES['reap']`` for the rule);
+- reconnects with capped exponential backoff, and after any gap marks every
+  queue as notified so the consumer re-reads the tables.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from celery_pgnotify.connect import connect, forget_after_fork
+from celery_pgnotify.options import TransportOptions
+from celery_pgnotify.sql import LOCK_NAMESPACE, Statements
+
+logger = logging.getLogger(__name__)
+
+
+class Listener:
+    """A consumer session running on a daemon thread (see module docstring)."""
+
+    def __init__(self, conninfo: str, stmts: Statements, opts: TransportOptions) -> None:
+        self._conninfo = conninfo
+        self._stmts = stmts
+        self._opts = opts
+        self._hostname = socket.gethostname()
+        self._lock = threading.Lock()
+        self._queues: dict[str, str] = {}  # channel -> queue
+        self._listening: set[str] = set()  # channels LISTENed on the current session
+        self._notified: set[str] = set()
+        self._wake_r, self._wake_w = os.pipe()
+        self._ctrl_r, self._ctrl_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w, self._ctrl_r, self._ctrl_w):
+            os.set_blocking(fd, False)
+        self._stopping = threading.Event()
+        self._first_session = threading.Event()
+        self._first_error: BaseException | None = None
+        self._conn: psycopg.Connection[Any] | None = None
+        self._pid = os.getpid()
+        self._reap_after = 0.0
+        #: The consumer id leases are taken under (set once the first session is up).
+        self.consumer_id: int | None = None
+        self._thread = threading.Thread(
+            target=self._run, name="celery-pgnotify-listener", daemon=True
+        )
+        forget_after_fork(self)
+
+    # -- API for the consuming side ----------------------------------------
+
+    @property
+    def wake_fd(self) -> int:
+        """Readable when queues were notified; drain with :meth:`take_notified`."""
+        return self._wake_r
+
+    def start(self) -> int:
+        """Start the thread; returns the consumer id once registered.
+
+        Raises the connection error if the first session cannot be opened.
+        """
+        self._thread.start()
+        self._first_session.wait()
+        if self._first_error is not None:
+            self.stop()
+            raise self._first_error
+        assert self.consumer_id is not None
+        return self.consumer_id
+
+    def set_queues(self, queues: Iterable[str]) -> None:
+        """LISTEN on exactly these queues (and advertise them for routing/expiry)."""
+        with self._lock:
+            self._queues = {self._stmts.channel(q): q for q in queues}
+        self._poke()
+
+    def take_notified(self) -> set[str]:
+        """The queues notified since the last call (drains the wake pipe)."""
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        with self._lock:
+            notified, self._notified = self._notified, set()
+        return notified
+
+    def stop(self, release: bool = True) -> None:
+        """Stop the thread; with ``release``, leased messages go back at once."""
+        if os.getpid() != self._pid:
+            return
+        self._stopping.set()
+        self._poke()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=self._opts.connect_timeout + 5)
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.closed:
+            if release and self.consumer_id is not None:
+                try:
+                    conn.execute(self._stmts.unregister_consumer, {
+                        "id": self.consumer_id, "prefix": self._stmts.channel_prefix,
+                    })
+                except psycopg.Error as exc:
+                    logger.warning("Could not release leases on shutdown: %s", exc)
+            conn.close()
+        for fd in (self._wake_r, self._wake_w, self._ctrl_r, self._ctrl_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _forget_after_fork(self) -> None:
+        # The thread does not exist in the child; its connection belongs to
+        # the parent. Drop references without closing anything.
+        self._conn = None
+        self._stopping.set()
+
+    # -- the thread --------------------------------------------------------
+
+    def _poke(self) -> None:
+        try:
+            os.write(self._ctrl_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _wake(self, queues: Iterable[str]) -> None:
+        with self._lock:
+            was_empty = not self._notified
+            self._notified.update(queues)
+            wake = was_empty and bool(self._notified)
+        if wake:
+            try:
+                os.write(self._wake_w, b"x")
+            except (BlockingIOError, OSError):
+                pass
+
+    def _run(self) -> None:
+        delay = 0.1
+        while not self._stopping.is_set():
+            try:
+                self._open_session()
+                delay = 0.1
+                self._serve()
+            except psycopg.Error as exc:
+                if not self._first_session.is_set():
+                    self._first_error = exc
+                    self._first_session.set()
+                    return
+                if self._stopping.is_set():
+                    break
+                logger.warning("LISTEN session lost (%s); reconnecting in %.1fs", exc, delay)
+                self._drop_session()
+                self._stopping.wait(delay)
+                delay = min(delay * 2, self._opts.reconnect_max_delay)
+            except BaseException as exc:  # never die silently
+                logger.exception("Listener thread failed")
+                if not self._first_session.is_set():
+                    self._first_error = exc
+                    self._first_session.set()
+                return
+
+    def _drop_session(self) -> None:
+        conn, self._conn = self._conn, None
+        self._listening = set()
+        if conn is not None:
+            try:
+                conn.close()
+            except psycopg.Error:
+                pass
+
+    def _open_session(self) -> None:
+        conn = connect(self._conninfo)
+        conn.add_notify_handler(self._on_notify)
+        self._conn = conn
+        with self._lock:
+            queues = list(self._queues.values())
+        params = {"hostname": self._hostname, "pid": os.getpid(), "queues": queues}
+        if self.consumer_id is None:
+            row = conn.execute(self._stmts.register_consumer, params).fetchone()
+            assert row is not None
+            self.consumer_id = int(row[0])
+        else:
+            conn.execute(self._stmts.heartbeat, {"id": self.consumer_id, **params})
+        conn.execute(self._stmts.take_lock, {"ns": LOCK_NAMESPACE, "id": self.consumer_id})
+        self._sync_listen()
+        # Give every other consumer the time to come back before judging them
+        # (after a server restart all session locks vanish at once).
+        self._reap_after = time.monotonic() + self._opts.lease_timeout
+        logger.info("Consumer %s listening (pid %s)", self.consumer_id, os.getpid())
+        self._first_session.set()
+        # After any gap notifications may have been missed: re-read everything.
+        self._wake(queues)
+
+    def _sync_listen(self) -> None:
+        assert self._conn is not None
+        with self._lock:
+            wanted = dict(self._queues)
+        for channel in wanted.keys() - self._listening:
+            self._conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        for channel in self._listening - wanted.keys():
+            self._conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(channel)))
+        changed = wanted.keys() != self._listening
+        self._listening = set(wanted)
+        if changed:
+            self._heartbeat()
+            # Messages may have arrived before the LISTEN: look once.
+            self._wake(q for c, q in wanted.items())
+
+    def _on_notify(self, notify: psycopg.Notify) -> None:
+        with self._lock:
+            queue = self._queues.get(notify.channel)
+        if queue is not None:
+            self._wake((queue,))
+
+    def _heartbeat(self) -> None:
+        assert self._conn is not None and self.consumer_id is not None
+        with self._lock:
+            queues = list(self._queues.values())
+        self._conn.execute(self._stmts.heartbeat, {
+            "id": self.consumer_id, "hostname": self._hostname,
+            "pid": os.getpid(), "queues": queues,
+        })
+        if queues:
+            self._conn.execute(self._stmts.touch_queues, {"queues": queues})
+
+    def _reap(self) -> None:
+        assert self._conn is not None
+        if time.monotonic() < self._reap_after:
+            return
+        rows = self._conn.execute(self._stmts.reap, {
+            "lease_timeout": self._opts.lease_timeout,
+            "lock_grace": self._opts.lock_grace,
+            "ns": LOCK_NAMESPACE,
+            "prefix": self._stmts.channel_prefix,
+        }).fetchall()
+        if rows:
+            logger.warning(
+                "Returned leased messages of dead consumers to queues: %s",
+                ", ".join(sorted(r[0] for r in rows)),
+            )
+
+    def _serve(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        sock = conn.fileno()
+        interval = self._opts.heartbeat_interval
+        next_beat = time.monotonic() + interval
+        while not self._stopping.is_set():
+            timeout = max(0.0, next_beat - time.monotonic())
+            readable, _, _ = select.select([sock, self._ctrl_r], [], [], timeout)
+            if self._ctrl_r in readable:
+                try:
+                    while os.read(self._ctrl_r, 4096):
+                        pass
+                except (BlockingIOError, OSError):
+                    pass
+                if self._stopping.is_set():
+                    return
+                self._sync_listen()
+            if sock in readable:
+                self._read_notifies(conn)
+            if time.monotonic() >= next_beat:
+                self._heartbeat()
+                self._reap()
+                next_beat = time.monotonic() + interval
+
+    def _read_notifies(self, conn: psycopg.Connection[Any]) -> None:
+        pgconn = conn.pgconn
+        pgconn.consume_input()
+        if pgconn.status != psycopg.pq.ConnStatus.OK:
+            raise psycopg.OperationalError("LISTEN connection closed by the server")
+        while True:
+            n = pgconn.notifies()
+            if n is None:
+                break
+            with self._lock:
+                queue = self._queues.get(n.relname.decode())
+            if queue is not None:
+                self._wake((queue,))

@@ -1,0 +1,334 @@
+"""Every SQL statement the project runs, the schema and its migrations.
+
+Statements are templates with ``{s}`` standing for the quoted schema name;
+:func:`statements` renders them once per schema. Values are always bound
+parameters; queue and exchange names are data, never SQL.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from celery_pgnotify.errors import SchemaError
+
+logger = logging.getLogger(__name__)
+
+#: Namespace (first key) of the two-key advisory locks the project takes.
+#: The second key is a consumer id, or 0 for migrations.
+LOCK_NAMESPACE = 0x50474E  # "PGN"
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+CREATE TABLE {s}.queues (
+    name            text PRIMARY KEY,
+    durable         boolean NOT NULL DEFAULT true,
+    auto_delete     boolean NOT NULL DEFAULT false,
+    expires_ms      bigint,
+    message_ttl_ms  bigint,
+    last_used_at    timestamptz NOT NULL DEFAULT now(),
+    created_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE {s}.exchanges (
+    name         text PRIMARY KEY,
+    type         text NOT NULL CHECK (type IN ('direct', 'topic', 'fanout')),
+    durable      boolean NOT NULL DEFAULT true,
+    auto_delete  boolean NOT NULL DEFAULT false
+);
+CREATE TABLE {s}.bindings (
+    exchange     text NOT NULL,
+    routing_key  text NOT NULL,
+    queue        text NOT NULL,
+    type         text NOT NULL CHECK (type IN ('direct', 'topic', 'fanout')),
+    pattern      text,
+    PRIMARY KEY (exchange, routing_key, queue)
+);
+CREATE INDEX bindings_queue ON {s}.bindings (queue);
+CREATE TABLE {s}.consumers (
+    id            serial PRIMARY KEY,
+    hostname      text NOT NULL,
+    pid           integer NOT NULL,
+    queues        text[] NOT NULL DEFAULT '{{}}',
+    started_at    timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE {s}.messages (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    queue        text NOT NULL,
+    rank         smallint NOT NULL DEFAULT 0,
+    payload      text NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    expires_at   timestamptz,
+    consumer_id  integer,
+    leased_at    timestamptz,
+    redelivered  boolean NOT NULL DEFAULT false
+) WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_insert_scale_factor = 0.05);
+CREATE INDEX messages_ready ON {s}.messages (queue, rank DESC, id) WHERE consumer_id IS NULL;
+CREATE INDEX messages_leased ON {s}.messages (consumer_id) WHERE consumer_id IS NOT NULL;
+CREATE INDEX messages_expiring ON {s}.messages (expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE {s}.dead_letters (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    queue       text NOT NULL,
+    payload     text NOT NULL,
+    reason      text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+""",
+    ),
+]
+
+LATEST_VERSION = MIGRATIONS[-1][0]
+
+# --- named statements -------------------------------------------------------
+
+_EXPIRY = (
+    "LEAST(now() + %(ttl)s::bigint * interval '1 millisecond', "
+    "now() + {q}.message_ttl_ms * interval '1 millisecond')"
+)
+_NOTIFY = "pg_notify(%(prefix)s || md5(queue), '')"
+# Notify only when some live consumer reads the queue: NOTIFY serialises
+# committing transactions, and a publish nobody waits for should not pay it.
+_WAITED_FOR = "EXISTS (SELECT 1 FROM {s}.consumers c WHERE queue = ANY(c.queues))"
+
+TEMPLATES: dict[str, str] = {
+    "publish_routed": (
+        "WITH ins AS ("
+        " INSERT INTO {s}.messages (queue, rank, payload, expires_at)"
+        " SELECT DISTINCT b.queue, %(rank)s, %(payload)s, " + _EXPIRY.format(q="q") +
+        " FROM {s}.bindings b LEFT JOIN {s}.queues q ON q.name = b.queue"
+        " WHERE b.exchange = %(exchange)s AND (b.type = 'fanout'"
+        "  OR (b.type = 'direct' AND b.routing_key = %(rk)s)"
+        "  OR (b.type = 'topic' AND ('.' || %(rk)s) ~ b.pattern))"
+        " RETURNING queue)"
+        " SELECT queue, CASE WHEN " + _WAITED_FOR + " THEN " + _NOTIFY + " END"
+        " FROM (SELECT DISTINCT queue FROM ins) AS routed"
+    ),
+    "publish_direct": (
+        "WITH ins AS ("
+        " INSERT INTO {s}.messages (queue, rank, payload, expires_at)"
+        " SELECT %(queue)s, %(rank)s, %(payload)s, LEAST(now() + %(ttl)s::bigint"
+        "  * interval '1 millisecond', (SELECT now() + q.message_ttl_ms"
+        "  * interval '1 millisecond' FROM {s}.queues q WHERE q.name = %(queue)s))"
+        " RETURNING queue)"
+        " SELECT queue, CASE WHEN " + _WAITED_FOR + " THEN " + _NOTIFY + " END FROM ins"
+    ),
+    "claim": (
+        "WITH picked AS ("
+        " SELECT id FROM {s}.messages"
+        " WHERE queue = %(queue)s AND consumer_id IS NULL"
+        "  AND (expires_at IS NULL OR expires_at > now())"
+        " ORDER BY rank DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+        " UPDATE {s}.messages m SET consumer_id = %(consumer)s, leased_at = now()"
+        " FROM picked WHERE m.id = picked.id"
+        " RETURNING m.id, m.rank, m.payload, m.redelivered"
+    ),
+    "get_no_ack": (
+        "DELETE FROM {s}.messages WHERE id = ("
+        " SELECT id FROM {s}.messages"
+        " WHERE queue = %(queue)s AND consumer_id IS NULL"
+        "  AND (expires_at IS NULL OR expires_at > now())"
+        " ORDER BY rank DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED)"
+        " RETURNING id, rank, payload, redelivered"
+    ),
+    "ack": "DELETE FROM {s}.messages WHERE id = %(id)s",
+    "ack_many": "DELETE FROM {s}.messages WHERE id = ANY(%(ids)s)",
+    "requeue": (
+        "WITH back AS ("
+        " UPDATE {s}.messages SET consumer_id = NULL, leased_at = NULL, redelivered = true"
+        " WHERE id = ANY(%(ids)s) AND consumer_id = %(consumer)s RETURNING queue)"
+        " SELECT queue, " + _NOTIFY + " FROM (SELECT DISTINCT queue FROM back) AS q"
+    ),
+    "declare_queue": (
+        "INSERT INTO {s}.queues AS q (name, durable, auto_delete, expires_ms, message_ttl_ms)"
+        " VALUES (%(name)s, %(durable)s, %(auto_delete)s, %(expires)s, %(ttl)s)"
+        " ON CONFLICT (name) DO UPDATE SET last_used_at = now(),"
+        " durable = EXCLUDED.durable, auto_delete = EXCLUDED.auto_delete,"
+        " expires_ms = EXCLUDED.expires_ms, message_ttl_ms = EXCLUDED.message_ttl_ms"
+    ),
+    "has_queue": "SELECT EXISTS (SELECT 1 FROM {s}.queues WHERE name = %(name)s)",
+    "queue_size": (
+        "SELECT count(*) FROM {s}.messages WHERE queue = %(name)s AND consumer_id IS NULL"
+        " AND (expires_at IS NULL OR expires_at > now())"
+    ),
+    "purge": (
+        "WITH gone AS (DELETE FROM {s}.messages WHERE queue = %(name)s"
+        " AND consumer_id IS NULL RETURNING 1) SELECT count(*) FROM gone"
+    ),
+    "delete_queue": (
+        "WITH m AS (DELETE FROM {s}.messages WHERE queue = %(name)s),"
+        " b AS (DELETE FROM {s}.bindings WHERE queue = %(name)s)"
+        " DELETE FROM {s}.queues WHERE name = %(name)s"
+    ),
+    "queue_consumed_elsewhere": (
+        "SELECT EXISTS (SELECT 1 FROM {s}.consumers"
+        " WHERE %(name)s = ANY(queues) AND id <> %(consumer)s)"
+    ),
+    "declare_exchange": (
+        "INSERT INTO {s}.exchanges (name, type, durable, auto_delete)"
+        " VALUES (%(name)s, %(type)s, %(durable)s, %(auto_delete)s)"
+        " ON CONFLICT (name) DO UPDATE SET type = EXCLUDED.type"
+    ),
+    "exchange_type": "SELECT type FROM {s}.exchanges WHERE name = %(name)s",
+    "delete_exchange": (
+        "WITH b AS (DELETE FROM {s}.bindings WHERE exchange = %(name)s)"
+        " DELETE FROM {s}.exchanges WHERE name = %(name)s"
+    ),
+    "bind": (
+        "INSERT INTO {s}.bindings (exchange, routing_key, queue, type, pattern)"
+        " VALUES (%(exchange)s, %(rk)s, %(queue)s, %(type)s, %(pattern)s)"
+        " ON CONFLICT (exchange, routing_key, queue) DO UPDATE"
+        " SET type = EXCLUDED.type, pattern = EXCLUDED.pattern"
+    ),
+    "unbind": (
+        "DELETE FROM {s}.bindings"
+        " WHERE exchange = %(exchange)s AND routing_key = %(rk)s AND queue = %(queue)s"
+    ),
+    "queue_auto_delete": "SELECT auto_delete FROM {s}.queues WHERE name = %(name)s",
+    "exchange_bindings": (
+        "SELECT routing_key, pattern, queue FROM {s}.bindings WHERE exchange = %(name)s"
+    ),
+    "list_bindings": "SELECT queue, exchange, routing_key FROM {s}.bindings",
+    "register_consumer": (
+        "INSERT INTO {s}.consumers (hostname, pid, queues)"
+        " VALUES (%(hostname)s, %(pid)s, %(queues)s) RETURNING id"
+    ),
+    # Upsert: a consumer presumed dead (e.g. after a long network stall) comes
+    # back under its own id; its old leases were already released.
+    "heartbeat": (
+        "INSERT INTO {s}.consumers (id, hostname, pid, queues)"
+        " VALUES (%(id)s, %(hostname)s, %(pid)s, %(queues)s)"
+        " ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), queues = EXCLUDED.queues"
+    ),
+    "touch_queues": (
+        "UPDATE {s}.queues SET last_used_at = now() WHERE name = ANY(%(queues)s)"
+    ),
+    "unregister_consumer": (
+        "WITH back AS ("
+        " UPDATE {s}.messages SET consumer_id = NULL, leased_at = NULL, redelivered = true"
+        " WHERE consumer_id = %(id)s RETURNING queue),"
+        " gone AS (DELETE FROM {s}.consumers WHERE id = %(id)s)"
+        " SELECT queue, " + _NOTIFY + " FROM (SELECT DISTINCT queue FROM back) AS q"
+    ),
+    # A consumer is dead when it has been silent for lease_timeout, or when
+    # its session lock is gone and it missed its heartbeats for lock_grace.
+    "reap": (
+        "WITH dead AS ("
+        " DELETE FROM {s}.consumers c"
+        " WHERE c.heartbeat_at < now() - %(lease_timeout)s * interval '1 second'"
+        "  OR (c.heartbeat_at < now() - %(lock_grace)s * interval '1 second'"
+        "   AND NOT EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory'"
+        "    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        "    AND l.classid = %(ns)s AND l.objid = c.id AND l.objsubid = 2 AND l.granted))"
+        " RETURNING c.id),"
+        " back AS ("
+        " UPDATE {s}.messages m SET consumer_id = NULL, leased_at = NULL, redelivered = true"
+        " WHERE m.consumer_id IN (SELECT id FROM dead) RETURNING m.queue),"
+        " orphans AS ("
+        " UPDATE {s}.messages m SET consumer_id = NULL, leased_at = NULL, redelivered = true"
+        " WHERE m.consumer_id IS NOT NULL AND m.leased_at < now() - %(lease_timeout)s"
+        "  * interval '1 second' AND NOT EXISTS"
+        "  (SELECT 1 FROM {s}.consumers c WHERE c.id = m.consumer_id) RETURNING m.queue),"
+        " expired AS ("
+        " DELETE FROM {s}.messages WHERE expires_at < now() AND consumer_id IS NULL),"
+        " stale_queues AS ("
+        " DELETE FROM {s}.queues q WHERE q.expires_ms IS NOT NULL"
+        "  AND q.last_used_at < now() - q.expires_ms * interval '1 millisecond'"
+        "  AND NOT EXISTS (SELECT 1 FROM {s}.consumers c WHERE q.name = ANY(c.queues))"
+        " RETURNING q.name),"
+        " stale_bindings AS (DELETE FROM {s}.bindings WHERE queue IN"
+        "  (SELECT name FROM stale_queues)),"
+        " stale_messages AS (DELETE FROM {s}.messages WHERE queue IN"
+        "  (SELECT name FROM stale_queues))"
+        " SELECT queue, " + _NOTIFY +
+        " FROM (SELECT queue FROM back UNION SELECT queue FROM orphans) AS q"
+    ),
+    "take_lock": "SELECT pg_advisory_lock(%(ns)s, %(id)s)",
+}
+
+
+class Statements:
+    """The rendered statements for one schema, as attributes."""
+
+    def __init__(self, schema: str) -> None:
+        self.schema = schema
+        ident = sql.Identifier(schema).as_string(None)
+        for name, template in TEMPLATES.items():
+            setattr(self, name, template.replace("{s}", ident))
+        #: prefix of the NOTIFY channel of every queue: ``prefix || md5(queue)``
+        self.channel_prefix = "pgn_" + hashlib.md5(schema.encode()).hexdigest()[:8] + "_"
+
+    def channel(self, queue: str) -> str:
+        """The NOTIFY channel of ``queue`` (always a short, safe identifier)."""
+        return self.channel_prefix + hashlib.md5(queue.encode("utf-8")).hexdigest()
+
+    def __getattr__(self, name: str) -> Any:  # for mypy: attributes set above
+        raise AttributeError(name)
+
+
+@functools.lru_cache(maxsize=None)
+def statements(schema: str) -> Statements:
+    """The statements for ``schema`` (rendered once, then cached)."""
+    return Statements(schema)
+
+
+def schema_version(conn: psycopg.Connection[Any], schema: str) -> int:
+    """The schema's applied version, 0 when it does not exist yet."""
+    row = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL",
+        (sql.Identifier(schema, "schema_version").as_string(conn),),
+    ).fetchone()
+    if not row or not row[0]:
+        return 0
+    q = sql.SQL("SELECT coalesce(max(version), 0) FROM {}.schema_version").format(
+        sql.Identifier(schema)
+    )
+    found = conn.execute(q).fetchone()
+    return int(found[0]) if found else 0
+
+
+def migrate(conn: psycopg.Connection[Any], schema: str) -> list[int]:
+    """Apply pending migrations to ``schema``; returns the versions applied.
+
+    Idempotent and safe to run from many processes at once: the work happens
+    in one transaction under a transaction-level advisory lock.
+    """
+    applied: list[int] = []
+    ident = sql.Identifier(schema).as_string(conn)
+    with conn.transaction():
+        conn.execute(
+            "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (LOCK_NAMESPACE, schema)
+        )
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {}.schema_version ("
+                " version integer PRIMARY KEY,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            ).format(sql.Identifier(schema))
+        )
+        current = schema_version(conn, schema)
+        if current > LATEST_VERSION:
+            raise SchemaError(
+                f"schema {schema!r} is at version {current}, newer than this "
+                f"celery-pgnotify knows ({LATEST_VERSION}); upgrade the package"
+            )
+        for version, ddl in MIGRATIONS:
+            if version <= current:
+                continue
+            logger.info("Applying schema migration %s to %s", version, schema)
+            conn.execute(ddl.replace("{s}", ident).replace("{{}}", "{}").encode())
+            conn.execute(
+                sql.SQL("INSERT INTO {}.schema_version (version) VALUES (%s)").format(
+                    sql.Identifier(schema)
+                ),
+                (version,),
+            )
+            applied.append(version)
+    return applied

@@ -1,0 +1,575 @@
+"""kombu transport on PostgreSQL: tables for durability, LISTEN/NOTIFY to wake.
+
+Features
+========
+* Type: virtual (kombu's virtual channel model), ``driver_type = 'pgnotify'``.
+* Durable: yes. A published message is a committed row; NOTIFY only wakes.
+* Exchanges: direct, topic and fanout; bindings live in the database, so a
+  route declared by one process serves every process.
+* Priorities 0-9 (``priority_order`` picks RabbitMQ's or Redis's meaning).
+* Message TTL (``x-message-ttl``, ``expiration``) and queue ``x-expires``.
+* Leases tied to the consumer's liveness (see :mod:`celery_pgnotify.listener`).
+* Event loop: Celery's hub watches the listener's wake descriptor.
+
+Connection String
+=================
+``pgnotify://USER:PASSWORD@HOST:PORT/DBNAME?sslmode=require&...``
+
+Any libpq option may follow ``?``. A full DSN can be given instead with the
+``dsn`` transport option.
+
+Transport Options
+=================
+See :mod:`celery_pgnotify.options`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import socket
+import time
+from collections.abc import Iterable
+from queue import Empty
+from typing import Any
+
+import psycopg
+from kombu.transport import virtual
+from kombu.transport.virtual.base import BrokerState
+
+from celery_pgnotify import sql as pgsql
+from celery_pgnotify.connect import conninfo_from_url, connect, forget_after_fork, mask_url
+from celery_pgnotify.errors import DatabaseUnavailable, InvalidName
+from celery_pgnotify.listener import Listener
+from celery_pgnotify.options import TransportOptions
+from celery_pgnotify.routing import topic_pattern
+
+logger = logging.getLogger(__name__)
+
+#: Processes that already migrated a (conninfo, schema) pair.
+_migrated: set[tuple[str, str]] = set()
+
+MAX_NAME_LENGTH = 1000
+
+
+def _check_name(kind: str, name: str) -> str:
+    if not isinstance(name, str):
+        raise InvalidName(f"{kind} name must be a string, not {type(name).__name__}")
+    if "\x00" in name:
+        raise InvalidName(f"{kind} name {name!r} contains a NUL character")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidName(f"{kind} name is {len(name)} characters; at most {MAX_NAME_LENGTH}")
+    return name
+
+
+def _milliseconds(value: Any, what: str) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        ms = int(float(value))
+    except (TypeError, ValueError):
+        raise InvalidName(f"{what} must be a number of milliseconds, not {value!r}") from None
+    return max(ms, 0)
+
+
+class QoS(virtual.QoS):
+    """Prefetch accounting whose acks and rejects reach the database."""
+
+    channel: Channel
+
+    def ack(self, delivery_tag: int) -> None:
+        self.channel._db_ack(delivery_tag)
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: int, requeue: bool = False) -> None:
+        if requeue:
+            self.channel._db_requeue([delivery_tag])
+        else:
+            self.channel._db_ack(delivery_tag)
+        self._quick_ack(delivery_tag)
+
+    def restore_unacked(self) -> list[tuple[BaseException, Any]]:
+        """Return every unacked message to its queue in one statement."""
+        self._flush()
+        tags = [tag for tag in self._delivered if tag not in self._dirty]
+        self._delivered.clear()
+        if not tags:
+            return []
+        try:
+            self.channel._db_requeue(tags)
+        except psycopg.Error as exc:
+            # The lease still protects them: they return once this consumer
+            # is seen dead. Nothing is lost; say so instead of dumping state.
+            logger.warning(
+                "Could not return %d unacked message(s) now (%s); "
+                "they come back when this consumer's lease runs out", len(tags), exc,
+            )
+        return []
+
+
+class Channel(virtual.Channel):
+    """A channel over the transport's shared work connection."""
+
+    QoS = QoS
+    connection: Transport
+    supports_fanout = True
+    do_restore = True
+
+    def __init__(self, connection: Transport, **kwargs: Any) -> None:
+        super().__init__(connection, **kwargs)
+        self._stmts = connection.stmts
+        self._opts = connection.opts
+        self._declared_exchanges: dict[str, str] = {}
+
+    # -- helpers -------------------------------------------------------------
+
+    def _execute(self, query: str, params: dict[str, Any]) -> psycopg.Cursor[Any]:
+        return self.connection.work_conn().execute(query, params)
+
+    def _rank(self, priority: Any) -> int:
+        try:
+            p = max(min(int(priority), self.max_priority), self.min_priority)
+        except (TypeError, ValueError):
+            p = self.default_priority
+        return p if self._opts.priority_order == "desc" else self.max_priority - p
+
+    # -- publishing ------------------------------------------------------------
+
+    def _inplace_augment_message(self, message: dict[str, Any], exchange: str,
+                                 routing_key: str) -> None:
+        message["body"], body_encoding = self.encode_body(message["body"], self.body_encoding)
+        props = message["properties"]
+        props["body_encoding"] = body_encoding
+        props["delivery_info"].update(exchange=exchange, routing_key=routing_key)
+
+    def basic_publish(self, message: dict[str, Any], exchange: str, routing_key: str,
+                      **kwargs: Any) -> None:
+        """Route, store and notify in one statement (one round trip)."""
+        self._inplace_augment_message(message, exchange, routing_key)
+        props = message["properties"]
+        params = {
+            "rank": self._rank(props.get("priority")),
+            "payload": json.dumps(message, separators=(",", ":")),
+            "ttl": _milliseconds(props.get("expiration"), "expiration"),
+            "prefix": self._stmts.channel_prefix,
+        }
+        if exchange:
+            params.update(exchange=exchange, rk=routing_key or "")
+            rows = self._execute(self._stmts.publish_routed, params).fetchall()
+            if not rows:
+                logger.debug("Message to exchange %r key %r matched no queue; dropped",
+                             exchange, routing_key)
+        else:
+            params["queue"] = _check_name("queue", routing_key)
+            self._execute(self._stmts.publish_direct, params)
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        self.basic_publish(message, "", queue)
+
+    def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str,
+                    **kwargs: Any) -> None:
+        self.basic_publish(message, exchange, routing_key)
+
+    # -- consuming ---------------------------------------------------------------
+
+    def basic_consume(self, queue: str, no_ack: bool, callback: Any, consumer_tag: str,
+                      **kwargs: Any) -> str:
+        super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        self._no_ack_queues = getattr(self, "_no_ack_queues", set())
+        if no_ack:
+            self._no_ack_queues.add(queue)
+        self.connection._consume(queue, self)
+        return consumer_tag
+
+    def basic_cancel(self, consumer_tag: str) -> None:
+        queue = self._tag_to_queue.get(consumer_tag)
+        super().basic_cancel(consumer_tag)
+        if queue is None or queue in self._active_queues:
+            return
+        self.connection._cancel(queue)
+        try:
+            row = self._execute(self._stmts.queue_auto_delete, {"name": queue}).fetchone()
+            if row and row[0] and not self._consumed_elsewhere(queue):
+                self.queue_delete(queue)
+        except psycopg.Error as exc:
+            logger.debug("auto_delete check for %r failed: %s", queue, exc)
+
+    def _consumed_elsewhere(self, queue: str) -> bool:
+        row = self._execute(self._stmts.queue_consumed_elsewhere, {
+            "name": queue, "consumer": self.connection.consumer_id_or_none() or -1,
+        }).fetchone()
+        return bool(row and row[0])
+
+    def claim_limit(self) -> int:
+        """How many messages this channel may take now (0: prefetch is full)."""
+        if not self.qos.can_consume():
+            return 0
+        estimate = self.qos.can_consume_max_estimate()
+        batch = self._opts.claim_batch
+        return batch if estimate is None else min(estimate, batch)
+
+    def claim(self, queue: str, limit: int) -> list[dict[str, Any]]:
+        """Lease up to ``limit`` ready messages of ``queue`` (best first)."""
+        consumer = self.connection.consumer_id()
+        if queue in getattr(self, "_no_ack_queues", ()):
+            return [self._payload(r) for r in self._take_no_ack(queue, limit)]
+        rows = self._execute(self._stmts.claim, {
+            "queue": queue, "limit": limit, "consumer": consumer,
+        }).fetchall()
+        rows.sort(key=lambda r: (-r[1], r[0]))
+        return [self._payload(r) for r in rows]
+
+    def _take_no_ack(self, queue: str, limit: int) -> list[tuple[Any, ...]]:
+        taken = []
+        for _ in range(limit):
+            row = self._execute(self._stmts.get_no_ack, {"queue": queue}).fetchone()
+            if row is None:
+                break
+            taken.append(row)
+        return taken
+
+    @staticmethod
+    def _payload(row: tuple[Any, ...]) -> dict[str, Any]:
+        msg_id, _rank, payload, redelivered = row
+        message: dict[str, Any] = json.loads(payload)
+        props = message["properties"]
+        props["delivery_tag"] = msg_id
+        props.setdefault("delivery_info", {})["redelivered"] = bool(redelivered)
+        message["redelivered"] = bool(redelivered)
+        return message
+
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        """Take one message synchronously (``None`` when the queue is empty)."""
+        if no_ack:
+            row = self._execute(self._stmts.get_no_ack, {"queue": queue}).fetchone()
+            return None if row is None else self.Message(self._payload(row), channel=self)
+        rows = self._execute(self._stmts.claim, {
+            "queue": queue, "limit": 1, "consumer": self.connection.consumer_id(),
+        }).fetchall()
+        if not rows:
+            return None
+        message = self.Message(self._payload(rows[0]), channel=self)
+        self.qos.append(message, message.delivery_tag)
+        return message
+
+    def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
+        row = self._execute(self._stmts.get_no_ack, {"queue": queue}).fetchone()
+        if row is None:
+            raise Empty()
+        return self._payload(row)
+
+    def _db_ack(self, delivery_tag: int) -> None:
+        self._execute(self._stmts.ack, {"id": delivery_tag})
+
+    def _db_requeue(self, tags: Iterable[int]) -> None:
+        self._execute(self._stmts.requeue, {
+            "ids": list(tags), "consumer": self.connection.consumer_id(),
+            "prefix": self._stmts.channel_prefix,
+        })
+
+    def _restore(self, message: Any) -> None:
+        self._db_requeue([message.delivery_tag])
+
+    # -- declarations ------------------------------------------------------------
+
+    def exchange_declare(self, exchange: str | None = None, type: str = "direct",
+                         durable: bool = False, auto_delete: bool = False,
+                         arguments: Any = None, nowait: bool = False,
+                         passive: bool = False) -> None:
+        type = type or "direct"
+        exchange = _check_name("exchange", exchange or f"amq.{type}")
+        if type not in ("direct", "topic", "fanout"):
+            raise InvalidName(f"exchange type {type!r} is not supported "
+                              "(direct, topic or fanout)")
+        if passive:
+            if self._exchange_type(exchange) is None:
+                raise virtual.base.ChannelError(
+                    f"NOT_FOUND - no exchange {exchange!r}", (50, 10),
+                    "Channel.exchange_declare", "404",
+                )
+            return
+        if self._declared_exchanges.get(exchange) == type:
+            return
+        self._execute(self._stmts.declare_exchange, {
+            "name": exchange, "type": type, "durable": durable, "auto_delete": auto_delete,
+        })
+        self._declared_exchanges[exchange] = type
+
+    def _exchange_type(self, exchange: str) -> str | None:
+        known = self._declared_exchanges.get(exchange)
+        if known:
+            return known
+        row = self._execute(self._stmts.exchange_type, {"name": exchange}).fetchone()
+        if row is None:
+            return None
+        self._declared_exchanges[exchange] = row[0]
+        return str(row[0])
+
+    def exchange_delete(self, exchange: str, if_unused: bool = False,
+                        nowait: bool = False) -> None:
+        self._execute(self._stmts.delete_exchange, {"name": exchange})
+        self._declared_exchanges.pop(exchange, None)
+
+    def typeof(self, exchange: str, default: str = "direct") -> Any:
+        return self.exchange_types[self._exchange_type(exchange) or default]
+
+    def get_table(self, exchange: str) -> list[tuple[str, str | None, str]]:
+        rows = self._execute(self._stmts.exchange_bindings, {"name": exchange}).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def queue_bind(self, queue: str, exchange: str | None = None, routing_key: str = "",
+                   arguments: Any = None, **kwargs: Any) -> None:
+        exchange = _check_name("exchange", exchange or "amq.direct")
+        _check_name("queue", queue)
+        routing_key = routing_key or ""
+        kind = self._exchange_type(exchange) or "direct"
+        self._execute(self._stmts.bind, {
+            "exchange": exchange, "rk": routing_key, "queue": queue, "type": kind,
+            "pattern": topic_pattern(routing_key) if kind == "topic" else None,
+        })
+
+    def queue_unbind(self, queue: str, exchange: str | None = None, routing_key: str = "",
+                     arguments: Any = None, **kwargs: Any) -> None:
+        self._execute(self._stmts.unbind, {
+            "exchange": exchange or "amq.direct", "rk": routing_key or "", "queue": queue,
+        })
+
+    def list_bindings(self) -> Iterable[tuple[str, str, str]]:
+        rows = self._execute(self._stmts.list_bindings, {}).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def _new_queue(self, queue: str, **kwargs: Any) -> None:
+        _check_name("queue", queue)
+        args = kwargs.get("arguments") or {}
+        self._execute(self._stmts.declare_queue, {
+            "name": queue,
+            "durable": bool(kwargs.get("durable", True)),
+            "auto_delete": bool(kwargs.get("auto_delete", False)),
+            "expires": _milliseconds(args.get("x-expires"), "x-expires"),
+            "ttl": _milliseconds(args.get("x-message-ttl"), "x-message-ttl"),
+        })
+
+    def _has_queue(self, queue: str, **kwargs: Any) -> bool:
+        row = self._execute(self._stmts.has_queue, {"name": queue}).fetchone()
+        return bool(row and row[0])
+
+    def _size(self, queue: str) -> int:
+        row = self._execute(self._stmts.queue_size, {"name": queue}).fetchone()
+        return int(row[0]) if row else 0
+
+    def _purge(self, queue: str) -> int:
+        row = self._execute(self._stmts.purge, {"name": queue}).fetchone()
+        return int(row[0]) if row else 0
+
+    def queue_delete(self, queue: str, if_unused: bool = False, if_empty: bool = False,
+                     **kwargs: Any) -> int:
+        """Delete the queue, its bindings and its messages."""
+        if if_empty and self._size(queue):
+            return 0
+        if if_unused and self._consumed_elsewhere(queue):
+            return 0
+        size = self._size(queue)
+        self._execute(self._stmts.delete_queue, {"name": queue})
+        return size
+
+    def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
+        self.queue_delete(queue)
+
+    def close(self) -> None:
+        super().close()
+
+
+class Transport(virtual.Transport):
+    """The ``pgnotify://`` transport."""
+
+    Channel = Channel
+
+    driver_type = "pgnotify"
+    driver_name = "psycopg"
+    default_port = 5432
+    can_parse_url = True
+    polling_interval = None
+
+    implements = virtual.Transport.implements.extend(
+        asynchronous=True,
+        exchange_type=frozenset(["direct", "topic", "fanout"]),
+        heartbeats=False,
+    )
+
+    # Celery's reconnect and publish-retry logic key off these tuples.
+    connection_errors = virtual.Transport.connection_errors + (
+        psycopg.OperationalError, psycopg.InterfaceError, DatabaseUnavailable,
+    )
+    channel_errors = virtual.Transport.channel_errors + (
+        psycopg.ProgrammingError, psycopg.IntegrityError, psycopg.DataError,
+        psycopg.InternalError, psycopg.NotSupportedError, InvalidName,
+    )
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        self.state = BrokerState()
+        self.opts = TransportOptions.from_mapping(client.transport_options or {})
+        url = client.hostname if "://" in (client.hostname or "") else self._url_from_parts()
+        self.conninfo = conninfo_from_url(url, self.opts.dsn, self.opts.connect_timeout)
+        self.stmts = pgsql.statements(self.opts.schema)
+        self._conn: psycopg.Connection[Any] | None = None
+        self._listener: Listener | None = None
+        self._pid = os.getpid()
+        self._consumers: dict[str, Channel] = {}
+        self._pending: set[str] = set()
+        self._loop: Any = None
+        forget_after_fork(self)
+
+    def _url_from_parts(self) -> str:
+        c = self.client
+        user = c.userid or ""
+        auth = f"{user}:{c.password}@" if c.password else (f"{user}@" if user else "")
+        host = c.hostname or "localhost"
+        port = f":{c.port}" if c.port else ""
+        vhost = c.virtual_host if c.virtual_host not in (None, "/") else ""
+        return f"postgresql://{auth}{host}{port}/{vhost.lstrip('/')}"
+
+    def as_uri(self, uri: str, include_password: bool = False, mask: str = "**") -> str:
+        return uri if include_password else mask_url(uri, mask)
+
+    # -- connections ---------------------------------------------------------
+
+    def work_conn(self) -> psycopg.Connection[Any]:
+        """The shared connection for publish/claim/ack (opened on demand)."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            conn = self._conn = connect(self.conninfo)
+            key = (self.conninfo, self.opts.schema)
+            if self.opts.auto_migrate and key not in _migrated:
+                pgsql.migrate(conn, self.opts.schema)
+                _migrated.add(key)
+        return conn
+
+    def establish_connection(self) -> Transport:
+        self.work_conn()
+        return super().establish_connection()  # type: ignore[no-any-return]
+
+    def close_connection(self, connection: Any) -> None:
+        try:
+            super().close_connection(connection)
+        finally:
+            if os.getpid() == self._pid:
+                listener, self._listener = self._listener, None
+                if listener is not None:
+                    listener.stop()
+                conn, self._conn = self._conn, None
+                if conn is not None:
+                    conn.close()
+
+    def _forget_after_fork(self) -> None:
+        self._conn = None
+        self._listener = None
+        self._consumers = {}
+        self._pending = set()
+        self._pid = os.getpid()
+
+    def listener(self) -> Listener:
+        """The consumer session, started on first need."""
+        if self._listener is None:
+            listener = Listener(self.conninfo, self.stmts, self.opts)
+            listener.start()
+            self._listener = listener
+        return self._listener
+
+    def consumer_id(self) -> int:
+        """The id this process's leases are taken under."""
+        cid = self.listener().consumer_id
+        assert cid is not None
+        return cid
+
+    def consumer_id_or_none(self) -> int | None:
+        return self._listener.consumer_id if self._listener is not None else None
+
+    def _consume(self, queue: str, channel: Channel) -> None:
+        self._consumers[queue] = channel
+        self.listener().set_queues(self._consumers)
+        self._pending.add(queue)
+
+    def _cancel(self, queue: str) -> None:
+        self._consumers.pop(queue, None)
+        self._pending.discard(queue)
+        if self._listener is not None:
+            self._listener.set_queues(self._consumers)
+
+    # -- delivering ----------------------------------------------------------
+
+    def _claim_pending(self) -> bool:
+        """Claim and deliver from notified queues; True if anything was delivered."""
+        delivered = False
+        for queue in list(self._pending):
+            channel = self._consumers.get(queue)
+            if channel is None:
+                self._pending.discard(queue)
+                continue
+            limit = channel.claim_limit()
+            if not limit:
+                continue  # prefetch full: stays pending until acks free room
+            messages = channel.claim(queue, limit)
+            if len(messages) < limit:
+                self._pending.discard(queue)
+            callback = self._callbacks.get(queue)
+            for message in messages:
+                if callback is None:
+                    channel._db_requeue([message["properties"]["delivery_tag"]])
+                    continue
+                callback(message)
+                delivered = True
+        return delivered
+
+    def drain_events(self, connection: Any, timeout: float | None = None) -> None:
+        """Deliver what is ready, else block on the LISTEN wake-up."""
+        listener = self.listener()
+        clock = time.monotonic
+        deadline = None if timeout is None else clock() + timeout
+        next_poll = clock() + self.opts.polling_interval
+        while True:
+            self._pending |= listener.take_notified()
+            if self._claim_pending():
+                return
+            now = clock()
+            if deadline is not None and now >= deadline:
+                raise socket.timeout()
+            wait = next_poll - now
+            if deadline is not None:
+                wait = min(wait, deadline - now)
+            ready, _, _ = select.select([listener.wake_fd], [], [], max(wait, 0.0))
+            if not ready and clock() >= next_poll:
+                self._pending |= set(self._consumers)
+                next_poll = clock() + self.opts.polling_interval
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        listener = self.listener()
+        self._loop = loop
+        loop.add_reader(listener.wake_fd, self._on_wake)
+        loop.call_repeatedly(self.opts.polling_interval, self._poll_all)
+        loop.on_tick.add(self._on_tick)
+
+    def unregister_from_event_loop(self, connection: Any, loop: Any) -> None:
+        if self._listener is not None:
+            loop.remove(self._listener.wake_fd)
+        loop.on_tick.discard(self._on_tick)
+
+    def _on_wake(self, *args: Any) -> None:
+        if self._listener is not None:
+            self._pending |= self._listener.take_notified()
+        self._claim_pending()
+
+    def _on_tick(self) -> None:
+        # Resume claiming once acks have freed prefetch room.
+        if self._pending:
+            self._claim_pending()
+
+    def _poll_all(self) -> None:
+        self._pending |= set(self._consumers)
+        self._claim_pending()
+
+    @property
+    def default_connection_params(self) -> dict[str, Any]:
+        return {"port": self.default_port, "hostname": "localhost"}
