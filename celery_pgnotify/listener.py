@@ -33,12 +33,16 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from celery_pgnotify.connect import connect, forget_after_fork
 from celery_pgnotify.options import TransportOptions
 from celery_pgnotify.sql import LOCK_NAMESPACE, Statements
 
 logger = logging.getLogger(__name__)
+
+#: ``application_name`` of listener sessions (visible in pg_stat_activity).
+LISTENER_APP_NAME = "celery-pgnotify-listener"
 
 
 class Listener:
@@ -191,7 +195,7 @@ class Listener:
                 pass
 
     def _open_session(self) -> None:
-        conn = connect(self._conninfo)
+        conn = connect(make_conninfo(self._conninfo, application_name=LISTENER_APP_NAME))
         conn.add_notify_handler(self._on_notify)
         self._conn = conn
         with self._lock:

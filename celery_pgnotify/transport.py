@@ -37,6 +37,7 @@ from typing import Any
 
 import psycopg
 from kombu.transport import virtual
+from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.transport.virtual.base import BrokerState
 
 from celery_pgnotify import sql as pgsql
@@ -339,6 +340,10 @@ class Channel(virtual.Channel):
     def list_bindings(self) -> Iterable[tuple[str, str, str]]:
         rows = self._execute(self._stmts.list_bindings, {}).fetchall()
         return [(r[0], r[1], r[2]) for r in rows]
+
+    def prepare_queue_arguments(self, arguments: Any, **kwargs: Any) -> Any:
+        # Queue(expires=..., message_ttl=...) become x-expires/x-message-ttl.
+        return to_rabbitmq_queue_arguments(arguments, **kwargs)
 
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
         _check_name("queue", queue)

@@ -1,0 +1,74 @@
+"""Shared fixtures: a real database per session, a schema per test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from kombu import Connection
+
+from tests import pgserver
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn() -> Iterator[str]:
+    dsn, handle = pgserver.find_server()
+    yield dsn
+    if handle is not None:
+        handle.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(pg_admin_dsn: str) -> Iterator[str]:
+    """A database created for this test session and dropped after it."""
+    dsn = pgserver.create_database(pg_admin_dsn)
+    yield dsn
+    pgserver.drop_database(pg_admin_dsn, dsn)
+
+
+@pytest.fixture(scope="session")
+def broker_url(pg_dsn: str) -> str:
+    return pgserver.as_broker_url(pg_dsn)
+
+
+@pytest.fixture
+def schema() -> str:
+    """A schema name of this test's own; the transport creates it."""
+    return f"t_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def db(pg_dsn: str) -> Iterator[psycopg.Connection[Any]]:
+    """A plain autocommit connection to the test database, for assertions."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def transport_options(schema: str) -> dict[str, Any]:
+    return {"schema": schema}
+
+
+@pytest.fixture
+def connection(broker_url: str, transport_options: dict[str, Any]) -> Iterator[Connection]:
+    conn = Connection(broker_url, transport_options=transport_options)
+    yield conn
+    conn.release()
+
+
+@pytest.fixture
+def make_connection(broker_url: str, transport_options: dict[str, Any]) -> Iterator[Any]:
+    """Open more connections (other 'processes') on the same schema."""
+    opened: list[Connection] = []
+
+    def make(**extra: Any) -> Connection:
+        conn = Connection(broker_url, transport_options={**transport_options, **extra})
+        opened.append(conn)
+        return conn
+
+    yield make
+    for conn in opened:
+        conn.release()

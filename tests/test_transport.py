@@ -1,0 +1,359 @@
+"""Conformance suite for the pgnotify kombu transport, against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+from celery_pgnotify.errors import ConfigurationError, InvalidName
+
+
+def drain_until(conn: Connection, received: list[Any], count: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while len(received) < count:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"got {len(received)} of {count} messages")
+        try:
+            conn.drain_events(timeout=min(left, 1.0))
+        except socket.timeout:
+            pass
+
+
+def collect(received: list[Any], ack: bool = True) -> Any:
+    def on_message(body: Any, message: Any) -> None:
+        received.append((body, message))
+        if ack:
+            message.ack()
+
+    return on_message
+
+
+def count_rows(db: psycopg.Connection[Any], schema: str, where: str = "true") -> int:
+    row = db.execute(f'SELECT count(*) FROM "{schema}".messages WHERE {where}').fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+# -- basic messaging ---------------------------------------------------------------
+
+
+def test_publish_consume_and_ack_deletes_the_row(connection, db, schema):
+    queue = Queue("basic", Exchange("basic", type="direct"), routing_key="basic")
+    received: list[Any] = []
+    with connection:
+        Producer(connection).publish({"n": 1}, exchange=queue.exchange,
+                                     routing_key="basic", declare=[queue])
+        assert count_rows(db, schema) == 1
+        with Consumer(connection, [queue], callbacks=[collect(received)]):
+            drain_until(connection, received, 1)
+    assert received[0][0] == {"n": 1}
+    assert received[0][1].delivery_info["redelivered"] is False
+    assert count_rows(db, schema) == 0
+
+
+def test_drain_events_times_out_when_idle(connection):
+    queue = Queue("idle", Exchange("idle"), routing_key="idle")
+    with connection, Consumer(connection, [queue], callbacks=[collect([])]):
+        started = time.monotonic()
+        with pytest.raises(socket.timeout):
+            connection.drain_events(timeout=0.3)
+        assert 0.25 <= time.monotonic() - started < 3
+
+
+def test_message_survives_its_producer_and_a_new_connection_reads_it(make_connection):
+    queue = Queue("durable", Exchange("durable"), routing_key="durable")
+    with make_connection() as producer_conn:
+        Producer(producer_conn).publish("kept", exchange=queue.exchange,
+                                        routing_key="durable", declare=[queue])
+    received: list[Any] = []
+    with make_connection() as consumer_conn:
+        with Consumer(consumer_conn, [queue], callbacks=[collect(received)]):
+            drain_until(consumer_conn, received, 1)
+    assert received[0][0] == "kept"
+
+
+def test_large_body_of_10_mb(connection):
+    body = os.urandom(10 * 1024 * 1024)
+    queue = Queue("large", Exchange("large"), routing_key="large")
+    received: list[Any] = []
+    with connection:
+        Producer(connection).publish(body, exchange=queue.exchange, routing_key="large",
+                                     declare=[queue], serializer=None,
+                                     content_type="application/data",
+                                     content_encoding="binary")
+        with Consumer(connection, [queue], callbacks=[collect(received)]):
+            drain_until(connection, received, 1, timeout=60)
+    assert received[0][1].body == body
+
+
+def test_notification_wakes_a_blocked_consumer_at_once(make_connection):
+    queue = Queue("wake", Exchange("wake"), routing_key="wake")
+    received: list[Any] = []
+    consumer_conn = make_connection()
+    with consumer_conn, Consumer(consumer_conn, [queue], callbacks=[collect(received)]):
+        def publish_later() -> None:
+            time.sleep(0.5)
+            with make_connection() as c:
+                Producer(c).publish("now", exchange=queue.exchange, routing_key="wake")
+        thread = threading.Thread(target=publish_later)
+        thread.start()
+        started = time.monotonic()
+        consumer_conn.drain_events(timeout=20)
+        waited = time.monotonic() - started
+        thread.join()
+    assert received and received[0][0] == "now"
+    # Woken by NOTIFY, long before the 5 s fallback poll.
+    assert waited < 4
+
+
+# -- claims, leases, acks ----------------------------------------------------------
+
+
+def test_claim_is_batched_up_to_prefetch_and_leased(connection, db, schema):
+    queue = Queue("batch", Exchange("batch"), routing_key="batch")
+    received: list[Any] = []
+    with connection:
+        producer = Producer(connection)
+        for i in range(10):
+            producer.publish(i, exchange=queue.exchange, routing_key="batch", declare=[queue])
+        consumer = Consumer(connection, [queue], callbacks=[collect(received, ack=False)])
+        consumer.qos(prefetch_count=4)
+        with consumer:
+            drain_until(connection, received, 4)
+            assert len(received) == 4
+            assert count_rows(db, schema, "consumer_id IS NOT NULL") == 4
+            assert [b for b, _ in received] == [0, 1, 2, 3]
+            for _, message in received:
+                message.ack()
+            drain_until(connection, received, 8)
+            assert count_rows(db, schema) == 6
+            assert count_rows(db, schema, "consumer_id IS NOT NULL") == 4
+
+
+def test_reject_with_requeue_redelivers_with_the_flag(connection):
+    queue = Queue("requeue", Exchange("requeue"), routing_key="requeue")
+    received: list[Any] = []
+
+    def on_message(body: Any, message: Any) -> None:
+        received.append(message.delivery_info["redelivered"])
+        if len(received) == 1:
+            message.requeue()
+        else:
+            message.ack()
+
+    with connection:
+        Producer(connection).publish("x", exchange=queue.exchange, routing_key="requeue",
+                                     declare=[queue])
+        with Consumer(connection, [queue], callbacks=[on_message]):
+            drain_until(connection, received, 2)
+    assert received == [False, True]
+
+
+def test_reject_without_requeue_drops(connection, db, schema):
+    queue = Queue("drop", Exchange("drop"), routing_key="drop")
+    received: list[Any] = []
+    with connection:
+        Producer(connection).publish("x", exchange=queue.exchange, routing_key="drop",
+                                     declare=[queue])
+        with Consumer(connection, [queue], callbacks=[lambda b, m: (received.append(b),
+                                                                    m.reject())]):
+            drain_until(connection, received, 1)
+    assert count_rows(db, schema) == 0
+
+
+def test_clean_close_returns_unacked_messages_at_once(make_connection, db, schema):
+    queue = Queue("close", Exchange("close"), routing_key="close")
+    received: list[Any] = []
+    first = make_connection()
+    with first:
+        Producer(first).publish("x", exchange=queue.exchange, routing_key="close",
+                                declare=[queue])
+        with Consumer(first, [queue], callbacks=[collect(received, ack=False)]):
+            drain_until(first, received, 1)
+            assert count_rows(db, schema, "consumer_id IS NOT NULL") == 1
+    assert count_rows(db, schema, "consumer_id IS NULL AND redelivered") == 1
+    again: list[Any] = []
+    with make_connection() as second, Consumer(second, [queue], callbacks=[collect(again)]):
+        drain_until(second, again, 1)
+    assert again[0][1].delivery_info["redelivered"] is True
+
+
+def test_basic_get_and_queue_length_and_purge(connection):
+    queue = Queue("getq", Exchange("getq"), routing_key="getq")
+    with connection:
+        channel = connection.default_channel
+        producer = Producer(channel)
+        for i in range(3):
+            producer.publish(i, exchange=queue.exchange, routing_key="getq", declare=[queue])
+        bound = queue(channel)
+        assert bound.queue_declare(passive=True).message_count == 3
+        message = bound.get(no_ack=False)
+        assert message.payload == 0
+        message.ack()
+        message = bound.get(no_ack=True)
+        assert message.payload == 1
+        assert bound.purge() == 1
+        assert bound.get() is None
+
+
+def test_ack_from_another_thread(connection, db, schema):
+    queue = Queue("threads", Exchange("threads"), routing_key="threads")
+    received: list[Any] = []
+    with connection:
+        producer = Producer(connection)
+        for i in range(20):
+            producer.publish(i, exchange=queue.exchange, routing_key="threads",
+                             declare=[queue])
+        with Consumer(connection, [queue], callbacks=[collect(received, ack=False)]):
+            drain_until(connection, received, 20)
+            threads = [threading.Thread(target=m.ack) for _, m in received]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    assert count_rows(db, schema) == 0
+
+
+# -- priorities --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("order", "expected"), [("desc", [9, 5, 0]), ("asc", [0, 5, 9])])
+def test_priority_order(make_connection, order, expected):
+    queue = Queue("prio", Exchange("prio"), routing_key="prio")
+    received: list[Any] = []
+    conn = make_connection(priority_order=order)
+    with conn:
+        producer = Producer(conn)
+        for p in (5, 0, 9):
+            producer.publish(p, exchange=queue.exchange, routing_key="prio",
+                             declare=[queue], priority=p)
+        with Consumer(conn, [queue], callbacks=[collect(received)]):
+            drain_until(conn, received, 3)
+    assert [b for b, _ in received] == expected
+
+
+# -- exchanges and routing across processes ------------------------------------------
+
+
+def test_topic_routing_declared_by_another_connection(make_connection):
+    exchange = Exchange("events", type="topic")
+    queue = Queue("task_events", exchange, routing_key="task.#")
+    received: list[Any] = []
+    consumer_conn = make_connection()
+    with consumer_conn, Consumer(consumer_conn, [queue], callbacks=[collect(received)]):
+        # This producer never declared the queue nor the binding.
+        with make_connection() as other:
+            producer = Producer(other)
+            producer.publish("a", exchange="events", routing_key="task.succeeded")
+            producer.publish("b", exchange="events", routing_key="worker.heartbeat")
+            producer.publish("c", exchange="events", routing_key="task")
+        drain_until(consumer_conn, received, 2)
+        with pytest.raises(socket.timeout):
+            consumer_conn.drain_events(timeout=0.5)
+    assert sorted(b for b, _ in received) == ["a", "c"]
+
+
+def test_fanout_reaches_every_bound_queue(make_connection):
+    exchange = Exchange("bcast", type="fanout")
+    queues = [Queue(f"bcast_{i}", exchange) for i in range(3)]
+    got: list[Any] = []
+    conns = [make_connection() for _ in queues]
+    consumers = []
+    for conn, queue in zip(conns, queues):
+        consumer = Consumer(conn, [queue], callbacks=[collect(got)])
+        consumer.consume()
+        consumers.append(consumer)
+    with make_connection() as producer_conn:
+        Producer(producer_conn).publish("hello", exchange=exchange, routing_key="ignored")
+    for conn in conns:
+        mine: list[Any] = []
+        before = len(got)
+        drain_until(conn, got, before + 1)
+        mine.extend(got[before:])
+        assert mine[0][0] == "hello"
+    for consumer in consumers:
+        consumer.cancel()
+
+
+def test_unroutable_message_is_dropped(connection, db, schema):
+    with connection:
+        connection.default_channel.exchange_declare("nobody", type="direct")
+        Producer(connection).publish("lost", exchange="nobody", routing_key="none")
+    assert count_rows(db, schema) == 0
+
+
+# -- expiry ----------------------------------------------------------------------------
+
+
+def test_message_ttl_and_expiration_are_honoured(connection):
+    queue = Queue("ttl", Exchange("ttl"), routing_key="ttl", message_ttl=0.2)
+    with connection:
+        channel = connection.default_channel
+        producer = Producer(channel)
+        producer.publish("queue-ttl", exchange=queue.exchange, routing_key="ttl",
+                         declare=[queue])
+        producer.publish("msg-ttl", exchange=queue.exchange, routing_key="ttl",
+                         expiration=0.2)
+        time.sleep(0.5)
+        bound = queue(channel)
+        assert bound.get() is None
+
+
+def test_queue_expires_and_is_removed_by_the_reaper(make_connection, db, schema):
+    queue = Queue("shortlived", Exchange("shortlived"), routing_key="sl", expires=0.5)
+    conn = make_connection(heartbeat_interval=0.2, lease_timeout=0.5)
+    with conn:
+        queue(conn.default_channel).declare()
+        watcher = Queue("watcher", Exchange("watcher"), routing_key="w")
+        with Consumer(conn, [watcher], callbacks=[collect([])]):
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                row = db.execute(f'SELECT count(*) FROM "{schema}".queues WHERE name = %s',
+                                 ("shortlived",)).fetchone()
+                if row and row[0] == 0:
+                    break
+                time.sleep(0.2)
+            else:
+                raise AssertionError("expired queue was not removed")
+
+
+# -- names are data ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [
+    "it's; DROP TABLE messages; --",
+    'quote"d',
+    "ünïcødé-キュー",
+    "q" * 200,
+])
+def test_hostile_and_long_names_work(connection, name):
+    queue = Queue(name, Exchange(name + "x", type="topic"), routing_key=name)
+    received: list[Any] = []
+    with connection:
+        Producer(connection).publish(name, exchange=queue.exchange, routing_key=name,
+                                     declare=[queue])
+        with Consumer(connection, [queue], callbacks=[collect(received)]):
+            drain_until(connection, received, 1)
+    assert received[0][0] == name
+
+
+def test_name_with_nul_is_refused_clearly(connection):
+    with connection, pytest.raises(InvalidName, match="NUL"):
+        Queue("bad\x00name")(connection.default_channel).declare()
+
+
+def test_bad_option_names_the_setting(broker_url):
+    with pytest.raises(ConfigurationError, match="priority_order"):
+        Connection(broker_url, transport_options={"priority_order": "up"}).connect()
+    with pytest.raises(ConfigurationError, match="schema"):
+        Connection(broker_url, transport_options={"schema": "x;y"}).connect()
+    with pytest.raises(ConfigurationError, match="heartbeat_interval"):
+        Connection(broker_url, transport_options={"heartbeat_interval": "soon"}).connect()
