@@ -36,8 +36,9 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from celery_pgnotify.connect import connect, forget_after_fork
+from celery_pgnotify.errors import DatabaseUnavailable
 from celery_pgnotify.options import TransportOptions
-from celery_pgnotify.sql import LOCK_NAMESPACE, Statements
+from celery_pgnotify.sql import Statements
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,9 @@ class Listener:
         Raises the connection error if the first session cannot be opened.
         """
         self._thread.start()
-        self._first_session.wait()
+        if not self._first_session.wait(self._opts.connect_timeout * 2 + 5):
+            self.stop(release=False)
+            raise DatabaseUnavailable("the LISTEN session could not be opened in time")
         if self._first_error is not None:
             self.stop()
             raise self._first_error
@@ -207,7 +210,14 @@ class Listener:
             self.consumer_id = int(row[0])
         else:
             conn.execute(self._stmts.heartbeat, {"id": self.consumer_id, **params})
-        conn.execute(self._stmts.take_lock, {"ns": LOCK_NAMESPACE, "id": self.consumer_id})
+        locked = conn.execute(self._stmts.take_lock, {
+            "ns": self._stmts.lock_namespace, "id": self.consumer_id,
+        }).fetchone()
+        if not (locked and locked[0]):
+            # The previous session of this consumer is still on its way out.
+            raise psycopg.OperationalError(
+                f"consumer {self.consumer_id}'s session lock is still held elsewhere"
+            )
         self._sync_listen()
         # Give every other consumer the time to come back before judging them
         # (after a server restart all session locks vanish at once).
@@ -256,7 +266,7 @@ class Listener:
         rows = self._conn.execute(self._stmts.reap, {
             "lease_timeout": self._opts.lease_timeout,
             "lock_grace": self._opts.lock_grace,
-            "ns": LOCK_NAMESPACE,
+            "ns": self._stmts.lock_namespace,
             "prefix": self._stmts.channel_prefix,
         }).fetchall()
         if rows:

@@ -29,13 +29,12 @@ option                      default      meaning
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from celery_pgnotify.errors import ConfigurationError
+from celery_pgnotify.sql import SCHEMA_NAME
 
-_SCHEMA_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +70,7 @@ class TransportOptions:
         return opts
 
     def _validate(self) -> None:
-        if not _SCHEMA_RE.match(self.schema):
+        if not SCHEMA_NAME.match(self.schema):
             raise ConfigurationError(
                 "broker_transport_options['schema']",
                 f"{self.schema!r} is not a plain SQL identifier "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import re
 from typing import Any
 
 import psycopg
@@ -19,9 +20,6 @@ from celery_pgnotify.errors import SchemaError
 
 logger = logging.getLogger(__name__)
 
-#: Namespace (first key) of the two-key advisory locks the project takes.
-#: The second key is a consumer id, or 0 for migrations.
-LOCK_NAMESPACE = 0x50474E  # "PGN"
 
 MIGRATIONS: list[tuple[int, str]] = [
     (
@@ -85,6 +83,9 @@ CREATE TABLE {s}.dead_letters (
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]
+
+#: Schema names are plain identifiers: they are quoted, but never contain quotes.
+SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 # --- named statements -------------------------------------------------------
 
@@ -249,7 +250,7 @@ TEMPLATES: dict[str, str] = {
         " SELECT queue, " + _NOTIFY +
         " FROM (SELECT queue FROM back UNION SELECT queue FROM orphans) AS q"
     ),
-    "take_lock": "SELECT pg_advisory_lock(%(ns)s, %(id)s)",
+    "take_lock": "SELECT pg_try_advisory_lock(%(ns)s, %(id)s)",
 }
 
 
@@ -257,12 +258,19 @@ class Statements:
     """The rendered statements for one schema, as attributes."""
 
     def __init__(self, schema: str) -> None:
+        if not SCHEMA_NAME.match(schema):
+            raise ValueError(f"schema name {schema!r} is not a plain identifier")
         self.schema = schema
-        ident = sql.Identifier(schema).as_string(None)
+        # A plain identifier (checked above) quotes safely without a connection.
+        ident = f'"{schema}"'
         for name, template in TEMPLATES.items():
             setattr(self, name, template.replace("{s}", ident))
+        digest = hashlib.md5(schema.encode()).digest()
         #: prefix of the NOTIFY channel of every queue: ``prefix || md5(queue)``
-        self.channel_prefix = "pgn_" + hashlib.md5(schema.encode()).hexdigest()[:8] + "_"
+        self.channel_prefix = "pgn_" + digest[:4].hex() + "_"
+        #: first key of the two-key advisory lock each consumer session holds
+        #: (the second is the consumer id): one namespace per schema.
+        self.lock_namespace = int.from_bytes(digest[4:8], "big") & 0x7FFFFFFF
 
     def channel(self, queue: str) -> str:
         """The NOTIFY channel of ``queue`` (always a short, safe identifier)."""
@@ -303,7 +311,8 @@ def migrate(conn: psycopg.Connection[Any], schema: str) -> list[int]:
     ident = sql.Identifier(schema).as_string(conn)
     with conn.transaction():
         conn.execute(
-            "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (LOCK_NAMESPACE, schema)
+            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+            ("celery_pgnotify migrate " + schema,)
         )
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         conn.execute(

@@ -1,0 +1,57 @@
+"""The Celery project the end-to-end tests run in real worker processes.
+
+Configured from the environment by the tests; every task records what it
+did in a log table so the tests can count executions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import psycopg
+from celery import Celery
+
+app = Celery("e2e")
+app.conf.broker_url = os.environ.get("PGNOTIFY_BROKER_URL", "pgnotify://localhost/postgres")
+app.conf.broker_transport_options = json.loads(os.environ.get("PGNOTIFY_OPTIONS", "{}"))
+app.conf.task_ignore_result = True
+app.conf.worker_hijack_root_logger = True
+app.conf.broker_connection_retry_on_startup = True
+
+LOG_DSN = os.environ.get("PGNOTIFY_LOG_DSN", "")
+LOG_TABLE = os.environ.get("PGNOTIFY_LOG_TABLE", "e2e_log")
+
+
+def log(tag: str, event: str) -> None:
+    with psycopg.connect(LOG_DSN, autocommit=True) as conn:
+        conn.execute(
+            f'INSERT INTO "{LOG_TABLE}" (tag, event, pid) VALUES (%s, %s, %s)',  # noqa: S608
+            (tag, event, os.getpid()),
+        )
+
+
+@app.task
+def record(tag: str) -> None:
+    log(tag, "run")
+
+
+@app.task(bind=True, max_retries=5)
+def flaky(self, tag: str, failures: int) -> None:  # type: ignore[no-untyped-def]
+    log(tag, f"attempt-{self.request.retries}")
+    if self.request.retries < failures:
+        raise self.retry(countdown=0.2)
+    log(tag, "done")
+
+
+@app.task(acks_late=True)
+def slow(tag: str, seconds: float) -> None:
+    log(tag, "start")
+    time.sleep(seconds)
+    log(tag, "done")
+
+
+@app.task
+def noop() -> None:
+    return None

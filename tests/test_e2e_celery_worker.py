@@ -1,0 +1,131 @@
+"""The stock ``celery worker`` on ``broker_url = pgnotify://...``, as subprocesses."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from celery import Celery
+
+from tests.workers import WorkerProcess, celery_worker, worker_env
+
+pytestmark = pytest.mark.e2e
+
+FAST = {"heartbeat_interval": 0.5, "lease_timeout": 2.0}
+
+
+class E2E:
+    """A sending app, the worker environment and the execution log."""
+
+    def __init__(self, broker_url: str, pg_dsn: str, schema: str) -> None:
+        self.options: dict[str, Any] = {"schema": schema, **FAST}
+        self.table = f"{schema}_log"
+        self.dsn = pg_dsn
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(
+                f'CREATE TABLE "{self.table}" (tag text, event text, pid int,'
+                " at timestamptz DEFAULT clock_timestamp())"
+            )
+        self.env = worker_env(broker_url, self.options, pg_dsn, self.table)
+        self.app = Celery("sender", broker=broker_url)
+        self.app.conf.broker_transport_options = self.options
+        self.app.conf.task_ignore_result = True
+        self.workers: list[WorkerProcess] = []
+
+    def worker(self, *args: str, **kwargs: Any) -> WorkerProcess:
+        worker = celery_worker(self.env, *args, **kwargs)
+        self.workers.append(worker)
+        worker.wait_for(" ready.")
+        return worker
+
+    def send(self, name: str, *args: Any, **options: Any) -> Any:
+        return self.app.send_task(f"tests.e2e_app.{name}", args=args, **options)
+
+    def events(self, tag: str) -> list[str]:
+        with psycopg.connect(self.dsn) as conn:
+            rows = conn.execute(
+                f'SELECT event FROM "{self.table}" WHERE tag = %s ORDER BY at', (tag,)
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def wait_events(self, tag: str, expected: list[str], timeout: float = 30) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.events(tag)
+            if len(got) >= len(expected):
+                return got
+            time.sleep(0.1)
+        return self.events(tag)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.app.close()
+
+
+@pytest.fixture
+def e2e(broker_url: str, pg_dsn: str, schema: str) -> Iterator[E2E]:
+    env = E2E(broker_url, pg_dsn, schema)
+    yield env
+    env.close()
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])
+def test_plain_tasks_on_each_pool(e2e, pool):
+    e2e.worker(pool=pool)
+    for i in range(20):
+        e2e.send("record", f"t{i}")
+    for i in range(20):
+        assert e2e.wait_events(f"t{i}", ["run"]) == ["run"]
+
+
+def test_retries(e2e):
+    e2e.worker()
+    e2e.send("flaky", "f", 2)
+    events = e2e.wait_events("f", ["attempt-0", "attempt-1", "attempt-2", "done"])
+    assert events == ["attempt-0", "attempt-1", "attempt-2", "done"]
+
+
+def test_countdown_and_eta(e2e):
+    e2e.worker()
+    sent = time.monotonic()
+    e2e.send("record", "later", countdown=2)
+    assert e2e.wait_events("later", ["run"]) == ["run"]
+    assert time.monotonic() - sent >= 1.9
+
+
+def test_acks_late_task_runs_again_after_the_worker_is_sigkilled(e2e):
+    first = e2e.worker()
+    e2e.send("slow", "victim", 3)
+    assert e2e.wait_events("victim", ["start"]) == ["start"]
+    first.kill()  # main process and pool children, mid-task
+    first.stop()
+    e2e.worker(name="w2")
+    events = e2e.wait_events("victim", ["start", "start", "done"], timeout=40)
+    assert events == ["start", "start", "done"]
+
+
+def test_inspect_ping_and_active(e2e):
+    e2e.worker()
+    inspect = e2e.app.control.inspect(timeout=5)
+    replies = inspect.ping()
+    assert replies and all(r == {"ok": "pong"} for r in replies.values())
+    e2e.send("slow", "busy", 4)
+    e2e.wait_events("busy", ["start"])
+    active = inspect.active()
+    assert active
+    names = [task["name"] for tasks in active.values() for task in tasks]
+    assert "tests.e2e_app.slow" in names
+
+
+def test_revoke(e2e):
+    e2e.worker()
+    result = e2e.send("record", "revoked", countdown=3)
+    e2e.app.control.revoke(result.id)
+    e2e.send("record", "control")
+    assert e2e.wait_events("control", ["run"]) == ["run"]
+    time.sleep(4)
+    assert e2e.events("revoked") == []

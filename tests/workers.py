@@ -1,0 +1,83 @@
+"""Running real worker processes for end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class WorkerProcess:
+    """A worker subprocess in its own process group, with its output kept."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in line for line in self.lines):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"worker did not print {text!r}:\n{self.output()}")
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc.poll() is None:
+            self.kill(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill(signal.SIGKILL)
+                self.proc.wait()
+        self._reader.join(timeout=5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def worker_env(broker_url: str, options: dict[str, Any], log_dsn: str,
+               log_table: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PGNOTIFY_BROKER_URL=broker_url,
+        PGNOTIFY_OPTIONS=json.dumps(options),
+        PGNOTIFY_LOG_DSN=log_dsn,
+        PGNOTIFY_LOG_TABLE=log_table,
+        PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    return env
+
+
+def celery_worker(env: dict[str, str], *args: str, pool: str = "prefork",
+                  concurrency: int = 2, name: str = "w1") -> WorkerProcess:
+    argv = [sys.executable, "-m", "celery", "-A", "tests.e2e_app", "worker",
+            "-l", "info", "-P", pool, "-c", str(concurrency), "-n", f"{name}@%h", *args]
+    return WorkerProcess(argv, env)
