@@ -30,6 +30,7 @@ import logging
 import os
 import select
 import socket
+import threading
 import time
 from collections.abc import Iterable
 from queue import Empty
@@ -81,14 +82,14 @@ class QoS(virtual.QoS):
     channel: Channel
 
     def ack(self, delivery_tag: int) -> None:
-        self.channel._db_ack(delivery_tag)
+        self.channel._ack(delivery_tag)
         super().ack(delivery_tag)
 
     def reject(self, delivery_tag: int, requeue: bool = False) -> None:
         if requeue:
             self.channel._db_requeue([delivery_tag])
         else:
-            self.channel._db_ack(delivery_tag)
+            self.channel._ack(delivery_tag)
         self._quick_ack(delivery_tag)
 
     def restore_unacked(self) -> list[tuple[BaseException, Any]]:
@@ -123,6 +124,7 @@ class Channel(virtual.Channel):
         self._stmts = connection.stmts
         self._opts = connection.opts
         self._declared_exchanges: dict[str, str] = {}
+        self._deferred_acks: list[int] = []
 
     # -- helpers -------------------------------------------------------------
 
@@ -204,12 +206,22 @@ class Channel(virtual.Channel):
         return bool(row and row[0])
 
     def claim_limit(self) -> int:
-        """How many messages this channel may take now (0: prefetch is full)."""
-        if not self.qos.can_consume():
+        """How many messages this channel should take now (0: not yet).
+
+        While messages are still in hand, wait until half the prefetch window
+        is free, so a backlog is claimed in batches rather than one by one.
+        """
+        qos = self.qos
+        if not qos.can_consume():
             return 0
-        estimate = self.qos.can_consume_max_estimate()
+        estimate = qos.can_consume_max_estimate()
         batch = self._opts.claim_batch
-        return batch if estimate is None else min(estimate, batch)
+        if estimate is None:
+            return batch
+        in_hand = len(qos._delivered) - len(qos._dirty)
+        if in_hand and estimate < max(1, qos.prefetch_count // 2):
+            return 0
+        return min(estimate, batch)
 
     def claim(self, queue: str, limit: int) -> list[dict[str, Any]]:
         """Lease up to ``limit`` ready messages of ``queue`` (best first)."""
@@ -261,12 +273,28 @@ class Channel(virtual.Channel):
             raise Empty()
         return self._payload(row)
 
-    def _db_ack(self, delivery_tag: int) -> None:
-        self._execute(self._stmts.ack, {"id": delivery_tag})
+    def _ack(self, delivery_tag: int) -> None:
+        # Acks made on the event loop's thread (or inside a delivery batch)
+        # leave together in one statement at the next loop tick, before the
+        # loop blocks again; acks from any other thread are written at once.
+        if self.connection.defer_acks_here():
+            self._deferred_acks.append(delivery_tag)
+            self.connection._ack_channels.add(self)
+        else:
+            self._execute(self._stmts.ack, {"id": delivery_tag})
+
+    def flush_acks(self) -> None:
+        """Write the acks deferred during a delivery batch."""
+        tags, self._deferred_acks = self._deferred_acks, []
+        if tags:
+            self._execute(self._stmts.ack_many, {"ids": tags})
 
     def _db_requeue(self, tags: Iterable[int]) -> None:
+        ids = list(tags)
+        if not ids:
+            return
         self._execute(self._stmts.requeue, {
-            "ids": list(tags), "consumer": self.connection.consumer_id(),
+            "ids": ids, "consumer": self.connection.consumer_id(),
             "prefix": self._stmts.channel_prefix,
         })
 
@@ -383,6 +411,8 @@ class Channel(virtual.Channel):
         self.queue_delete(queue)
 
     def close(self) -> None:
+        if not self.closed:
+            self.flush_acks()
         super().close()
 
 
@@ -424,7 +454,9 @@ class Transport(virtual.Transport):
         self._pid = os.getpid()
         self._consumers: dict[str, Channel] = {}
         self._pending: set[str] = set()
-        self._loop: Any = None
+        self._delivering: int | None = None
+        self._loop_thread: int | None = None
+        self._ack_channels: set[Channel] = set()
         forget_after_fork(self)
 
     def _url_from_parts(self) -> str:
@@ -473,6 +505,8 @@ class Transport(virtual.Transport):
         self._listener = None
         self._consumers = {}
         self._pending = set()
+        self._ack_channels = set()
+        self._loop_thread = None
         self._pid = os.getpid()
 
     def listener(self) -> Listener:
@@ -508,25 +542,52 @@ class Transport(virtual.Transport):
     def _claim_pending(self) -> bool:
         """Claim and deliver from notified queues; True if anything was delivered."""
         delivered = False
-        for queue in list(self._pending):
-            channel = self._consumers.get(queue)
-            if channel is None:
-                self._pending.discard(queue)
-                continue
-            limit = channel.claim_limit()
-            if not limit:
-                continue  # prefetch full: stays pending until acks free room
-            messages = channel.claim(queue, limit)
-            if len(messages) < limit:
-                self._pending.discard(queue)
-            callback = self._callbacks.get(queue)
-            for message in messages:
-                if callback is None:
-                    channel._db_requeue([message["properties"]["delivery_tag"]])
+        try:
+            for queue in list(self._pending):
+                channel = self._consumers.get(queue)
+                if channel is None:
+                    self._pending.discard(queue)
                     continue
-                callback(message)
-                delivered = True
+                limit = channel.claim_limit()
+                if not limit:
+                    continue  # prefetch full: stays pending until acks free room
+                messages = channel.claim(queue, limit)
+                if len(messages) < limit:
+                    self._pending.discard(queue)
+                if self._deliver(queue, channel, messages):
+                    delivered = True
+        finally:
+            self._flush_acks()
         return delivered
+
+    def _deliver(self, queue: str, channel: Channel, messages: list[dict[str, Any]]) -> bool:
+        callback = self._callbacks.get(queue)
+        for i, message in enumerate(messages):
+            if callback is None:
+                undelivered = messages[i:]
+            else:
+                self._delivering = threading.get_ident()
+                try:
+                    callback(message)
+                    continue
+                except BaseException:
+                    # Claimed but never handed over: back to the queue at once.
+                    channel._db_requeue(m["properties"]["delivery_tag"] for m in messages[i + 1:])
+                    raise
+                finally:
+                    self._delivering = None
+            channel._db_requeue(m["properties"]["delivery_tag"] for m in undelivered)
+            return False
+        return bool(messages)
+
+    def defer_acks_here(self) -> bool:
+        """True on the event loop's thread, or inside a delivery batch."""
+        me = threading.get_ident()
+        return me == self._delivering or me == self._loop_thread
+
+    def _flush_acks(self) -> None:
+        while self._ack_channels:
+            self._ack_channels.pop().flush_acks()
 
     def drain_events(self, connection: Any, timeout: float | None = None) -> None:
         """Deliver what is ready, else block on the LISTEN wake-up."""
@@ -551,7 +612,7 @@ class Transport(virtual.Transport):
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
         listener = self.listener()
-        self._loop = loop
+        self._loop_thread = threading.get_ident()
         loop.add_reader(listener.wake_fd, self._on_wake)
         loop.call_repeatedly(self.opts.polling_interval, self._poll_all)
         loop.on_tick.add(self._on_tick)
@@ -560,6 +621,8 @@ class Transport(virtual.Transport):
         if self._listener is not None:
             loop.remove(self._listener.wake_fd)
         loop.on_tick.discard(self._on_tick)
+        self._loop_thread = None
+        self._flush_acks()
 
     def _on_wake(self, *args: Any) -> None:
         if self._listener is not None:
@@ -567,7 +630,9 @@ class Transport(virtual.Transport):
         self._claim_pending()
 
     def _on_tick(self) -> None:
-        # Resume claiming once acks have freed prefetch room.
+        # Runs before the loop blocks: write deferred acks, then resume
+        # claiming if acks have freed prefetch room.
+        self._flush_acks()
         if self._pending:
             self._claim_pending()
 

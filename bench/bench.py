@@ -1,0 +1,247 @@
+"""Benchmark: the same no-op Celery workload on pgnotify and on reference brokers.
+
+Run it with ``tox -e bench`` or ``python bench/bench.py``. Every broker that
+answers is measured in the same run, with the stock ``celery worker -c 2``
+(prefork), and pgnotify's ratio to each is printed. The machines this runs on
+are shared and noisy: compare ratios within one run, not absolute figures
+across runs.
+
+Measured for each broker:
+  publish    ``.delay()`` calls per second with no worker running
+  drain      tasks per second a freshly started worker executes from that backlog
+  e2e        tasks per second when publishing into an idle running worker
+  p50 / p99  latency from ``.delay()`` to the task starting, one task at a time
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PG = os.environ.get("BENCH_PG", "postgres@127.0.0.1:5432/test")
+
+
+@dataclass
+class Broker:
+    name: str
+    url: str
+    options: dict[str, Any] = field(default_factory=dict)
+    tasks: int | None = None  # cap for slow brokers
+
+
+def brokers(args: argparse.Namespace) -> list[Broker]:
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    every = [
+        Broker("pgnotify", f"pgnotify://{PG}", {"schema": schema}),
+        Broker("redis", "redis://127.0.0.1:6379/0"),
+        Broker("rabbitmq", "amqp://guest:guest@127.0.0.1:5672//"),
+        Broker("sqla+postgresql", f"sqla+postgresql+psycopg://{PG}", {}, args.sqla_tasks),
+    ]
+    wanted = set(args.brokers.split(",")) if args.brokers else None
+    return [b for b in every if wanted is None or b.name in wanted]
+
+
+def reachable(broker: Broker) -> str | None:
+    """None if the broker answers, else the reason it is skipped."""
+    from kombu import Connection
+
+    try:
+        with Connection(broker.url, transport_options=broker.options,
+                        connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+            conn.default_channel
+    except Exception as exc:  # noqa: BLE001 - any failure means: skip, with the reason
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def sender_app(broker: Broker, queue: str) -> Any:
+    from celery import Celery
+
+    app = Celery("bench-sender", broker=broker.url)
+    app.conf.broker_transport_options = broker.options
+    app.conf.task_default_queue = queue
+    app.conf.task_ignore_result = True
+
+    @app.task(name="bench.noop")
+    def noop(sent_at: float | None = None) -> None:  # runs only in the worker
+        return None
+
+    return app, noop
+
+
+class Worker:
+    def __init__(self, broker: Broker, queue: str, workdir: str, every: int,
+                 kind: str) -> None:
+        env = dict(os.environ)
+        env.update(
+            BENCH_BROKER=broker.url, BENCH_OPTIONS=json.dumps(broker.options),
+            BENCH_QUEUE=queue, BENCH_DIR=workdir, BENCH_EVERY=str(every),
+            PYTHONPATH=os.path.join(ROOT, "bench") + os.pathsep + ROOT,
+        )
+        if kind == "celery-pg":
+            argv = [sys.executable, "-m", "celery_pgnotify.cli", "worker"]
+        else:
+            argv = [sys.executable, "-m", "celery", "-A", "bench_app", "worker"]
+            argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
+        if kind == "celery-pg":
+            argv += ["-A", "bench_app"]
+        argv += ["-c", "2", "-Q", queue, "-l", "warning", "-n", f"bench-{queue}@%h"]
+        self.log = open(os.path.join(workdir, "worker.log"), "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(argv, env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+def wait_status(workdir: str, count: int, timeout: float) -> tuple[float, float]:
+    """(first execution, time ``count`` executions were reached)."""
+    path = os.path.join(workdir, "status")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    n, first, at = line.split()
+                    if int(n) == count:
+                        return float(first), float(at)
+        time.sleep(0.01)
+    raise TimeoutError(f"{count} executions not reached in {timeout}s")
+
+
+def latencies(noop: Any, workdir: str, samples: int) -> list[float]:
+    path = os.path.join(workdir, "latency")
+    seen = 0
+    for _ in range(samples):
+        noop.delay(sent_at=time.time())
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if os.path.exists(path):
+                with open(path) as f:
+                    if sum(1 for _ in f) > seen:
+                        break
+            time.sleep(0.0002)
+        seen += 1
+        time.sleep(0.005)
+    with open(path) as f:
+        return [float(x) * 1000 for x in f]
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def measure(broker: Broker, args: argparse.Namespace, kind: str) -> dict[str, float]:
+    n = min(args.tasks, broker.tasks or args.tasks)
+    queue = f"bench_{uuid.uuid4().hex[:8]}"
+    workdir = tempfile.mkdtemp(prefix="pgnotify-bench-")
+    app, noop = sender_app(broker, queue)
+    with app.connection_for_write() as conn:
+        noop.delay()  # declares the queue; then start from an empty queue
+        app.control.purge(connection=conn)
+        conn.default_channel.queue_purge(queue)
+    started = time.perf_counter()
+    for _ in range(n):
+        noop.delay()
+    publish = n / (time.perf_counter() - started)
+
+    worker = Worker(broker, queue, workdir, n, kind)
+    try:
+        first, last = wait_status(workdir, n, args.timeout)
+        drain = n / max(last - first, 1e-9)
+        started_wall = time.time()
+        for _ in range(n):
+            noop.delay()
+        _, last = wait_status(workdir, 2 * n, args.timeout)
+        e2e = n / max(last - started_wall, 1e-9)
+        lat = latencies(noop, workdir, args.latency_samples)
+    finally:
+        worker.stop()
+        app.close()
+    return {"publish": publish, "drain": drain, "e2e": e2e,
+            "p50": percentile(lat, 50), "p99": percentile(lat, 99), "tasks": n}
+
+
+def cleanup(broker: Broker) -> None:
+    schema = broker.options.get("schema")
+    if schema:
+        import psycopg
+
+        with psycopg.connect(f"postgresql://{PG}", autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", type=int, default=5000)
+    parser.add_argument("--sqla-tasks", type=int, default=1000,
+                        help="fewer tasks for kombu's polling SQLAlchemy transport")
+    parser.add_argument("--latency-samples", type=int, default=200)
+    parser.add_argument("--brokers", help="comma-separated subset of broker names")
+    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--celery-pg", action="store_true",
+                        help="also measure `celery-pg worker -c 2` on pgnotify")
+    args = parser.parse_args()
+
+    rows: dict[str, dict[str, float]] = {}
+    for broker in brokers(args):
+        reason = reachable(broker)
+        if reason:
+            print(f"SKIP {broker.name}: not reachable ({reason})", flush=True)
+            continue
+        kinds = ["celery"] + (["celery-pg"] if args.celery_pg and broker.name == "pgnotify"
+                              else [])
+        try:
+            for kind in kinds:
+                label = broker.name if kind == "celery" else f"{broker.name} (celery-pg worker)"
+                print(f"measuring {label} ...", flush=True)
+                rows[label] = measure(broker, args, kind)
+        finally:
+            cleanup(broker)
+    report(rows)
+
+
+def report(rows: dict[str, dict[str, float]]) -> None:
+    header = (f"{'broker':<34} {'tasks':>6} {'publish/s':>10} {'drain/s':>9} "
+              f"{'e2e/s':>8} {'p50 ms':>7} {'p99 ms':>7}")
+    print("\n" + header)
+    print("-" * len(header))
+    for name, r in rows.items():
+        print(f"{name:<34} {int(r['tasks']):>6} {r['publish']:>10.0f} {r['drain']:>9.0f} "
+              f"{r['e2e']:>8.0f} {r['p50']:>7.2f} {r['p99']:>7.2f}")
+    ours = rows.get("pgnotify")
+    if not ours:
+        return
+    print("\npgnotify (stock worker) relative to each (throughput: higher is better; "
+          "latency: lower is better)")
+    for name, r in rows.items():
+        if name == "pgnotify":
+            continue
+        print(f"  vs {name:<30} publish {ours['publish'] / r['publish']:.2f}x  "
+              f"drain {ours['drain'] / r['drain']:.2f}x  e2e {ours['e2e'] / r['e2e']:.2f}x  "
+              f"p50 {ours['p50'] / r['p50']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
