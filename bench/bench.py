@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ class Broker:
     url: str
     options: dict[str, Any] = field(default_factory=dict)
     tasks: int | None = None  # cap for slow brokers
+    latency_samples: int | None = None  # cap for brokers that poll once a second
 
 
 def brokers(args: argparse.Namespace) -> list[Broker]:
@@ -46,7 +46,7 @@ def brokers(args: argparse.Namespace) -> list[Broker]:
         Broker("pgnotify", f"pgnotify://{PG}", {"schema": schema}),
         Broker("redis", "redis://127.0.0.1:6379/0"),
         Broker("rabbitmq", "amqp://guest:guest@127.0.0.1:5672//"),
-        Broker("sqla+postgresql", f"sqla+postgresql+psycopg://{PG}", {}, args.sqla_tasks),
+        Broker("sqla+postgresql", f"sqla+postgresql+psycopg://{PG}", {}, args.sqla_tasks, 20),
     ]
     wanted = set(args.brokers.split(",")) if args.brokers else None
     return [b for b in every if wanted is None or b.name in wanted]
@@ -57,10 +57,9 @@ def reachable(broker: Broker) -> str | None:
     from kombu import Connection
 
     try:
-        with Connection(broker.url, transport_options=broker.options,
-                        connect_timeout=3) as conn:
+        with Connection(broker.url, transport_options=broker.options, connect_timeout=3) as conn:
             conn.ensure_connection(max_retries=1)
-            conn.default_channel
+            _ = conn.default_channel
     except Exception as exc:  # noqa: BLE001 - any failure means: skip, with the reason
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -82,25 +81,32 @@ def sender_app(broker: Broker, queue: str) -> Any:
 
 
 class Worker:
-    def __init__(self, broker: Broker, queue: str, workdir: str, every: int,
-                 kind: str) -> None:
+    def __init__(self, broker: Broker, queue: str, workdir: str, every: int) -> None:
         env = dict(os.environ)
         env.update(
-            BENCH_BROKER=broker.url, BENCH_OPTIONS=json.dumps(broker.options),
-            BENCH_QUEUE=queue, BENCH_DIR=workdir, BENCH_EVERY=str(every),
+            BENCH_BROKER=broker.url,
+            BENCH_OPTIONS=json.dumps(broker.options),
+            BENCH_QUEUE=queue,
+            BENCH_DIR=workdir,
+            BENCH_EVERY=str(every),
             PYTHONPATH=os.path.join(ROOT, "bench") + os.pathsep + ROOT,
         )
-        if kind == "celery-pg":
-            argv = [sys.executable, "-m", "celery_pgnotify.cli", "worker"]
-        else:
-            argv = [sys.executable, "-m", "celery", "-A", "bench_app", "worker"]
-            argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
-        if kind == "celery-pg":
-            argv += ["-A", "bench_app"]
+        argv = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "bench_app",
+            "worker",
+            "--without-mingle",
+            "--without-gossip",
+            "--without-heartbeat",
+        ]
         argv += ["-c", "2", "-Q", queue, "-l", "warning", "-n", f"bench-{queue}@%h"]
         self.log = open(os.path.join(workdir, "worker.log"), "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(argv, env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -152,9 +158,8 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[k]
 
 
-def measure(broker: Broker, args: argparse.Namespace, kind: str) -> dict[str, float]:
+def measure(broker: Broker, args: argparse.Namespace, queue: str) -> dict[str, float]:
     n = min(args.tasks, broker.tasks or args.tasks)
-    queue = f"bench_{uuid.uuid4().hex[:8]}"
     workdir = tempfile.mkdtemp(prefix="pgnotify-bench-")
     app, noop = sender_app(broker, queue)
     with app.connection_for_write() as conn:
@@ -166,7 +171,7 @@ def measure(broker: Broker, args: argparse.Namespace, kind: str) -> dict[str, fl
         noop.delay()
     publish = n / (time.perf_counter() - started)
 
-    worker = Worker(broker, queue, workdir, n, kind)
+    worker = Worker(broker, queue, workdir, n)
     try:
         first, last = wait_status(workdir, n, args.timeout)
         drain = n / max(last - first, 1e-9)
@@ -175,33 +180,55 @@ def measure(broker: Broker, args: argparse.Namespace, kind: str) -> dict[str, fl
             noop.delay()
         _, last = wait_status(workdir, 2 * n, args.timeout)
         e2e = n / max(last - started_wall, 1e-9)
-        lat = latencies(noop, workdir, args.latency_samples)
+        lat = latencies(
+            noop, workdir, min(args.latency_samples, broker.latency_samples or args.latency_samples)
+        )
     finally:
         worker.stop()
         app.close()
-    return {"publish": publish, "drain": drain, "e2e": e2e,
-            "p50": percentile(lat, 50), "p99": percentile(lat, 99), "tasks": n}
+    return {
+        "publish": publish,
+        "drain": drain,
+        "e2e": e2e,
+        "p50": percentile(lat, 50),
+        "p99": percentile(lat, 99),
+        "tasks": n,
+    }
 
 
-def cleanup(broker: Broker) -> None:
-    schema = broker.options.get("schema")
-    if schema:
-        import psycopg
+def cleanup(broker: Broker, queues: list[str]) -> None:
+    """Leave nothing behind in the shared database."""
+    import psycopg
 
-        with psycopg.connect(f"postgresql://{PG}", autocommit=True) as conn:
+    with psycopg.connect(f"postgresql://{PG}", autocommit=True) as conn:
+        schema = broker.options.get("schema")
+        if schema:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        if (
+            broker.name.startswith("sqla")
+            and conn.execute("SELECT to_regclass('kombu_queue') IS NOT NULL").fetchone()[0]
+        ):
+            # kombu's SQLAlchemy transport keeps consumed rows (visible = false).
+            conn.execute(
+                "DELETE FROM kombu_message WHERE queue_id IN"
+                " (SELECT id FROM kombu_queue WHERE name = ANY(%s))",
+                (queues,),
+            )
+            conn.execute("DELETE FROM kombu_queue WHERE name = ANY(%s)", (queues,))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", type=int, default=5000)
-    parser.add_argument("--sqla-tasks", type=int, default=1000,
-                        help="fewer tasks for kombu's polling SQLAlchemy transport")
+    parser.add_argument(
+        "--sqla-tasks",
+        type=int,
+        default=1000,
+        help="fewer tasks for kombu's polling SQLAlchemy transport",
+    )
     parser.add_argument("--latency-samples", type=int, default=200)
     parser.add_argument("--brokers", help="comma-separated subset of broker names")
     parser.add_argument("--timeout", type=float, default=300)
-    parser.add_argument("--celery-pg", action="store_true",
-                        help="also measure `celery-pg worker -c 2` on pgnotify")
     args = parser.parse_args()
 
     rows: dict[str, dict[str, float]] = {}
@@ -210,37 +237,42 @@ def main() -> None:
         if reason:
             print(f"SKIP {broker.name}: not reachable ({reason})", flush=True)
             continue
-        kinds = ["celery"] + (["celery-pg"] if args.celery_pg and broker.name == "pgnotify"
-                              else [])
+        queue = f"bench_{uuid.uuid4().hex[:8]}"
         try:
-            for kind in kinds:
-                label = broker.name if kind == "celery" else f"{broker.name} (celery-pg worker)"
-                print(f"measuring {label} ...", flush=True)
-                rows[label] = measure(broker, args, kind)
+            print(f"measuring {broker.name} ...", flush=True)
+            rows[broker.name] = measure(broker, args, queue)
         finally:
-            cleanup(broker)
+            cleanup(broker, [queue])
     report(rows)
 
 
 def report(rows: dict[str, dict[str, float]]) -> None:
-    header = (f"{'broker':<34} {'tasks':>6} {'publish/s':>10} {'drain/s':>9} "
-              f"{'e2e/s':>8} {'p50 ms':>7} {'p99 ms':>7}")
+    header = (
+        f"{'broker':<34} {'tasks':>6} {'publish/s':>10} {'drain/s':>9} "
+        f"{'e2e/s':>8} {'p50 ms':>7} {'p99 ms':>7}"
+    )
     print("\n" + header)
     print("-" * len(header))
     for name, r in rows.items():
-        print(f"{name:<34} {int(r['tasks']):>6} {r['publish']:>10.0f} {r['drain']:>9.0f} "
-              f"{r['e2e']:>8.0f} {r['p50']:>7.2f} {r['p99']:>7.2f}")
+        print(
+            f"{name:<34} {int(r['tasks']):>6} {r['publish']:>10.0f} {r['drain']:>9.0f} "
+            f"{r['e2e']:>8.0f} {r['p50']:>7.2f} {r['p99']:>7.2f}"
+        )
     ours = rows.get("pgnotify")
     if not ours:
         return
-    print("\npgnotify (stock worker) relative to each (throughput: higher is better; "
-          "latency: lower is better)")
+    print(
+        "\npgnotify (stock worker) relative to each (throughput: higher is better; "
+        "latency: lower is better)"
+    )
     for name, r in rows.items():
         if name == "pgnotify":
             continue
-        print(f"  vs {name:<30} publish {ours['publish'] / r['publish']:.2f}x  "
-              f"drain {ours['drain'] / r['drain']:.2f}x  e2e {ours['e2e'] / r['e2e']:.2f}x  "
-              f"p50 {ours['p50'] / r['p50']:.2f}x")
+        print(
+            f"  vs {name:<30} publish {ours['publish'] / r['publish']:.2f}x  "
+            f"drain {ours['drain'] / r['drain']:.2f}x  e2e {ours['e2e'] / r['e2e']:.2f}x  "
+            f"p50 {ours['p50'] / r['p50']:.3g}x"
+        )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ _KEEPALIVE_DEFAULTS = {
 _SCHEMES = ("pgnotify", "postgresql", "postgres")
 
 
-def conninfo_from_url(url: str, dsn: str | None, connect_timeout: float,
-                      application_name: str = "celery-pgnotify") -> str:
+def conninfo_from_url(
+    url: str, dsn: str | None, connect_timeout: float, application_name: str = "celery-pgnotify"
+) -> str:
     """The libpq conninfo for a ``pgnotify://`` URL (or the ``dsn`` option).
 
     libpq query options in the URL (``sslmode``, ``sslrootcert``, ...) pass
@@ -46,7 +47,7 @@ def conninfo_from_url(url: str, dsn: str | None, connect_timeout: float,
         params.setdefault(key, value)
     params.setdefault("connect_timeout", str(max(1, int(connect_timeout))))
     params.setdefault("application_name", application_name)
-    return make_conninfo(**params)
+    return make_conninfo("", **params)
 
 
 def mask_url(url: str, mask: str = "**") -> str:

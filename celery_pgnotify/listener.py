@@ -126,9 +126,13 @@ class Listener:
         if conn is not None and not conn.closed:
             if release and self.consumer_id is not None:
                 try:
-                    conn.execute(self._stmts.unregister_consumer, {
-                        "id": self.consumer_id, "prefix": self._stmts.channel_prefix,
-                    })
+                    conn.execute(
+                        self._stmts.unregister_consumer,
+                        {
+                            "id": self.consumer_id,
+                            "prefix": self._stmts.channel_prefix,
+                        },
+                    )
                 except psycopg.Error as exc:
                     logger.warning("Could not release leases on shutdown: %s", exc)
             conn.close()
@@ -210,9 +214,13 @@ class Listener:
             self.consumer_id = int(row[0])
         else:
             conn.execute(self._stmts.heartbeat, {"id": self.consumer_id, **params})
-        locked = conn.execute(self._stmts.take_lock, {
-            "ns": self._stmts.lock_namespace, "id": self.consumer_id,
-        }).fetchone()
+        locked = conn.execute(
+            self._stmts.take_lock,
+            {
+                "ns": self._stmts.lock_namespace,
+                "id": self.consumer_id,
+            },
+        ).fetchone()
         if not (locked and locked[0]):
             # The previous session of this consumer is still on its way out.
             raise psycopg.OperationalError(
@@ -252,10 +260,15 @@ class Listener:
         assert self._conn is not None and self.consumer_id is not None
         with self._lock:
             queues = list(self._queues.values())
-        self._conn.execute(self._stmts.heartbeat, {
-            "id": self.consumer_id, "hostname": self._hostname,
-            "pid": os.getpid(), "queues": queues,
-        })
+        self._conn.execute(
+            self._stmts.heartbeat,
+            {
+                "id": self.consumer_id,
+                "hostname": self._hostname,
+                "pid": os.getpid(),
+                "queues": queues,
+            },
+        )
         if queues:
             self._conn.execute(self._stmts.touch_queues, {"queues": queues})
 
@@ -263,12 +276,15 @@ class Listener:
         assert self._conn is not None
         if time.monotonic() < self._reap_after:
             return
-        rows = self._conn.execute(self._stmts.reap, {
-            "lease_timeout": self._opts.lease_timeout,
-            "lock_grace": self._opts.lock_grace,
-            "ns": self._stmts.lock_namespace,
-            "prefix": self._stmts.channel_prefix,
-        }).fetchall()
+        rows = self._conn.execute(
+            self._stmts.reap,
+            {
+                "lease_timeout": self._opts.lease_timeout,
+                "lock_grace": self._opts.lock_grace,
+                "ns": self._stmts.lock_namespace,
+                "prefix": self._stmts.channel_prefix,
+            },
+        ).fetchall()
         if rows:
             logger.warning(
                 "Returned leased messages of dead consumers to queues: %s",

@@ -36,7 +36,6 @@ from celery_pgnotify.errors import ConfigurationError
 from celery_pgnotify.sql import SCHEMA_NAME
 
 
-
 @dataclasses.dataclass(frozen=True)
 class TransportOptions:
     """Validated transport options (see the module docstring for each)."""
@@ -82,8 +81,13 @@ class TransportOptions:
                 f"must be 'desc' (9 first, as RabbitMQ) or 'asc' (0 first, as Redis), "
                 f"not {self.priority_order!r}",
             )
-        for name in ("heartbeat_interval", "lease_timeout", "polling_interval",
-                     "connect_timeout", "reconnect_max_delay"):
+        for name in (
+            "heartbeat_interval",
+            "lease_timeout",
+            "polling_interval",
+            "connect_timeout",
+            "reconnect_max_delay",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(
                     f"broker_transport_options[{name!r}]", "must be a positive number"
@@ -108,8 +112,16 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0",
-                                                        "false", "no", "off"):
+        if isinstance(value, str) and value.lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+            "0",
+            "false",
+            "no",
+            "off",
+        ):
             return value.lower() in ("1", "true", "yes", "on")
         raise ConfigurationError(setting, f"must be a boolean, not {value!r}")
     kind = type(default)

@@ -102,8 +102,9 @@ TEMPLATES: dict[str, str] = {
     "publish_routed": (
         "WITH ins AS ("
         " INSERT INTO {s}.messages (queue, rank, payload, expires_at)"
-        " SELECT DISTINCT b.queue, %(rank)s, %(payload)s, " + _EXPIRY.format(q="q") +
-        " FROM {s}.bindings b LEFT JOIN {s}.queues q ON q.name = b.queue"
+        " SELECT DISTINCT b.queue, %(rank)s, %(payload)s, "
+        + _EXPIRY.format(q="q")
+        + " FROM {s}.bindings b LEFT JOIN {s}.queues q ON q.name = b.queue"
         " WHERE b.exchange = %(exchange)s AND (b.type = 'fanout'"
         "  OR (b.type = 'direct' AND b.routing_key = %(rk)s)"
         "  OR (b.type = 'topic' AND ('.' || %(rk)s) ~ b.pattern))"
@@ -207,9 +208,7 @@ TEMPLATES: dict[str, str] = {
         " VALUES (%(id)s, %(hostname)s, %(pid)s, %(queues)s)"
         " ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), queues = EXCLUDED.queues"
     ),
-    "touch_queues": (
-        "UPDATE {s}.queues SET last_used_at = now() WHERE name = ANY(%(queues)s)"
-    ),
+    "touch_queues": ("UPDATE {s}.queues SET last_used_at = now() WHERE name = ANY(%(queues)s)"),
     "unregister_consumer": (
         "WITH back AS ("
         " UPDATE {s}.messages SET consumer_id = NULL, leased_at = NULL, redelivered = true"
@@ -247,8 +246,9 @@ TEMPLATES: dict[str, str] = {
         "  (SELECT name FROM stale_queues)),"
         " stale_messages AS (DELETE FROM {s}.messages WHERE queue IN"
         "  (SELECT name FROM stale_queues))"
-        " SELECT queue, " + _NOTIFY +
-        " FROM (SELECT queue FROM back UNION SELECT queue FROM orphans) AS q"
+        " SELECT queue, "
+        + _NOTIFY
+        + " FROM (SELECT queue FROM back UNION SELECT queue FROM orphans) AS q"
     ),
     "take_lock": "SELECT pg_try_advisory_lock(%(ns)s, %(id)s)",
 }
@@ -280,7 +280,7 @@ class Statements:
         raise AttributeError(name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def statements(schema: str) -> Statements:
     """The statements for ``schema`` (rendered once, then cached)."""
     return Statements(schema)
@@ -312,7 +312,7 @@ def migrate(conn: psycopg.Connection[Any], schema: str) -> list[int]:
     with conn.transaction():
         conn.execute(
             "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-            ("celery_pgnotify migrate " + schema,)
+            ("celery_pgnotify migrate " + schema,),
         )
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         conn.execute(

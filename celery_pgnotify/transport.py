@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import select
-import socket
 import threading
 import time
 from collections.abc import Iterable
@@ -37,12 +36,13 @@ from queue import Empty
 from typing import Any
 
 import psycopg
+from kombu.exceptions import ChannelError
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.transport.virtual.base import BrokerState
 
 from celery_pgnotify import sql as pgsql
-from celery_pgnotify.connect import conninfo_from_url, connect, forget_after_fork, mask_url
+from celery_pgnotify.connect import connect, conninfo_from_url, forget_after_fork, mask_url
 from celery_pgnotify.errors import DatabaseUnavailable, InvalidName
 from celery_pgnotify.listener import Listener
 from celery_pgnotify.options import TransportOptions
@@ -106,7 +106,9 @@ class QoS(virtual.QoS):
             # is seen dead. Nothing is lost; say so instead of dumping state.
             logger.warning(
                 "Could not return %d unacked message(s) now (%s); "
-                "they come back when this consumer's lease runs out", len(tags), exc,
+                "they come back when this consumer's lease runs out",
+                len(tags),
+                exc,
             )
         return []
 
@@ -125,6 +127,7 @@ class Channel(virtual.Channel):
         self._opts = connection.opts
         self._declared_exchanges: dict[str, str] = {}
         self._deferred_acks: list[int] = []
+        self._no_ack_queues: set[str] = set()
 
     # -- helpers -------------------------------------------------------------
 
@@ -140,15 +143,17 @@ class Channel(virtual.Channel):
 
     # -- publishing ------------------------------------------------------------
 
-    def _inplace_augment_message(self, message: dict[str, Any], exchange: str,
-                                 routing_key: str) -> None:
+    def _inplace_augment_message(
+        self, message: dict[str, Any], exchange: str, routing_key: str
+    ) -> None:
         message["body"], body_encoding = self.encode_body(message["body"], self.body_encoding)
         props = message["properties"]
         props["body_encoding"] = body_encoding
         props["delivery_info"].update(exchange=exchange, routing_key=routing_key)
 
-    def basic_publish(self, message: dict[str, Any], exchange: str, routing_key: str,
-                      **kwargs: Any) -> None:
+    def basic_publish(
+        self, message: dict[str, Any], exchange: str, routing_key: str, **kwargs: Any
+    ) -> None:
         """Route, store and notify in one statement (one round trip)."""
         self._inplace_augment_message(message, exchange, routing_key)
         props = message["properties"]
@@ -162,8 +167,9 @@ class Channel(virtual.Channel):
             params.update(exchange=exchange, rk=routing_key or "")
             rows = self._execute(self._stmts.publish_routed, params).fetchall()
             if not rows:
-                logger.debug("Message to exchange %r key %r matched no queue; dropped",
-                             exchange, routing_key)
+                logger.debug(
+                    "Message to exchange %r key %r matched no queue; dropped", exchange, routing_key
+                )
         else:
             params["queue"] = _check_name("queue", routing_key)
             self._execute(self._stmts.publish_direct, params)
@@ -171,16 +177,17 @@ class Channel(virtual.Channel):
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         self.basic_publish(message, "", queue)
 
-    def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str,
-                    **kwargs: Any) -> None:
+    def _put_fanout(
+        self, exchange: str, message: dict[str, Any], routing_key: str, **kwargs: Any
+    ) -> None:
         self.basic_publish(message, exchange, routing_key)
 
     # -- consuming ---------------------------------------------------------------
 
-    def basic_consume(self, queue: str, no_ack: bool, callback: Any, consumer_tag: str,
-                      **kwargs: Any) -> str:
+    def basic_consume(
+        self, queue: str, no_ack: bool, callback: Any, consumer_tag: str, **kwargs: Any
+    ) -> str:
         super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
-        self._no_ack_queues = getattr(self, "_no_ack_queues", set())
         if no_ack:
             self._no_ack_queues.add(queue)
         self.connection._consume(queue, self)
@@ -200,9 +207,13 @@ class Channel(virtual.Channel):
             logger.debug("auto_delete check for %r failed: %s", queue, exc)
 
     def _consumed_elsewhere(self, queue: str) -> bool:
-        row = self._execute(self._stmts.queue_consumed_elsewhere, {
-            "name": queue, "consumer": self.connection.consumer_id_or_none() or -1,
-        }).fetchone()
+        row = self._execute(
+            self._stmts.queue_consumed_elsewhere,
+            {
+                "name": queue,
+                "consumer": self.connection.consumer_id_or_none() or -1,
+            },
+        ).fetchone()
         return bool(row and row[0])
 
     def claim_limit(self) -> int:
@@ -221,16 +232,21 @@ class Channel(virtual.Channel):
         in_hand = len(qos._delivered) - len(qos._dirty)
         if in_hand and estimate < max(1, qos.prefetch_count // 2):
             return 0
-        return min(estimate, batch)
+        return min(int(estimate), batch)
 
     def claim(self, queue: str, limit: int) -> list[dict[str, Any]]:
         """Lease up to ``limit`` ready messages of ``queue`` (best first)."""
         consumer = self.connection.consumer_id()
-        if queue in getattr(self, "_no_ack_queues", ()):
+        if queue in self._no_ack_queues:
             return [self._payload(r) for r in self._take_no_ack(queue, limit)]
-        rows = self._execute(self._stmts.claim, {
-            "queue": queue, "limit": limit, "consumer": consumer,
-        }).fetchall()
+        rows = self._execute(
+            self._stmts.claim,
+            {
+                "queue": queue,
+                "limit": limit,
+                "consumer": consumer,
+            },
+        ).fetchall()
         rows.sort(key=lambda r: (-r[1], r[0]))
         return [self._payload(r) for r in rows]
 
@@ -258,9 +274,14 @@ class Channel(virtual.Channel):
         if no_ack:
             row = self._execute(self._stmts.get_no_ack, {"queue": queue}).fetchone()
             return None if row is None else self.Message(self._payload(row), channel=self)
-        rows = self._execute(self._stmts.claim, {
-            "queue": queue, "limit": 1, "consumer": self.connection.consumer_id(),
-        }).fetchall()
+        rows = self._execute(
+            self._stmts.claim,
+            {
+                "queue": queue,
+                "limit": 1,
+                "consumer": self.connection.consumer_id(),
+            },
+        ).fetchall()
         if not rows:
             return None
         message = self.Message(self._payload(rows[0]), channel=self)
@@ -293,37 +314,54 @@ class Channel(virtual.Channel):
         ids = list(tags)
         if not ids:
             return
-        self._execute(self._stmts.requeue, {
-            "ids": ids, "consumer": self.connection.consumer_id(),
-            "prefix": self._stmts.channel_prefix,
-        })
+        self._execute(
+            self._stmts.requeue,
+            {
+                "ids": ids,
+                "consumer": self.connection.consumer_id(),
+                "prefix": self._stmts.channel_prefix,
+            },
+        )
 
     def _restore(self, message: Any) -> None:
         self._db_requeue([message.delivery_tag])
 
     # -- declarations ------------------------------------------------------------
 
-    def exchange_declare(self, exchange: str | None = None, type: str = "direct",
-                         durable: bool = False, auto_delete: bool = False,
-                         arguments: Any = None, nowait: bool = False,
-                         passive: bool = False) -> None:
+    def exchange_declare(
+        self,
+        exchange: str | None = None,
+        type: str = "direct",
+        durable: bool = False,
+        auto_delete: bool = False,
+        arguments: Any = None,
+        nowait: bool = False,
+        passive: bool = False,
+    ) -> None:
         type = type or "direct"
         exchange = _check_name("exchange", exchange or f"amq.{type}")
         if type not in ("direct", "topic", "fanout"):
-            raise InvalidName(f"exchange type {type!r} is not supported "
-                              "(direct, topic or fanout)")
+            raise InvalidName(f"exchange type {type!r} is not supported (direct, topic or fanout)")
         if passive:
             if self._exchange_type(exchange) is None:
-                raise virtual.base.ChannelError(
-                    f"NOT_FOUND - no exchange {exchange!r}", (50, 10),
-                    "Channel.exchange_declare", "404",
+                raise ChannelError(
+                    f"NOT_FOUND - no exchange {exchange!r}",
+                    (50, 10),
+                    "Channel.exchange_declare",
+                    "404",
                 )
             return
         if self._declared_exchanges.get(exchange) == type:
             return
-        self._execute(self._stmts.declare_exchange, {
-            "name": exchange, "type": type, "durable": durable, "auto_delete": auto_delete,
-        })
+        self._execute(
+            self._stmts.declare_exchange,
+            {
+                "name": exchange,
+                "type": type,
+                "durable": durable,
+                "auto_delete": auto_delete,
+            },
+        )
         self._declared_exchanges[exchange] = type
 
     def _exchange_type(self, exchange: str) -> str | None:
@@ -336,8 +374,7 @@ class Channel(virtual.Channel):
         self._declared_exchanges[exchange] = row[0]
         return str(row[0])
 
-    def exchange_delete(self, exchange: str, if_unused: bool = False,
-                        nowait: bool = False) -> None:
+    def exchange_delete(self, exchange: str, if_unused: bool = False, nowait: bool = False) -> None:
         self._execute(self._stmts.delete_exchange, {"name": exchange})
         self._declared_exchanges.pop(exchange, None)
 
@@ -348,22 +385,45 @@ class Channel(virtual.Channel):
         rows = self._execute(self._stmts.exchange_bindings, {"name": exchange}).fetchall()
         return [(r[0], r[1], r[2]) for r in rows]
 
-    def queue_bind(self, queue: str, exchange: str | None = None, routing_key: str = "",
-                   arguments: Any = None, **kwargs: Any) -> None:
+    def queue_bind(
+        self,
+        queue: str,
+        exchange: str | None = None,
+        routing_key: str = "",
+        arguments: Any = None,
+        **kwargs: Any,
+    ) -> None:
         exchange = _check_name("exchange", exchange or "amq.direct")
         _check_name("queue", queue)
         routing_key = routing_key or ""
         kind = self._exchange_type(exchange) or "direct"
-        self._execute(self._stmts.bind, {
-            "exchange": exchange, "rk": routing_key, "queue": queue, "type": kind,
-            "pattern": topic_pattern(routing_key) if kind == "topic" else None,
-        })
+        self._execute(
+            self._stmts.bind,
+            {
+                "exchange": exchange,
+                "rk": routing_key,
+                "queue": queue,
+                "type": kind,
+                "pattern": topic_pattern(routing_key) if kind == "topic" else None,
+            },
+        )
 
-    def queue_unbind(self, queue: str, exchange: str | None = None, routing_key: str = "",
-                     arguments: Any = None, **kwargs: Any) -> None:
-        self._execute(self._stmts.unbind, {
-            "exchange": exchange or "amq.direct", "rk": routing_key or "", "queue": queue,
-        })
+    def queue_unbind(
+        self,
+        queue: str,
+        exchange: str | None = None,
+        routing_key: str = "",
+        arguments: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        self._execute(
+            self._stmts.unbind,
+            {
+                "exchange": exchange or "amq.direct",
+                "rk": routing_key or "",
+                "queue": queue,
+            },
+        )
 
     def list_bindings(self) -> Iterable[tuple[str, str, str]]:
         rows = self._execute(self._stmts.list_bindings, {}).fetchall()
@@ -376,13 +436,16 @@ class Channel(virtual.Channel):
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
         _check_name("queue", queue)
         args = kwargs.get("arguments") or {}
-        self._execute(self._stmts.declare_queue, {
-            "name": queue,
-            "durable": bool(kwargs.get("durable", True)),
-            "auto_delete": bool(kwargs.get("auto_delete", False)),
-            "expires": _milliseconds(args.get("x-expires"), "x-expires"),
-            "ttl": _milliseconds(args.get("x-message-ttl"), "x-message-ttl"),
-        })
+        self._execute(
+            self._stmts.declare_queue,
+            {
+                "name": queue,
+                "durable": bool(kwargs.get("durable", True)),
+                "auto_delete": bool(kwargs.get("auto_delete", False)),
+                "expires": _milliseconds(args.get("x-expires"), "x-expires"),
+                "ttl": _milliseconds(args.get("x-message-ttl"), "x-message-ttl"),
+            },
+        )
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
         row = self._execute(self._stmts.has_queue, {"name": queue}).fetchone()
@@ -396,8 +459,9 @@ class Channel(virtual.Channel):
         row = self._execute(self._stmts.purge, {"name": queue}).fetchone()
         return int(row[0]) if row else 0
 
-    def queue_delete(self, queue: str, if_unused: bool = False, if_empty: bool = False,
-                     **kwargs: Any) -> int:
+    def queue_delete(
+        self, queue: str, if_unused: bool = False, if_empty: bool = False, **kwargs: Any
+    ) -> int:
         """Delete the queue, its bindings and its messages."""
         if if_empty and self._size(queue):
             return 0
@@ -416,6 +480,9 @@ class Channel(virtual.Channel):
         super().close()
 
 
+_Channel = Channel
+
+
 class Transport(virtual.Transport):
     """The ``pgnotify://`` transport."""
 
@@ -423,9 +490,9 @@ class Transport(virtual.Transport):
 
     driver_type = "pgnotify"
     driver_name = "psycopg"
-    default_port = 5432
+    default_port = 5432  # type: ignore[assignment]
     can_parse_url = True
-    polling_interval = None
+    polling_interval = None  # type: ignore[assignment]
 
     implements = virtual.Transport.implements.extend(
         asynchronous=True,
@@ -434,12 +501,18 @@ class Transport(virtual.Transport):
     )
 
     # Celery's reconnect and publish-retry logic key off these tuples.
-    connection_errors = virtual.Transport.connection_errors + (
-        psycopg.OperationalError, psycopg.InterfaceError, DatabaseUnavailable,
+    connection_errors = virtual.Transport.connection_errors + (  # type: ignore[assignment]
+        psycopg.OperationalError,
+        psycopg.InterfaceError,
+        DatabaseUnavailable,
     )
-    channel_errors = virtual.Transport.channel_errors + (
-        psycopg.ProgrammingError, psycopg.IntegrityError, psycopg.DataError,
-        psycopg.InternalError, psycopg.NotSupportedError, InvalidName,
+    channel_errors = virtual.Transport.channel_errors + (  # type: ignore[assignment]
+        psycopg.ProgrammingError,
+        psycopg.IntegrityError,
+        psycopg.DataError,
+        psycopg.InternalError,
+        psycopg.NotSupportedError,
+        InvalidName,
     )
 
     def __init__(self, client: Any, **kwargs: Any) -> None:
@@ -452,15 +525,16 @@ class Transport(virtual.Transport):
         self._conn: psycopg.Connection[Any] | None = None
         self._listener: Listener | None = None
         self._pid = os.getpid()
-        self._consumers: dict[str, Channel] = {}
+        self._consumers: dict[str, _Channel] = {}
         self._pending: set[str] = set()
         self._delivering: int | None = None
         self._loop_thread: int | None = None
-        self._ack_channels: set[Channel] = set()
+        self._ack_channels: set[_Channel] = set()
         forget_after_fork(self)
 
     def _url_from_parts(self) -> str:
         c = self.client
+        assert c is not None
         user = c.userid or ""
         auth = f"{user}:{c.password}@" if c.password else (f"{user}@" if user else "")
         host = c.hostname or "localhost"
@@ -526,7 +600,7 @@ class Transport(virtual.Transport):
     def consumer_id_or_none(self) -> int | None:
         return self._listener.consumer_id if self._listener is not None else None
 
-    def _consume(self, queue: str, channel: Channel) -> None:
+    def _consume(self, queue: str, channel: _Channel) -> None:
         self._consumers[queue] = channel
         self.listener().set_queues(self._consumers)
         self._pending.add(queue)
@@ -554,13 +628,13 @@ class Transport(virtual.Transport):
                 messages = channel.claim(queue, limit)
                 if len(messages) < limit:
                     self._pending.discard(queue)
-                if self._deliver(queue, channel, messages):
+                if self._deliver_batch(queue, channel, messages):
                     delivered = True
         finally:
             self._flush_acks()
         return delivered
 
-    def _deliver(self, queue: str, channel: Channel, messages: list[dict[str, Any]]) -> bool:
+    def _deliver_batch(self, queue: str, channel: _Channel, messages: list[dict[str, Any]]) -> bool:
         callback = self._callbacks.get(queue)
         for i, message in enumerate(messages):
             if callback is None:
@@ -572,7 +646,7 @@ class Transport(virtual.Transport):
                     continue
                 except BaseException:
                     # Claimed but never handed over: back to the queue at once.
-                    channel._db_requeue(m["properties"]["delivery_tag"] for m in messages[i + 1:])
+                    channel._db_requeue(m["properties"]["delivery_tag"] for m in messages[i + 1 :])
                     raise
                 finally:
                     self._delivering = None
@@ -589,7 +663,7 @@ class Transport(virtual.Transport):
         while self._ack_channels:
             self._ack_channels.pop().flush_acks()
 
-    def drain_events(self, connection: Any, timeout: float | None = None) -> None:
+    def drain_events(self, connection: Any, timeout: float | None = None, **kwargs: Any) -> None:
         """Deliver what is ready, else block on the LISTEN wake-up."""
         listener = self.listener()
         clock = time.monotonic
@@ -601,7 +675,7 @@ class Transport(virtual.Transport):
                 return
             now = clock()
             if deadline is not None and now >= deadline:
-                raise socket.timeout()
+                raise TimeoutError()
             wait = next_poll - now
             if deadline is not None:
                 wait = min(wait, deadline - now)

@@ -6,7 +6,6 @@ Prints "held <n>" once it holds COUNT messages, then sleeps until killed.
 
 from __future__ import annotations
 
-import socket
 import sys
 import time
 
@@ -26,14 +25,14 @@ def main() -> None:
             while len(held) < int(count):
                 try:
                     conn.drain_events(timeout=1)
-                except socket.timeout:
+                except TimeoutError:
                     pass
             print(f"held {len(held)}", flush=True)
             while True:
                 time.sleep(0.5)
                 try:
                     conn.drain_events(timeout=0.5)
-                except socket.timeout:
+                except TimeoutError:
                     pass
 
 

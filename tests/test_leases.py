@@ -18,12 +18,23 @@ from tests.test_transport import collect, count_rows, drain_until
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def start_holder(broker_url: str, schema: str, queue: str, count: int,
-                 *options: str) -> subprocess.Popen[str]:
+def start_holder(
+    broker_url: str, schema: str, queue: str, count: int, *options: str
+) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.hold_messages", broker_url, schema, queue, str(count),
-         *options],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "tests.hold_messages",
+            broker_url,
+            schema,
+            queue,
+            str(count),
+            *options,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -41,12 +52,14 @@ def stop(proc: subprocess.Popen[str]) -> None:
 def publish(conn: Any, queue: Queue, *bodies: Any) -> None:
     producer = Producer(conn)
     for body in bodies:
-        producer.publish(body, exchange=queue.exchange, routing_key=queue.routing_key,
-                         declare=[queue])
+        producer.publish(
+            body, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue]
+        )
 
 
 def test_sigkilled_consumer_messages_return_within_10s_with_defaults(
-        broker_url, schema, make_connection, db):
+    broker_url, schema, make_connection, db
+):
     queue = Queue("killed", Exchange("killed"), routing_key="killed")
     survivor = make_connection()
     received: list[Any] = []
@@ -61,7 +74,7 @@ def test_sigkilled_consumer_messages_return_within_10s_with_defaults(
                 while time.monotonic() < deadline:
                     try:
                         survivor.drain_events(timeout=0.5)
-                    except socket.timeout:
+                    except TimeoutError:
                         pass
                 assert received == []
                 holder.send_signal(signal.SIGKILL)
@@ -78,7 +91,8 @@ def test_sigkilled_consumer_messages_return_within_10s_with_defaults(
 
 
 def test_live_consumer_keeps_messages_far_beyond_the_lease_timeout(
-        broker_url, schema, make_connection, db):
+    broker_url, schema, make_connection, db
+):
     fast = ("heartbeat_interval=0.2", "lease_timeout=1")
     queue = Queue("longtask", Exchange("longtask"), routing_key="longtask")
     watcher = make_connection(heartbeat_interval=0.2, lease_timeout=1)
@@ -92,7 +106,7 @@ def test_live_consumer_keeps_messages_far_beyond_the_lease_timeout(
                 while time.monotonic() < deadline:
                     try:
                         watcher.drain_events(timeout=0.5)
-                    except socket.timeout:
+                    except TimeoutError:
                         pass
             assert received == []
             assert count_rows(db, schema, "consumer_id IS NOT NULL") == 1
@@ -101,15 +115,17 @@ def test_live_consumer_keeps_messages_far_beyond_the_lease_timeout(
 
 
 def test_silent_consumer_is_declared_dead_after_lease_timeout(
-        pg_dsn, broker_url, schema, make_connection, db):
+    pg_dsn, broker_url, schema, make_connection, db
+):
     """A consumer that holds its lock but stops heartbeating (a hung host)."""
     queue = Queue("hung", Exchange("hung"), routing_key="hung")
     watcher = make_connection(heartbeat_interval=0.2, lease_timeout=1)
     received: list[Any] = []
     with watcher:
         publish(watcher, queue, "x")
-        holder = start_holder(broker_url, schema, "hung", 1, "heartbeat_interval=0.2",
-                              "lease_timeout=1")
+        holder = start_holder(
+            broker_url, schema, "hung", 1, "heartbeat_interval=0.2", "lease_timeout=1"
+        )
         try:
             holder.send_signal(signal.SIGSTOP)  # alive, session open, silent
             with Consumer(watcher, [queue], callbacks=[collect(received)]):
@@ -146,12 +162,15 @@ def test_lost_notification_is_caught_by_the_fallback_poll(make_connection, db, s
         with pytest_raises_timeout():
             conn.drain_events(timeout=0.2)
         # A row written without NOTIFY: only the fallback poll can find it.
-        payload = ('{"body":"InBvbGwi","content-encoding":"utf-8",'
-                   '"content-type":"application/json","headers":{},'
-                   '"properties":{"body_encoding":"base64","delivery_info":'
-                   '{"exchange":"poll","routing_key":"poll"},"priority":0}}')
-        db.execute(f'INSERT INTO "{schema}".messages (queue, payload) VALUES (%s, %s)',
-                   ("poll", payload))
+        payload = (
+            '{"body":"InBvbGwi","content-encoding":"utf-8",'
+            '"content-type":"application/json","headers":{},'
+            '"properties":{"body_encoding":"base64","delivery_info":'
+            '{"exchange":"poll","routing_key":"poll"},"priority":0}}'
+        )
+        db.execute(
+            f'INSERT INTO "{schema}".messages (queue, payload) VALUES (%s, %s)', ("poll", payload)
+        )
         drain_until(conn, received, 1, timeout=5)
     assert received[0][0] == "poll"
 

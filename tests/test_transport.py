@@ -23,7 +23,7 @@ def drain_until(conn: Connection, received: list[Any], count: int, timeout: floa
             raise AssertionError(f"got {len(received)} of {count} messages")
         try:
             conn.drain_events(timeout=min(left, 1.0))
-        except socket.timeout:
+        except TimeoutError:
             pass
 
 
@@ -49,8 +49,9 @@ def test_publish_consume_and_ack_deletes_the_row(connection, db, schema):
     queue = Queue("basic", Exchange("basic", type="direct"), routing_key="basic")
     received: list[Any] = []
     with connection:
-        Producer(connection).publish({"n": 1}, exchange=queue.exchange,
-                                     routing_key="basic", declare=[queue])
+        Producer(connection).publish(
+            {"n": 1}, exchange=queue.exchange, routing_key="basic", declare=[queue]
+        )
         assert count_rows(db, schema) == 1
         with Consumer(connection, [queue], callbacks=[collect(received)]):
             drain_until(connection, received, 1)
@@ -71,8 +72,9 @@ def test_drain_events_times_out_when_idle(connection):
 def test_message_survives_its_producer_and_a_new_connection_reads_it(make_connection):
     queue = Queue("durable", Exchange("durable"), routing_key="durable")
     with make_connection() as producer_conn:
-        Producer(producer_conn).publish("kept", exchange=queue.exchange,
-                                        routing_key="durable", declare=[queue])
+        Producer(producer_conn).publish(
+            "kept", exchange=queue.exchange, routing_key="durable", declare=[queue]
+        )
     received: list[Any] = []
     with make_connection() as consumer_conn:
         with Consumer(consumer_conn, [queue], callbacks=[collect(received)]):
@@ -85,10 +87,15 @@ def test_large_body_of_10_mb(connection):
     queue = Queue("large", Exchange("large"), routing_key="large")
     received: list[Any] = []
     with connection:
-        Producer(connection).publish(body, exchange=queue.exchange, routing_key="large",
-                                     declare=[queue], serializer=None,
-                                     content_type="application/data",
-                                     content_encoding="binary")
+        Producer(connection).publish(
+            body,
+            exchange=queue.exchange,
+            routing_key="large",
+            declare=[queue],
+            serializer=None,
+            content_type="application/data",
+            content_encoding="binary",
+        )
         with Consumer(connection, [queue], callbacks=[collect(received)]):
             drain_until(connection, received, 1, timeout=60)
     assert received[0][1].body == body
@@ -99,10 +106,12 @@ def test_notification_wakes_a_blocked_consumer_at_once(make_connection):
     received: list[Any] = []
     consumer_conn = make_connection()
     with consumer_conn, Consumer(consumer_conn, [queue], callbacks=[collect(received)]):
+
         def publish_later() -> None:
             time.sleep(0.5)
             with make_connection() as c:
                 Producer(c).publish("now", exchange=queue.exchange, routing_key="wake")
+
         thread = threading.Thread(target=publish_later)
         thread.start()
         started = time.monotonic()
@@ -150,8 +159,9 @@ def test_reject_with_requeue_redelivers_with_the_flag(connection):
             message.ack()
 
     with connection:
-        Producer(connection).publish("x", exchange=queue.exchange, routing_key="requeue",
-                                     declare=[queue])
+        Producer(connection).publish(
+            "x", exchange=queue.exchange, routing_key="requeue", declare=[queue]
+        )
         with Consumer(connection, [queue], callbacks=[on_message]):
             drain_until(connection, received, 2)
     assert received == [False, True]
@@ -161,10 +171,12 @@ def test_reject_without_requeue_drops(connection, db, schema):
     queue = Queue("drop", Exchange("drop"), routing_key="drop")
     received: list[Any] = []
     with connection:
-        Producer(connection).publish("x", exchange=queue.exchange, routing_key="drop",
-                                     declare=[queue])
-        with Consumer(connection, [queue], callbacks=[lambda b, m: (received.append(b),
-                                                                    m.reject())]):
+        Producer(connection).publish(
+            "x", exchange=queue.exchange, routing_key="drop", declare=[queue]
+        )
+        with Consumer(
+            connection, [queue], callbacks=[lambda b, m: (received.append(b), m.reject())]
+        ):
             drain_until(connection, received, 1)
     assert count_rows(db, schema) == 0
 
@@ -174,8 +186,7 @@ def test_clean_close_returns_unacked_messages_at_once(make_connection, db, schem
     received: list[Any] = []
     first = make_connection()
     with first:
-        Producer(first).publish("x", exchange=queue.exchange, routing_key="close",
-                                declare=[queue])
+        Producer(first).publish("x", exchange=queue.exchange, routing_key="close", declare=[queue])
         with Consumer(first, [queue], callbacks=[collect(received, ack=False)]):
             drain_until(first, received, 1)
             assert count_rows(db, schema, "consumer_id IS NOT NULL") == 1
@@ -210,8 +221,7 @@ def test_ack_from_another_thread(connection, db, schema):
     with connection:
         producer = Producer(connection)
         for i in range(20):
-            producer.publish(i, exchange=queue.exchange, routing_key="threads",
-                             declare=[queue])
+            producer.publish(i, exchange=queue.exchange, routing_key="threads", declare=[queue])
         with Consumer(connection, [queue], callbacks=[collect(received, ack=False)]):
             drain_until(connection, received, 20)
             threads = [threading.Thread(target=m.ack) for _, m in received]
@@ -233,8 +243,9 @@ def test_priority_order(make_connection, order, expected):
     with conn:
         producer = Producer(conn)
         for p in (5, 0, 9):
-            producer.publish(p, exchange=queue.exchange, routing_key="prio",
-                             declare=[queue], priority=p)
+            producer.publish(
+                p, exchange=queue.exchange, routing_key="prio", declare=[queue], priority=p
+            )
         with Consumer(conn, [queue], callbacks=[collect(received)]):
             drain_until(conn, received, 3)
     assert [b for b, _ in received] == expected
@@ -267,7 +278,7 @@ def test_fanout_reaches_every_bound_queue(make_connection):
     got: list[Any] = []
     conns = [make_connection() for _ in queues]
     consumers = []
-    for conn, queue in zip(conns, queues):
+    for conn, queue in zip(conns, queues, strict=True):
         consumer = Consumer(conn, [queue], callbacks=[collect(got)])
         consumer.consume()
         consumers.append(consumer)
@@ -298,10 +309,8 @@ def test_message_ttl_and_expiration_are_honoured(connection):
     with connection:
         channel = connection.default_channel
         producer = Producer(channel)
-        producer.publish("queue-ttl", exchange=queue.exchange, routing_key="ttl",
-                         declare=[queue])
-        producer.publish("msg-ttl", exchange=queue.exchange, routing_key="ttl",
-                         expiration=0.2)
+        producer.publish("queue-ttl", exchange=queue.exchange, routing_key="ttl", declare=[queue])
+        producer.publish("msg-ttl", exchange=queue.exchange, routing_key="ttl", expiration=0.2)
         time.sleep(0.5)
         bound = queue(channel)
         assert bound.get() is None
@@ -316,8 +325,9 @@ def test_queue_expires_and_is_removed_by_the_reaper(make_connection, db, schema)
         with Consumer(conn, [watcher], callbacks=[collect([])]):
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
-                row = db.execute(f'SELECT count(*) FROM "{schema}".queues WHERE name = %s',
-                                 ("shortlived",)).fetchone()
+                row = db.execute(
+                    f'SELECT count(*) FROM "{schema}".queues WHERE name = %s', ("shortlived",)
+                ).fetchone()
                 if row and row[0] == 0:
                     break
                 time.sleep(0.2)
@@ -328,18 +338,22 @@ def test_queue_expires_and_is_removed_by_the_reaper(make_connection, db, schema)
 # -- names are data ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [
-    "it's; DROP TABLE messages; --",
-    'quote"d',
-    "ünïcødé-キュー",
-    "q" * 200,
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "it's; DROP TABLE messages; --",
+        'quote"d',
+        "ünïcødé-キュー",
+        "q" * 200,
+    ],
+)
 def test_hostile_and_long_names_work(connection, name):
     queue = Queue(name, Exchange(name + "x", type="topic"), routing_key=name)
     received: list[Any] = []
     with connection:
-        Producer(connection).publish(name, exchange=queue.exchange, routing_key=name,
-                                     declare=[queue])
+        Producer(connection).publish(
+            name, exchange=queue.exchange, routing_key=name, declare=[queue]
+        )
         with Consumer(connection, [queue], callbacks=[collect(received)]):
             drain_until(connection, received, 1)
     assert received[0][0] == name

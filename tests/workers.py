@@ -20,8 +20,13 @@ class WorkerProcess:
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, start_new_session=True,
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -63,8 +68,9 @@ class WorkerProcess:
             self.proc.stdout.close()
 
 
-def worker_env(broker_url: str, options: dict[str, Any], log_dsn: str,
-               log_table: str) -> dict[str, str]:
+def worker_env(
+    broker_url: str, options: dict[str, Any], log_dsn: str, log_table: str
+) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         PGNOTIFY_BROKER_URL=broker_url,
@@ -76,8 +82,24 @@ def worker_env(broker_url: str, options: dict[str, Any], log_dsn: str,
     return env
 
 
-def celery_worker(env: dict[str, str], *args: str, pool: str = "prefork",
-                  concurrency: int = 2, name: str = "w1") -> WorkerProcess:
-    argv = [sys.executable, "-m", "celery", "-A", "tests.e2e_app", "worker",
-            "-l", "info", "-P", pool, "-c", str(concurrency), "-n", f"{name}@%h", *args]
+def celery_worker(
+    env: dict[str, str], *args: str, pool: str = "prefork", concurrency: int = 2, name: str = "w1"
+) -> WorkerProcess:
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "tests.e2e_app",
+        "worker",
+        "-l",
+        "info",
+        "-P",
+        pool,
+        "-c",
+        str(concurrency),
+        "-n",
+        f"{name}@%h",
+        *args,
+    ]
     return WorkerProcess(argv, env)

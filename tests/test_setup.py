@@ -1,0 +1,113 @@
+"""Selecting the transport, connection settings and the schema."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import psycopg
+import pytest
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+from celery_pgnotify import sql
+from celery_pgnotify.connect import conninfo_from_url, mask_url
+from celery_pgnotify.errors import ConfigurationError
+from tests.test_transport import collect, drain_until
+
+
+def test_scheme_is_known_to_a_process_that_never_imports_the_package(broker_url):
+    # Only kombu is imported: the .pth hook must make the scheme resolve.
+    code = (
+        "import sys\n"
+        "from kombu import Connection\n"
+        f"c = Connection({broker_url!r})\n"
+        "print(type(c.transport).__module__)\n"
+        "print('celery_pgnotify' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["celery_pgnotify.transport", "True"]
+
+
+def test_interpreter_start_does_not_import_kombu():
+    code = "import sys; print('kombu' in sys.modules, 'celery_pgnotify' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["False", "False"]
+
+
+def test_dsn_transport_option_overrides_the_url(pg_dsn, schema):
+    # The URL points nowhere; the DSN option is what gets used.
+    conn = Connection(
+        "pgnotify://nobody@127.0.0.1:1/nowhere", transport_options={"schema": schema, "dsn": pg_dsn}
+    )
+    queue = Queue("dsn", Exchange("dsn"), routing_key="dsn")
+    received: list[Any] = []
+    with conn:
+        Producer(conn).publish(
+            "via dsn", exchange=queue.exchange, routing_key="dsn", declare=[queue]
+        )
+        with Consumer(conn, [queue], callbacks=[collect(received)]):
+            drain_until(conn, received, 1)
+    assert received[0][0] == "via dsn"
+
+
+def test_libpq_options_in_the_url_pass_through():
+    info = conninfo_from_url(
+        "pgnotify://u:p@db:6432/app?sslmode=require&target_session_attrs=any", None, 10
+    )
+    params = psycopg.conninfo.conninfo_to_dict(info)
+    assert params["sslmode"] == "require"
+    assert params["target_session_attrs"] == "any"
+    assert (params["host"], params["port"], params["dbname"]) == ("db", "6432", "app")
+    assert params["keepalives"] == "1"
+
+
+def test_password_is_masked_in_the_uri_celery_prints():
+    assert mask_url("pgnotify://u:secret@h:5432/db") == "pgnotify://u:**@h:5432/db"
+    conn = Connection("pgnotify://u:secret@h:5432/db")
+    assert "secret" not in conn.as_uri()
+
+
+def test_unknown_scheme_in_dsn_is_refused():
+    with pytest.raises(ConfigurationError, match="dsn"):
+        conninfo_from_url("pgnotify://h/db", "mysql://h/db", 10)
+
+
+def test_connection_errors_are_kombu_recoverable(broker_url):
+    conn = Connection(
+        "pgnotify://postgres@127.0.0.1:1/none", transport_options={"connect_timeout": 1}
+    )
+    assert psycopg.OperationalError in conn.connection_errors
+    with pytest.raises(conn.connection_errors):
+        conn.connect()
+
+
+def test_cli_migrate_is_idempotent(broker_url, pg_dsn, schema):
+    cmd = [
+        sys.executable,
+        "-m",
+        "celery_pgnotify.cli",
+        "migrate",
+        "--url",
+        broker_url,
+        "--schema",
+        schema,
+    ]
+    first = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    second = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    assert f"applied {sql.LATEST_VERSION}" in first or "applied 1" in first
+    assert "up to date" in second
+    with psycopg.connect(pg_dsn) as conn:
+        assert sql.schema_version(conn, schema) == sql.LATEST_VERSION
+
+
+def test_newer_schema_than_the_package_is_refused(pg_dsn, schema):
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        sql.migrate(conn, schema)
+        conn.execute(f'INSERT INTO "{schema}".schema_version (version) VALUES (9999)')
+        with pytest.raises(sql.SchemaError, match="newer"):
+            sql.migrate(conn, schema)
