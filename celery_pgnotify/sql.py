@@ -99,27 +99,24 @@ _NOTIFY = "pg_notify(%(prefix)s || md5(queue), '')"
 _WAITED_FOR = "EXISTS (SELECT 1 FROM {s}.consumers c WHERE queue = ANY(c.queues))"
 
 TEMPLATES: dict[str, str] = {
+    # One statement: route through the bindings, insert, and notify each
+    # queue once (DISTINCT gives one row per queue) in RETURNING.
     "publish_routed": (
-        "WITH ins AS ("
-        " INSERT INTO {s}.messages (queue, rank, payload, expires_at)"
+        "INSERT INTO {s}.messages (queue, rank, payload, expires_at)"
         " SELECT DISTINCT b.queue, %(rank)s, %(payload)s, "
         + _EXPIRY.format(q="q")
         + " FROM {s}.bindings b LEFT JOIN {s}.queues q ON q.name = b.queue"
         " WHERE b.exchange = %(exchange)s AND (b.type = 'fanout'"
         "  OR (b.type = 'direct' AND b.routing_key = %(rk)s)"
         "  OR (b.type = 'topic' AND ('.' || %(rk)s) ~ b.pattern))"
-        " RETURNING queue)"
-        " SELECT queue, CASE WHEN " + _WAITED_FOR + " THEN " + _NOTIFY + " END"
-        " FROM (SELECT DISTINCT queue FROM ins) AS routed"
+        " RETURNING queue, CASE WHEN " + _WAITED_FOR + " THEN " + _NOTIFY + " END"
     ),
     "publish_direct": (
-        "WITH ins AS ("
-        " INSERT INTO {s}.messages (queue, rank, payload, expires_at)"
+        "INSERT INTO {s}.messages (queue, rank, payload, expires_at)"
         " SELECT %(queue)s, %(rank)s, %(payload)s, LEAST(now() + %(ttl)s::bigint"
         "  * interval '1 millisecond', (SELECT now() + q.message_ttl_ms"
         "  * interval '1 millisecond' FROM {s}.queues q WHERE q.name = %(queue)s))"
-        " RETURNING queue)"
-        " SELECT queue, CASE WHEN " + _WAITED_FOR + " THEN " + _NOTIFY + " END FROM ins"
+        " RETURNING queue, CASE WHEN " + _WAITED_FOR + " THEN " + _NOTIFY + " END"
     ),
     "claim": (
         "WITH picked AS ("

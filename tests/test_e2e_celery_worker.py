@@ -129,3 +129,33 @@ def test_revoke(e2e):
     assert e2e.wait_events("control", ["run"]) == ["run"]
     time.sleep(4)
     assert e2e.events("revoked") == []
+
+
+def test_eta(e2e):
+    from datetime import datetime, timedelta, timezone
+
+    e2e.worker()
+    when = datetime.now(timezone.utc) + timedelta(seconds=2)
+    e2e.send("record", "eta", eta=when)
+    assert e2e.wait_events("eta", ["run"]) == ["run"]
+    assert datetime.now(timezone.utc) >= when
+
+
+def test_task_events_reach_an_event_receiver(e2e):
+    """With -E, events flow as Flower and `celery events` consume them."""
+    e2e.worker("-E")
+    seen: list[str] = []
+    with e2e.app.connection_for_read() as conn:
+        receiver = e2e.app.events.Receiver(conn, handlers={"*": lambda ev: on_event(ev)})
+
+        def on_event(event: dict[str, Any]) -> None:
+            seen.append(event["type"])
+            if event["type"] == "task-succeeded":
+                receiver.should_stop = True
+
+        capture = receiver.itercapture(limit=None, timeout=20, wakeup=False)
+        next(capture)  # the event queue is declared and consumed from now on
+        e2e.send("record", "evented")
+        for _ in capture:
+            pass
+    assert {"task-received", "task-started", "task-succeeded"} <= set(seen)
