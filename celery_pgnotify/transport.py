@@ -608,8 +608,21 @@ class Transport(virtual.Transport):
     def _cancel(self, queue: str) -> None:
         self._consumers.pop(queue, None)
         self._pending.discard(queue)
-        if self._listener is not None:
-            self._listener.set_queues(self._consumers)
+        listener = self._listener
+        if listener is None:
+            return
+        if self._consumers or self._holds_messages() or self._loop_thread is not None:
+            listener.set_queues(self._consumers)
+            return
+        # Nothing consumed and nothing held (e.g. the reply consumer of
+        # `celery inspect` on a pooled connection): end the session to free
+        # its connection and thread; the next consumer starts a new one.
+        # (Inside Celery's event loop the session stays: the loop watches it.)
+        self._listener = None
+        listener.stop()
+
+    def _holds_messages(self) -> bool:
+        return any(ch._qos is not None and ch._qos._delivered for ch in self.channels)
 
     # -- delivering ----------------------------------------------------------
 

@@ -72,3 +72,23 @@ def make_connection(broker_url: str, transport_options: dict[str, Any]) -> Itera
     yield make
     for conn in opened:
         conn.release()
+
+
+def _listener_threads() -> set[Any]:
+    import threading
+
+    return {t for t in threading.enumerate() if t.name == "celery-pgnotify-listener"}
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_listeners() -> Iterator[None]:
+    """Every LISTEN session a test opens is closed when its connection is."""
+    before = _listener_threads()
+    yield
+    import time
+
+    deadline = time.monotonic() + 5
+    while _listener_threads() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    leaked = _listener_threads() - before
+    assert not leaked, f"{len(leaked)} LISTEN session(s) left running"
