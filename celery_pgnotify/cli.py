@@ -13,7 +13,7 @@ def _settings(app_path: str | None, url: str | None, schema: str | None) -> tupl
     """The broker URL and schema from ``--url/--schema`` or the app's settings."""
     options: dict[str, Any] = {}
     if app_path:
-        from celery.utils.imports import find_app
+        from celery.app.utils import find_app
 
         app = find_app(app_path)
         url = url or app.conf.broker_url
@@ -35,10 +35,8 @@ _schema_option = click.option("--schema", help="Schema name (default: the transp
 
 
 @click.group()
-@click.option("-l", "--loglevel", default="INFO", show_default=True)
-def main(loglevel: str) -> None:
+def main() -> None:
     """celery-pgnotify: Celery on PostgreSQL alone."""
-    logging.basicConfig(level=loglevel.upper(), format="%(levelname)s %(message)s")
 
 
 @main.command()
@@ -47,6 +45,7 @@ def main(loglevel: str) -> None:
 @_schema_option
 def migrate(app_path: str | None, url: str | None, schema: str | None) -> None:
     """Create or upgrade the schema (idempotent; safe to run concurrently)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from celery_pgnotify import sql
     from celery_pgnotify.connect import connect
 
@@ -61,6 +60,70 @@ def migrate(app_path: str | None, url: str | None, schema: str | None) -> None:
         )
     else:
         click.echo(f"schema {schema_name}: up to date at version {version}")
+
+
+@main.command(context_settings={"show_default": True})
+@click.option("-A", "--app", "app_path", required=True, help="The Celery app (module[:attr]).")
+@click.option("-Q", "--queues", help="Comma-separated queues (default: the app's task queues).")
+@click.option(
+    "-c",
+    "--concurrency",
+    type=click.IntRange(min=1),
+    help="Pool children (default: worker_concurrency, else the number of CPUs).",
+)
+@click.option("-l", "--loglevel", default="INFO")
+@click.option("-n", "--hostname", help="Node name (default: celery@HOST).")
+@click.option(
+    "--max-tasks-per-child",
+    type=click.IntRange(min=0),
+    help="Replace a child after this many tasks (worker_max_tasks_per_child).",
+)
+@click.option(
+    "--prefetch-multiplier",
+    type=click.IntRange(min=1),
+    help="Messages claimed per child (worker_prefetch_multiplier).",
+)
+@click.option(
+    "--start-method",
+    type=click.Choice(["fork", "forkserver", "spawn"]),
+    default="fork",
+    help="How pool children are started.",
+)
+@click.option("--logfile", type=click.Path(dir_okay=False), help="Log to this file.")
+@click.option(
+    "--pidfile",
+    type=click.Path(dir_okay=False),
+    help="Write the main process id here; refuse to start if it is in use.",
+)
+def worker(
+    app_path: str,
+    queues: str | None,
+    concurrency: int | None,
+    loglevel: str,
+    hostname: str | None,
+    max_tasks_per_child: int | None,
+    prefetch_multiplier: int | None,
+    start_method: str,
+    logfile: str | None,
+    pidfile: str | None,
+) -> None:
+    """Run tasks: `celery -A proj worker` becomes `celery-pg worker -A proj`."""
+    from celery_pgnotify.worker.main import WorkerOptions, run_worker
+
+    run_worker(
+        WorkerOptions(
+            app_path=app_path,
+            queues=queues,
+            concurrency=concurrency,
+            loglevel=loglevel,
+            hostname=hostname,
+            max_tasks_per_child=max_tasks_per_child,
+            prefetch_multiplier=prefetch_multiplier,
+            start_method=start_method,
+            logfile=logfile,
+            pidfile=pidfile,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -103,6 +103,13 @@ class Listener:
             self._queues = {self._stmts.channel(q): q for q in queues}
         self._poke()
 
+    def wake(self) -> None:
+        """Make :attr:`wake_fd` readable without notifying any queue."""
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
     def take_notified(self) -> set[str]:
         """The queues notified since the last call (drains the wake pipe)."""
         try:
@@ -162,10 +169,7 @@ class Listener:
             self._notified.update(queues)
             wake = was_empty and bool(self._notified)
         if wake:
-            try:
-                os.write(self._wake_w, b"x")
-            except (BlockingIOError, OSError):
-                pass
+            self.wake()
 
     def _run(self) -> None:
         delay = 0.1

@@ -529,6 +529,8 @@ class Transport(virtual.Transport):
         self._pending: set[str] = set()
         self._delivering: int | None = None
         self._loop_thread: int | None = None
+        self._woken = threading.Event()
+        self._next_poll = time.monotonic() + self.opts.polling_interval
         self._ack_channels: set[_Channel] = set()
         forget_after_fork(self)
 
@@ -677,25 +679,41 @@ class Transport(virtual.Transport):
             self._ack_channels.pop().flush_acks()
 
     def drain_events(self, connection: Any, timeout: float | None = None, **kwargs: Any) -> None:
-        """Deliver what is ready, else block on the LISTEN wake-up."""
+        """Deliver what is ready, else block on the LISTEN wake-up.
+
+        Returns after delivering, or when :meth:`wakeup` was called; raises
+        ``socket.timeout`` when ``timeout`` passes with nothing to do.
+        """
         listener = self.listener()
         clock = time.monotonic
         deadline = None if timeout is None else clock() + timeout
-        next_poll = clock() + self.opts.polling_interval
         while True:
             self._pending |= listener.take_notified()
-            if self._claim_pending():
+            if self._claim_pending() or self._take_wakeup():
                 return
             now = clock()
+            if now >= self._next_poll:
+                self._pending |= set(self._consumers)
+                self._next_poll = now + self.opts.polling_interval
+                continue
             if deadline is not None and now >= deadline:
                 raise TimeoutError()
-            wait = next_poll - now
+            wait = self._next_poll - now
             if deadline is not None:
                 wait = min(wait, deadline - now)
-            ready, _, _ = select.select([listener.wake_fd], [], [], max(wait, 0.0))
-            if not ready and clock() >= next_poll:
-                self._pending |= set(self._consumers)
-                next_poll = clock() + self.opts.polling_interval
+            select.select([listener.wake_fd], [], [], max(wait, 0.0))
+
+    def wakeup(self) -> None:
+        """Make a blocked :meth:`drain_events` return (thread-safe)."""
+        self._woken.set()
+        if self._listener is not None:
+            self._listener.wake()
+
+    def _take_wakeup(self) -> bool:
+        if self._woken.is_set():
+            self._woken.clear()
+            return True
+        return False
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
         listener = self.listener()

@@ -11,6 +11,7 @@ import pytest
 from kombu import Connection
 
 from tests import pgserver
+from tests.workers import E2E
 
 
 @pytest.fixture(scope="session")
@@ -92,3 +93,11 @@ def no_leaked_listeners() -> Iterator[None]:
         time.sleep(0.05)
     leaked = _listener_threads() - before
     assert not leaked, f"{len(leaked)} LISTEN session(s) left running"
+
+
+@pytest.fixture
+def e2e(broker_url: str, pg_dsn: str, schema: str) -> Iterator[E2E]:
+    """A sending app, a log table and worker processes, stopped afterwards."""
+    env = E2E(broker_url, pg_dsn, schema)
+    yield env
+    env.close()

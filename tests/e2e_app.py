@@ -55,3 +55,15 @@ def slow(tag: str, seconds: float) -> None:
 @app.task
 def noop() -> None:
     return None
+
+
+@app.task(acks_late=True, reject_on_worker_lost=True)
+def slow_requeued(tag: str, seconds: float) -> None:
+    log(tag, "start")
+    time.sleep(seconds)
+    log(tag, "done")
+
+
+@app.task
+def whoami(tag: str) -> None:
+    log(tag, f"pid-{os.getpid()}")

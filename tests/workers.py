@@ -11,6 +11,9 @@ import threading
 import time
 from typing import Any
 
+import psycopg
+from celery import Celery
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -103,3 +106,82 @@ def celery_worker(
         *args,
     ]
     return WorkerProcess(argv, env)
+
+
+def celery_pg_worker(
+    env: dict[str, str], *args: str, concurrency: int = 2, name: str = "w1"
+) -> WorkerProcess:
+    argv = [
+        sys.executable,
+        "-m",
+        "celery_pgnotify.cli",
+        "worker",
+        "-A",
+        "tests.e2e_app",
+        "-l",
+        "debug",
+        "-c",
+        str(concurrency),
+        "-n",
+        f"{name}@%h",
+        *args,
+    ]
+    return WorkerProcess(argv, env)
+
+
+FAST = {"heartbeat_interval": 0.5, "lease_timeout": 2.0}
+
+
+class E2E:
+    """A sending app, the worker environment and the execution log."""
+
+    def __init__(self, broker_url: str, pg_dsn: str, schema: str) -> None:
+        self.options: dict[str, Any] = {"schema": schema, **FAST}
+        self.table = f"{schema}_log"
+        self.dsn = pg_dsn
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(
+                f'CREATE TABLE "{self.table}" (tag text, event text, pid int,'
+                " at timestamptz DEFAULT clock_timestamp())"
+            )
+        self.env = worker_env(broker_url, self.options, pg_dsn, self.table)
+        self.app = Celery("sender", broker=broker_url)
+        self.app.conf.broker_transport_options = self.options
+        self.app.conf.task_ignore_result = True
+        self.workers: list[WorkerProcess] = []
+
+    def worker(self, *args: str, **kwargs: Any) -> WorkerProcess:
+        worker = celery_worker(self.env, *args, **kwargs)
+        self.workers.append(worker)
+        worker.wait_for(" ready.")
+        return worker
+
+    def pg_worker(self, *args: str, **kwargs: Any) -> WorkerProcess:
+        worker = celery_pg_worker(self.env, *args, **kwargs)
+        self.workers.append(worker)
+        worker.wait_for(" ready: ")
+        return worker
+
+    def send(self, name: str, *args: Any, **options: Any) -> Any:
+        return self.app.send_task(f"tests.e2e_app.{name}", args=args, **options)
+
+    def events(self, tag: str) -> list[str]:
+        with psycopg.connect(self.dsn) as conn:
+            rows = conn.execute(
+                f'SELECT event FROM "{self.table}" WHERE tag = %s ORDER BY at', (tag,)
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def wait_events(self, tag: str, expected: list[str], timeout: float = 30) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.events(tag)
+            if len(got) >= len(expected):
+                return got
+            time.sleep(0.1)
+        return self.events(tag)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.app.close()

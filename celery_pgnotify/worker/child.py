@@ -1,0 +1,123 @@
+"""A pool child: takes one job at a time and runs it through Celery's tracer.
+
+Protocol on the child's pipe (all tuples):
+
+    manager -> child   ("run", job)           job: see :class:`Job`
+                       ("stop",)              finish and exit
+    child -> manager   ("ready", pid)         initialised, can take work
+                       ("accepted", task_id, pid, time)
+                       ("done", task_id, failed, runtime)
+                       ("retire", pid)        max tasks reached: exiting
+
+SIGUSR1 cancels the running task (revoke with terminate, hard time limit):
+the handler raises :class:`TaskCancelled` inside it, which Celery's tracer
+records as a failure. User code that swallows it is killed after a grace
+period by the manager.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from types import FrameType
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class TaskCancelled(BaseException):
+    """Raised inside a task cancelled by SIGUSR1 (revoke terminate, hard limit)."""
+
+
+@dataclass
+class Job:
+    """What a child needs to run one task message (all picklable)."""
+
+    task_id: str
+    name: str
+    request: dict[str, Any]
+    body: bytes
+    content_type: str
+    content_encoding: str
+    soft_time_limit: float | None = None
+
+
+def _cancel(signum: int, frame: FrameType | None) -> None:
+    raise TaskCancelled("task cancelled (SIGUSR1)")
+
+
+def _soft_limit(signum: int, frame: FrameType | None) -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    raise SoftTimeLimitExceeded()
+
+
+def child_main(
+    app_path: str, conn: Connection, max_tasks: int, loglevel: str, logfile: str | None
+) -> None:
+    """Entry point of a pool child process."""
+    # Shutdown is the manager's decision: it sends ("stop",) or kills.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, _cancel)
+    signal.signal(signal.SIGALRM, _soft_limit)
+
+    from celery import signals
+    from celery.app.trace import trace_task_ret
+    from celery.app.utils import find_app
+
+    app = find_app(app_path)
+    app.set_current()
+    app.set_default()
+    app.log.setup(loglevel=loglevel, logfile=logfile, redirect_stdouts=False)
+    app.loader.init_worker_process()
+    signals.worker_process_init.send(sender=None)
+    pid = os.getpid()
+    conn.send(("ready", pid))
+    done = 0
+    try:
+        while True:
+            message = conn.recv()
+            if message[0] == "stop":
+                break
+            job: Job = message[1]
+            conn.send(("accepted", job.task_id, pid, time.time()))
+            failed = _run(app, job, trace_task_ret)
+            conn.send(("done", job.task_id, failed[0], failed[1]))
+            done += 1
+            if max_tasks and done >= max_tasks:
+                conn.send(("retire", pid))
+                break
+    except (EOFError, OSError):
+        pass  # the manager is gone: nothing left to do
+    finally:
+        signals.worker_process_shutdown.send(sender=None, pid=pid, exitcode=0)
+
+
+def _run(app: Any, job: Job, trace: Any) -> tuple[bool, float]:
+    started = time.monotonic()
+    if job.soft_time_limit:
+        signal.setitimer(signal.ITIMER_REAL, job.soft_time_limit)
+    try:
+        result = trace(
+            job.name,
+            job.task_id,
+            job.request,
+            job.body,
+            job.content_type,
+            job.content_encoding,
+            app=app,
+        )
+        failed = bool(result[0])
+    except TaskCancelled:
+        failed = True
+    except BaseException:  # the tracer handles task errors; this is its own failure
+        logger.exception("Internal error running task %s[%s]", job.name, job.task_id)
+        failed = True
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    return failed, time.monotonic() - started

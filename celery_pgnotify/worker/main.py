@@ -1,0 +1,90 @@
+"""Setting up ``celery-pg worker`` from its options and the app's settings."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from celery_pgnotify.errors import ConfigurationError
+from celery_pgnotify.worker.manager import Manager
+from celery_pgnotify.worker.pool import PoolSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerOptions:
+    """The command line, before the app's own settings fill the gaps."""
+
+    app_path: str
+    queues: str | None = None
+    concurrency: int | None = None
+    loglevel: str = "INFO"
+    hostname: str | None = None
+    max_tasks_per_child: int | None = None
+    prefetch_multiplier: int | None = None
+    start_method: str = "fork"
+    logfile: str | None = None
+    pidfile: str | None = None
+
+
+def _nodename(hostname: str | None) -> str:
+    from celery.utils.nodenames import default_nodename, host_format
+
+    # As `celery worker -n`: default celery@HOST; %h, %n, %d expand.
+    return str(host_format(default_nodename(hostname)))
+
+
+def _task_queues(app: Any, names: str | None) -> list[Any]:
+    queues = app.amqp.queues
+    if names:
+        wanted = [n.strip() for n in names.split(",") if n.strip()]
+        if not wanted:
+            raise ConfigurationError("-Q/--queues", "no queue name given")
+        queues.select(wanted)
+    return list(queues.consume_from.values())
+
+
+def run_worker(options: WorkerOptions) -> None:
+    """Build the manager for ``options`` and run it until shut down."""
+    from celery import platforms
+    from celery.app.utils import find_app
+
+    app = find_app(options.app_path)
+    conf = app.conf
+    loglevel = options.loglevel.upper()
+    app.log.setup(loglevel=loglevel, logfile=options.logfile, redirect_stdouts=False)
+    app.loader.init_worker()
+    app.finalize()
+    pidlock = platforms.create_pidlock(options.pidfile) if options.pidfile else None
+    concurrency = options.concurrency or conf.worker_concurrency or os.cpu_count() or 1
+    multiplier = options.prefetch_multiplier or conf.worker_prefetch_multiplier or 1
+    max_tasks = options.max_tasks_per_child
+    if max_tasks is None:
+        max_tasks = conf.worker_max_tasks_per_child or 0
+    hostname = _nodename(options.hostname)
+    settings = PoolSettings(
+        app_path=options.app_path,
+        concurrency=concurrency,
+        max_tasks_per_child=max_tasks,
+        start_method=options.start_method,
+        loglevel=loglevel,
+        logfile=options.logfile,
+    )
+    queues = _task_queues(app, options.queues)
+    logger.info(
+        "celery-pg worker %s: app %s, broker %s, concurrency %d (%s), queues %s",
+        hostname,
+        app.main or options.app_path,
+        app.connection_for_read().as_uri(),
+        concurrency,
+        options.start_method,
+        ", ".join(q.name for q in queues),
+    )
+    try:
+        Manager(app, queues, settings, hostname, concurrency * multiplier).start()
+    finally:
+        if pidlock is not None:
+            pidlock.release()

@@ -1,0 +1,310 @@
+"""The main process of ``celery-pg worker``: consume, hold ETAs, dispatch, ack.
+
+A kombu :class:`~kombu.mixins.ConsumerMixin` receives task messages over the
+app's broker connection and submits them to the :class:`~.pool.Pool`. The
+pool's results thread reports what children do; the main thread acts on it
+(acks, requeues) between two ``drain_events`` calls, woken at once through
+the transport. Ack rules are Celery's: early by default (when a child takes
+the task), after the task with ``acks_late``, requeued when a child is lost
+and ``reject_on_worker_lost`` is set.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import logging
+import signal
+import time
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from typing import Any
+
+from celery import signals
+from kombu.message import Message
+from kombu.messaging import Consumer
+from kombu.mixins import ConsumerMixin
+
+from celery_pgnotify.worker.child import Job
+from celery_pgnotify.worker.pool import Event, Pool, PoolSettings
+
+logger = logging.getLogger(__name__)
+
+
+def _parse_time(value: Any) -> float | None:
+    """An ETA/expires header (ISO 8601 or a timestamp) as a UNIX time."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        when = datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+class Manager(ConsumerMixin):
+    """Consumes task messages and runs them on the pool."""
+
+    def __init__(
+        self,
+        app: Any,
+        queues: Iterable[Any],
+        pool_settings: PoolSettings,
+        hostname: str,
+        prefetch_count: int,
+    ) -> None:
+        self.app = app
+        self.connection = app.connection_for_read()
+        self.queues = list(queues)
+        self.hostname = hostname
+        self.prefetch_count = prefetch_count
+        self.pool = Pool(pool_settings, self._on_pool_event)
+        self._events: collections.deque[Event] = collections.deque()
+        self._inflight: dict[str, tuple[Message, Any]] = {}  # task id -> (message, task)
+        self._eta: list[tuple[float, int, Message]] = []
+        self._eta_seq = itertools.count()
+        self._consumer: Consumer | None = None
+        self._active: Any = None  # the connection consumed on (the mixin clones ours)
+        self._cold = False
+        self._stop_requested = 0
+
+    # -- ConsumerMixin ---------------------------------------------------------
+
+    def get_consumers(self, consumer_cls: Any, channel: Any) -> list[Consumer]:
+        consumer = consumer_cls(
+            queues=self.queues,
+            on_message=self.on_message,
+            accept=self.app.conf.accept_content,
+            prefetch_count=self.prefetch_count,
+        )
+        self._consumer = consumer
+        return [consumer]
+
+    def on_consume_ready(
+        self, connection: Any, channel: Any, consumers: Any, **kwargs: Any
+    ) -> None:
+        self._active = connection
+        logger.info(
+            "%s ready: %d children consuming %s",
+            self.hostname,
+            self.pool.settings.concurrency,
+            ", ".join(q.name for q in self.queues),
+        )
+        signals.worker_ready.send(sender=self)
+
+    def on_consume_end(self, connection: Any, channel: Any) -> None:
+        # Consumers are cancelled, the connection is still open: the place
+        # for a warm shutdown, so finishing tasks can still be acked.
+        if self.should_stop:
+            self._return_unstarted()
+            if not self._cold:
+                self.pool.stop()
+            self._process_events()
+        self._active = None
+
+    def on_iteration(self) -> None:
+        self._process_events()
+        self._release_due_etas()
+
+    def on_connection_error(self, exc: BaseException, interval: float) -> None:
+        logger.warning("Broker connection error: %s; retrying in %.1fs", exc, interval)
+
+    # -- running -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run until SIGTERM/SIGINT (warm) or a second signal (cold)."""
+        self.pool.start()  # children are forked before any connection exists
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        try:
+            self.run()
+        finally:
+            self._shutdown()
+
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        self._stop_requested += 1
+        self.should_stop = True
+        if self._stop_requested == 1:
+            logger.info("Warm shutdown: running tasks finish, waiting ones go back")
+        else:
+            logger.warning("Cold shutdown: stopping children now")
+            self._cold = True
+            self.pool.terminate()
+        self._wake()
+
+    def _wake(self) -> None:
+        connection = self._active
+        wakeup = getattr(getattr(connection, "transport", None), "wakeup", None)
+        if wakeup is not None:
+            wakeup()
+
+    def _return_unstarted(self) -> None:
+        """Jobs no child started, and ETA tasks held here, go back at once."""
+        for job in self.pool.waiting():
+            entry = self._inflight.pop(job.task_id, None)
+            if entry is not None:
+                self._settle(entry[0], "requeue")
+        for _, _, message in self._eta:
+            self._settle(message, "requeue")
+        self._eta.clear()
+
+    def _settle(self, message: Message, action: str) -> None:
+        """ack/requeue/reject, tolerating a connection lost meanwhile.
+
+        A message of a lost connection was returned to its queue when that
+        connection closed (or comes back when its lease runs out).
+        """
+        try:
+            if action == "ack":
+                message.ack()
+            elif action == "requeue":
+                message.requeue()
+            else:
+                message.reject(requeue=False)
+        except Exception as exc:  # noqa: BLE001 - logged; the lease covers the message
+            logger.warning("Could not %s message %s: %s", action, message.delivery_tag, exc)
+
+    def _shutdown(self) -> None:
+        # After a warm stop no child is left; on any other way out (an
+        # error, a cold stop) remaining children are killed: their messages
+        # come back through the lease.
+        self.pool.terminate()
+        signals.worker_shutdown.send(sender=self)
+        logger.info("%s stopped", self.hostname)
+
+    # -- messages ------------------------------------------------------------------
+
+    def on_message(self, message: Message) -> None:
+        headers = message.headers or {}
+        name = headers.get("task")
+        task_id = headers.get("id")
+        if not name or not task_id:
+            logger.error("Discarding a message that is not a Celery task (no task/id header)")
+            message.reject()
+            return
+        task = self.app.tasks.get(name)
+        if task is None:
+            logger.error("Received unregistered task %r [%s]; discarding it", name, task_id)
+            message.reject()
+            return
+        logger.debug("Received %s[%s]", name, task_id)
+        expires = _parse_time(headers.get("expires"))
+        if expires is not None and expires < time.time():
+            logger.info("Task %s[%s] expired; discarding it", name, task_id)
+            message.ack()
+            return
+        eta = _parse_time(headers.get("eta"))
+        if eta is not None and eta > time.time():
+            # Held here, unacked: the lease keeps it safe however long; the
+            # prefetch window grows so held tasks do not starve the pool.
+            heapq.heappush(self._eta, (eta, next(self._eta_seq), message))
+            self._set_prefetch(self.prefetch_count + len(self._eta))
+            return
+        self._dispatch(message, task, name, task_id, headers)
+
+    def _dispatch(
+        self, message: Message, task: Any, name: str, task_id: str, headers: dict[str, Any]
+    ) -> None:
+        props = message.properties
+        info = message.delivery_info
+        request = dict(headers)
+        request.update(
+            reply_to=props.get("reply_to"),
+            correlation_id=props.get("correlation_id"),
+            hostname=self.hostname,
+            delivery_info={
+                "exchange": info.get("exchange"),
+                "routing_key": info.get("routing_key"),
+                "priority": props.get("priority"),
+                "redelivered": info.get("redelivered"),
+            },
+        )
+        limits = headers.get("timelimit") or (None, None)
+        soft = limits[1] if len(limits) > 1 else None
+        job = Job(
+            task_id,
+            name,
+            request,
+            message.body,
+            message.content_type,
+            message.content_encoding,
+            soft_time_limit=soft or task.soft_time_limit,
+        )
+        self._inflight[task_id] = (message, task)
+        self.pool.submit(job)
+
+    def _release_due_etas(self) -> None:
+        now = time.time()
+        released = False
+        while self._eta and self._eta[0][0] <= now:
+            _, _, message = heapq.heappop(self._eta)
+            released = True
+            self.on_message(message)
+        if released:
+            self._set_prefetch(self.prefetch_count + len(self._eta))
+
+    def _set_prefetch(self, count: int) -> None:
+        if self._consumer is not None:
+            self._consumer.qos(prefetch_count=count)
+
+    # -- pool events -----------------------------------------------------------------
+
+    def _on_pool_event(self, event: Event) -> None:
+        # Results thread: hand over to the main thread and wake it.
+        self._events.append(event)
+        self._wake()
+
+    def _process_events(self) -> None:
+        while self._events:
+            event = self._events.popleft()
+            entry = self._inflight.get(event.task_id)
+            if entry is None:
+                continue
+            message, task = entry
+            if event.kind == "accepted":
+                if not task.acks_late:
+                    self._settle(message, "ack")
+            elif event.kind == "done":
+                del self._inflight[event.task_id]
+                if task.acks_late and not message.acknowledged:
+                    failed_unacked = event.failed and not task.acks_on_failure_or_timeout
+                    self._settle(message, "reject" if failed_unacked else "ack")
+                logger.debug(
+                    "Finished %s[%s] (%s) in %.4fs",
+                    task.name,
+                    event.task_id,
+                    "failed" if event.failed else "succeeded",
+                    event.runtime,
+                )
+            elif event.kind == "lost":
+                del self._inflight[event.task_id]
+                self._on_lost(message, task, event)
+
+    def _on_lost(self, message: Message, task: Any, event: Event) -> None:
+        from billiard.exceptions import WorkerLostError
+
+        exc = WorkerLostError(
+            f"Worker exited prematurely: exitcode {event.exitcode} Job: {event.task_id}."
+        )
+        if message.acknowledged:
+            requeued = False
+        elif task.acks_late and task.reject_on_worker_lost:
+            self._settle(message, "requeue")
+            requeued = True
+        else:
+            self._settle(message, "ack")
+            requeued = False
+        if not requeued and not task.ignore_result:
+            task.backend.mark_as_failure(event.task_id, exc, request=None)
+        logger.error(
+            "Task %s[%s] lost with its child (pid %s); %s",
+            task.name,
+            event.task_id,
+            event.pid,
+            "requeued" if requeued else "marked failed",
+        )

@@ -1,0 +1,280 @@
+"""The process pool: one work queue in the manager, idle children take the next job.
+
+The pool never gives a child more than the one job it runs, so a long task
+never delays another while a child is free. A results thread watches every
+child's pipe and process sentinel; what it learns is handed to the main
+thread as :class:`Event` objects (acks and messaging stay on one thread).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from celery_pgnotify.worker.child import Job, child_main
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Event:
+    """Something the main thread must act on."""
+
+    kind: str  # "accepted" | "done" | "lost"
+    task_id: str
+    pid: int
+    failed: bool = False
+    runtime: float = 0.0
+    exitcode: int | None = None
+
+
+@dataclass
+class Child:
+    process: Any
+    conn: Connection
+    index: int
+    ready: bool = False
+    job: Job | None = None
+    started_at: float = 0.0
+    retiring: bool = False
+
+
+@dataclass
+class PoolSettings:
+    app_path: str
+    concurrency: int
+    max_tasks_per_child: int = 0
+    start_method: str = "fork"
+    loglevel: str = "INFO"
+    logfile: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Pool:
+    """Children fed from one queue held here, in the manager."""
+
+    def __init__(self, settings: PoolSettings, on_event: Callable[[Event], None]) -> None:
+        self.settings = settings
+        self._ctx: Any = multiprocessing.get_context(settings.start_method)
+        self._on_event = on_event
+        self._lock = threading.RLock()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._children: dict[int, Child] = {}  # by pid
+        self._next_index = 1
+        self._stopping = False
+        self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
+        self._thread = threading.Thread(target=self._watch, name="celery-pg-results", daemon=True)
+
+    # -- life cycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        for _ in range(self.settings.concurrency):
+            self._spawn()
+        self._thread.start()
+
+    def _spawn(self) -> Child:
+        parent_end, child_end = self._ctx.Pipe()
+        s = self.settings
+        process = self._ctx.Process(
+            target=child_main,
+            name=f"celery-pg-child-{self._next_index}",
+            args=(s.app_path, child_end, s.max_tasks_per_child, s.loglevel, s.logfile),
+            daemon=True,
+        )
+        process.start()
+        child_end.close()
+        child = Child(process, parent_end, self._next_index)
+        self._next_index += 1
+        with self._lock:
+            self._children[process.pid] = child
+        self._poke()
+        logger.debug("Started pool child %s (pid %s)", child.index, process.pid)
+        return child
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Let running jobs finish (warm), then stop every child."""
+        with self._lock:
+            self._stopping = True
+            children = list(self._children.values())
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for child in children:
+            while child.job is not None and child.process.is_alive():
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            try:
+                child.conn.send(("stop",))
+            except (OSError, ValueError):
+                pass
+        for child in children:
+            child.process.join(1 if deadline is None else max(0.1, deadline - time.monotonic()))
+            if child.process.is_alive():
+                child.process.kill()
+                child.process.join()
+        self._poke()
+        self._thread.join(timeout=5)
+
+    def terminate(self) -> None:
+        """Cold shutdown: kill every child now."""
+        with self._lock:
+            self._stopping = True
+            children = list(self._children.values())
+        for child in children:
+            if child.process.is_alive():
+                child.process.kill()
+        for child in children:
+            child.process.join()
+        self._poke()
+
+    # -- work ----------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            self._queue.append(job)
+            self._dispatch()
+
+    def waiting(self) -> list[Job]:
+        """Take back the jobs no child has started (for warm shutdown)."""
+        with self._lock:
+            jobs = list(self._queue)
+            self._queue.clear()
+        return jobs
+
+    def running(self) -> dict[str, tuple[int, float, Job]]:
+        """task id -> (pid, started_at, job) of the jobs children are running."""
+        with self._lock:
+            return {
+                c.job.task_id: (pid, c.started_at, c.job)
+                for pid, c in self._children.items()
+                if c.job is not None
+            }
+
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self._queue) or any(c.job for c in self._children.values())
+
+    def cancel(self, task_id: str, sig: int = signal.SIGUSR1) -> bool:
+        """Signal the child running ``task_id``."""
+        with self._lock:
+            for pid, child in self._children.items():
+                if child.job is not None and child.job.task_id == task_id:
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        return False
+                    return True
+        return False
+
+    def _dispatch(self) -> None:
+        # Called with the lock held: hand queued jobs to idle children.
+        if self._stopping:
+            return
+        for child in self._children.values():
+            if not self._queue:
+                return
+            if child.ready and child.job is None and not child.retiring:
+                job = self._queue.popleft()
+                child.job = job
+                child.started_at = time.time()
+                try:
+                    child.conn.send(("run", job))
+                except (OSError, ValueError):
+                    # The child is dying; its sentinel fires and the job is
+                    # reported lost, so the ack rules decide its fate.
+                    logger.warning(
+                        "Could not hand %s to child pid %s", job.task_id, child.process.pid
+                    )
+                logger.debug("Dispatched %s[%s] to child %s", job.name, job.task_id, child.index)
+
+    # -- the results thread ------------------------------------------------------
+
+    def _poke(self) -> None:
+        try:
+            os.write(self._wake_w.fileno(), b"x")
+        except OSError:
+            pass
+
+    def _watch(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopping and not self._children:
+                    return
+                by_conn = {c.conn: c for c in self._children.values()}
+                by_sentinel = {c.process.sentinel: c for c in self._children.values()}
+            ready = wait([self._wake_r, *by_conn, *by_sentinel], timeout=1.0)
+            for item in ready:
+                if item is self._wake_r:
+                    try:
+                        os.read(self._wake_r.fileno(), 4096)
+                    except OSError:
+                        pass
+                elif item in by_conn:
+                    self._read(by_conn[item])
+            for item in ready:
+                if item in by_sentinel:
+                    self._reap(by_sentinel[item])
+
+    def _read(self, child: Child) -> None:
+        try:
+            while child.conn.poll():
+                self._handle(child, child.conn.recv())
+        except (EOFError, OSError):
+            pass  # the sentinel reports the exit
+
+    def _handle(self, child: Child, msg: tuple[Any, ...]) -> None:
+        kind = msg[0]
+        pid = child.process.pid
+        if kind == "ready":
+            with self._lock:
+                child.ready = True
+                self._dispatch()
+        elif kind == "accepted":
+            self._on_event(Event("accepted", msg[1], pid))
+        elif kind == "done":
+            with self._lock:
+                child.job = None
+                self._dispatch()
+            self._on_event(Event("done", msg[1], pid, failed=msg[2], runtime=msg[3]))
+        elif kind == "retire":
+            with self._lock:
+                child.retiring = True
+
+    def _reap(self, child: Child) -> None:
+        self._read(child)  # whatever it said before exiting
+        child.process.join()
+        pid = child.process.pid
+        with self._lock:
+            self._children.pop(pid, None)
+            job, child.job = child.job, None
+            replace = not self._stopping
+        if job is not None:
+            logger.error(
+                "Pool child %s (pid %s) exited with code %s while running %s[%s]",
+                child.index,
+                pid,
+                child.process.exitcode,
+                job.name,
+                job.task_id,
+            )
+            self._on_event(
+                Event("lost", job.task_id, pid, failed=True, exitcode=child.process.exitcode)
+            )
+        elif not child.retiring and replace:
+            logger.warning(
+                "Pool child %s (pid %s) exited with code %s",
+                child.index,
+                pid,
+                child.process.exitcode,
+            )
+        child.conn.close()
+        if replace:
+            self._spawn()

@@ -1,0 +1,118 @@
+"""``celery-pg worker`` as a subprocess, running the same tasks unchanged."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import psycopg
+import pytest
+
+from tests.workers import E2E
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_plain_tasks(e2e: E2E, start_method):
+    e2e.pg_worker("--start-method", start_method)
+    for i in range(20):
+        e2e.send("record", f"t{i}")
+    for i in range(20):
+        assert e2e.wait_events(f"t{i}", ["run"]) == ["run"]
+
+
+def test_retries_and_countdown(e2e: E2E):
+    e2e.pg_worker()
+    sent = time.monotonic()
+    e2e.send("flaky", "f", 2)
+    e2e.send("record", "later", countdown=2)
+    assert e2e.wait_events("f", ["a"] * 4) == ["attempt-0", "attempt-1", "attempt-2", "done"]
+    assert e2e.wait_events("later", ["run"]) == ["run"]
+    assert time.monotonic() - sent >= 1.9
+
+
+def test_long_task_does_not_hold_up_others_while_a_child_is_free(e2e: E2E):
+    e2e.pg_worker()
+    e2e.send("slow", "long", 6)
+    e2e.wait_events("long", ["start"])
+    started = time.monotonic()
+    for i in range(5):
+        e2e.send("record", f"quick{i}")
+    for i in range(5):
+        assert e2e.wait_events(f"quick{i}", ["run"], timeout=10) == ["run"]
+    assert time.monotonic() - started < 5  # not queued behind the 6 s task
+
+
+def test_child_sigkilled_mid_task_with_reject_on_worker_lost_runs_again(e2e: E2E):
+    worker = e2e.pg_worker()
+    e2e.send("slow_requeued", "victim", 2)
+    assert e2e.wait_events("victim", ["start"]) == ["start"]
+    pid = child_running(e2e, "victim")
+    import os
+
+    os.kill(pid, signal.SIGKILL)
+    events = e2e.wait_events("victim", ["start", "start", "done"], timeout=30)
+    assert events == ["start", "start", "done"]
+    assert "lost with its child" in worker.output()
+
+
+def test_child_sigkilled_mid_task_without_reject_on_worker_lost_is_not_rerun(e2e: E2E):
+    worker = e2e.pg_worker()
+    e2e.send("slow", "once", 2)
+    assert e2e.wait_events("once", ["start"]) == ["start"]
+    import os
+
+    os.kill(child_running(e2e, "once"), signal.SIGKILL)
+    worker.wait_for("marked failed")
+    e2e.send("record", "after")  # the pool replaced the child and goes on
+    assert e2e.wait_events("after", ["run"]) == ["run"]
+    assert e2e.events("once") == ["start"]
+
+
+def test_main_process_sigkilled_messages_come_back_after_the_lease(e2e: E2E):
+    first = e2e.pg_worker()
+    e2e.send("slow", "orphan", 3)
+    assert e2e.wait_events("orphan", ["start"]) == ["start"]
+    first.kill()  # main process and children
+    first.stop()
+    e2e.pg_worker(name="w2")
+    events = e2e.wait_events("orphan", ["start", "start", "done"], timeout=40)
+    assert events == ["start", "start", "done"]
+
+
+def test_warm_shutdown_finishes_running_and_returns_waiting(e2e: E2E):
+    worker = e2e.pg_worker("-c", "1")
+    e2e.send("slow", "running", 2)
+    e2e.wait_events("running", ["start"])
+    e2e.send("record", "waiting")
+    time.sleep(0.5)  # received and queued in the manager behind the running task
+    worker.kill(signal.SIGTERM)
+    worker.proc.wait(30)
+    assert e2e.events("running") == ["start", "done"]
+    assert e2e.events("waiting") == []
+    with psycopg.connect(e2e.dsn) as conn:
+        row = conn.execute(
+            f'SELECT count(*) FROM "{e2e.options["schema"]}".messages WHERE consumer_id IS NULL'
+        ).fetchone()
+    assert row == (1,)
+    e2e.pg_worker(name="w2")
+    assert e2e.wait_events("waiting", ["run"]) == ["run"]
+
+
+def test_max_tasks_per_child_replaces_children(e2e: E2E):
+    e2e.pg_worker("-c", "1", "--max-tasks-per-child", "1")
+    for i in range(3):
+        e2e.send("whoami", f"who{i}")
+        e2e.wait_events(f"who{i}", ["pid"])
+    pids = {e2e.events(f"who{i}")[0] for i in range(3)}
+    assert len(pids) == 3
+
+
+def child_running(e2e: E2E, tag: str) -> int:
+    with psycopg.connect(e2e.dsn) as conn:
+        row = conn.execute(
+            f'SELECT pid FROM "{e2e.table}" WHERE tag = %s AND event = %s', (tag, "start")
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
