@@ -2,7 +2,8 @@
 
 Run it with ``tox -e bench`` or ``python bench/bench.py``. Every broker that
 answers is measured in the same run, with the stock ``celery worker -c 2``
-(prefork), and pgnotify's ratio to each is printed. The machines this runs on
+(prefork); pgnotify is also measured with ``celery-pg worker -c 2``; the
+ratios of both to each reference are printed. The machines this runs on
 are shared and noisy: compare ratios within one run, not absolute figures
 across runs.
 
@@ -27,6 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+OURS_PG_WORKER = "pgnotify + celery-pg worker"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PG = os.environ.get("BENCH_PG", "postgres@127.0.0.1:5432/test")
 
@@ -81,7 +83,9 @@ def sender_app(broker: Broker, queue: str) -> Any:
 
 
 class Worker:
-    def __init__(self, broker: Broker, queue: str, workdir: str, every: int) -> None:
+    def __init__(
+        self, broker: Broker, queue: str, workdir: str, every: int, kind: str = "celery"
+    ) -> None:
         env = dict(os.environ)
         env.update(
             BENCH_BROKER=broker.url,
@@ -91,17 +95,20 @@ class Worker:
             BENCH_EVERY=str(every),
             PYTHONPATH=os.path.join(ROOT, "bench") + os.pathsep + ROOT,
         )
-        argv = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "bench_app",
-            "worker",
-            "--without-mingle",
-            "--without-gossip",
-            "--without-heartbeat",
-        ]
+        if kind == "celery-pg":
+            argv = [sys.executable, "-m", "celery_pgnotify.cli", "worker", "-A", "bench_app"]
+        else:
+            argv = [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "bench_app",
+                "worker",
+                "--without-mingle",
+                "--without-gossip",
+                "--without-heartbeat",
+            ]
         argv += ["-c", "2", "-Q", queue, "-l", "warning", "-n", f"bench-{queue}@%h"]
         self.log = open(os.path.join(workdir, "worker.log"), "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -158,7 +165,9 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[k]
 
 
-def measure(broker: Broker, args: argparse.Namespace, queue: str) -> dict[str, float]:
+def measure(
+    broker: Broker, args: argparse.Namespace, queue: str, kind: str = "celery"
+) -> dict[str, float]:
     n = min(args.tasks, broker.tasks or args.tasks)
     workdir = tempfile.mkdtemp(prefix="pgnotify-bench-")
     app, noop = sender_app(broker, queue)
@@ -171,7 +180,7 @@ def measure(broker: Broker, args: argparse.Namespace, queue: str) -> dict[str, f
         noop.delay()
     publish = n / (time.perf_counter() - started)
 
-    worker = Worker(broker, queue, workdir, n)
+    worker = Worker(broker, queue, workdir, n, kind)
     try:
         first, last = wait_status(workdir, n, args.timeout)
         drain = n / max(last - first, 1e-9)
@@ -237,18 +246,22 @@ def main() -> None:
         if reason:
             print(f"SKIP {broker.name}: not reachable ({reason})", flush=True)
             continue
-        queue = f"bench_{uuid.uuid4().hex[:8]}"
+        kinds = ["celery", "celery-pg"] if broker.name == "pgnotify" else ["celery"]
+        queues: list[str] = []
         try:
-            print(f"measuring {broker.name} ...", flush=True)
-            rows[broker.name] = measure(broker, args, queue)
+            for kind in kinds:
+                label = broker.name if kind == "celery" else OURS_PG_WORKER
+                print(f"measuring {label} ...", flush=True)
+                queues.append(f"bench_{uuid.uuid4().hex[:8]}")
+                rows[label] = measure(broker, args, queues[-1], kind)
         finally:
-            cleanup(broker, [queue])
+            cleanup(broker, queues)
     report(rows)
 
 
 def report(rows: dict[str, dict[str, float]]) -> None:
     header = (
-        f"{'broker':<34} {'tasks':>6} {'publish/s':>10} {'drain/s':>9} "
+        f"{'broker / worker':<34} {'tasks':>6} {'publish/s':>10} {'drain/s':>9} "
         f"{'e2e/s':>8} {'p50 ms':>7} {'p99 ms':>7}"
     )
     print("\n" + header)
@@ -258,21 +271,19 @@ def report(rows: dict[str, dict[str, float]]) -> None:
             f"{name:<34} {int(r['tasks']):>6} {r['publish']:>10.0f} {r['drain']:>9.0f} "
             f"{r['e2e']:>8.0f} {r['p50']:>7.2f} {r['p99']:>7.2f}"
         )
-    ours = rows.get("pgnotify")
-    if not ours:
-        return
-    print(
-        "\npgnotify (stock worker) relative to each (throughput: higher is better; "
-        "latency: lower is better)"
-    )
-    for name, r in rows.items():
-        if name == "pgnotify":
+    for ours in ("pgnotify", OURS_PG_WORKER):
+        mine = rows.get(ours)
+        if not mine:
             continue
-        print(
-            f"  vs {name:<30} publish {ours['publish'] / r['publish']:.2f}x  "
-            f"drain {ours['drain'] / r['drain']:.2f}x  e2e {ours['e2e'] / r['e2e']:.2f}x  "
-            f"p50 {ours['p50'] / r['p50']:.3g}x"
-        )
+        print(f"\n{ours} relative to each (throughput: higher is better; latency: lower is better)")
+        for name, r in rows.items():
+            if name in ("pgnotify", OURS_PG_WORKER):
+                continue
+            print(
+                f"  vs {name:<30} publish {mine['publish'] / r['publish']:.2f}x  "
+                f"drain {mine['drain'] / r['drain']:.2f}x  e2e {mine['e2e'] / r['e2e']:.2f}x  "
+                f"p50 {mine['p50'] / r['p50']:.3g}x"
+            )
 
 
 if __name__ == "__main__":

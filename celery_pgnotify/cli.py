@@ -81,7 +81,8 @@ def migrate(app_path: str | None, url: str | None, schema: str | None) -> None:
 @click.option(
     "--prefetch-multiplier",
     type=click.IntRange(min=1),
-    help="Messages claimed per child (worker_prefetch_multiplier).",
+    help="Messages waiting in the manager per child (default 16, or the "
+    "app's worker_prefetch_multiplier when it is not Celery's default 4).",
 )
 @click.option(
     "--start-method",

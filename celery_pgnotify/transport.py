@@ -25,13 +25,14 @@ See :mod:`celery_pgnotify.options`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import select
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from queue import Empty
 from typing import Any
 
@@ -651,23 +652,28 @@ class Transport(virtual.Transport):
 
     def _deliver_batch(self, queue: str, channel: _Channel, messages: list[dict[str, Any]]) -> bool:
         callback = self._callbacks.get(queue)
-        for i, message in enumerate(messages):
-            if callback is None:
-                undelivered = messages[i:]
-            else:
-                self._delivering = threading.get_ident()
+        if callback is None:
+            channel._db_requeue(m["properties"]["delivery_tag"] for m in messages)
+            return False
+        with self.batched_acks():
+            for i, message in enumerate(messages):
                 try:
                     callback(message)
-                    continue
                 except BaseException:
                     # Claimed but never handed over: back to the queue at once.
                     channel._db_requeue(m["properties"]["delivery_tag"] for m in messages[i + 1 :])
                     raise
-                finally:
-                    self._delivering = None
-            channel._db_requeue(m["properties"]["delivery_tag"] for m in undelivered)
-            return False
         return bool(messages)
+
+    @contextlib.contextmanager
+    def batched_acks(self) -> Iterator[None]:
+        """Acks made by this thread inside the block leave in one statement."""
+        previous, self._delivering = self._delivering, threading.get_ident()
+        try:
+            yield
+        finally:
+            self._delivering = previous
+            self._flush_acks()
 
     def defer_acks_here(self) -> bool:
         """True on the event loop's thread, or inside a delivery batch."""

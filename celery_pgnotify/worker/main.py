@@ -47,6 +47,25 @@ def _task_queues(app: Any, names: str | None) -> list[Any]:
     return list(queues.consume_from.values())
 
 
+#: Default messages per child held in the manager. Unlike Celery's prefork
+#: pool, only messages not yet started count against this window (a task a
+#: child has taken is acked, unless acks_late), so a wider window costs no
+#: fairness and lets claims and acks travel in bigger batches.
+DEFAULT_PREFETCH_MULTIPLIER = 16
+
+
+CELERY_DEFAULT_PREFETCH_MULTIPLIER = 4
+
+
+def _prefetch_multiplier(conf: Any) -> int:
+    # A project that changed worker_prefetch_multiplier (often to 1, for long
+    # tasks) keeps its value; Celery's untouched default becomes ours.
+    value = int(conf.worker_prefetch_multiplier or CELERY_DEFAULT_PREFETCH_MULTIPLIER)
+    if value != CELERY_DEFAULT_PREFETCH_MULTIPLIER:
+        return max(1, value)
+    return DEFAULT_PREFETCH_MULTIPLIER
+
+
 def run_worker(options: WorkerOptions) -> None:
     """Build the manager for ``options`` and run it until shut down."""
     from celery import platforms
@@ -60,7 +79,7 @@ def run_worker(options: WorkerOptions) -> None:
     app.finalize()
     pidlock = platforms.create_pidlock(options.pidfile) if options.pidfile else None
     concurrency = options.concurrency or conf.worker_concurrency or os.cpu_count() or 1
-    multiplier = options.prefetch_multiplier or conf.worker_prefetch_multiplier or 1
+    multiplier = options.prefetch_multiplier or _prefetch_multiplier(conf)
     max_tasks = options.max_tasks_per_child
     if max_tasks is None:
         max_tasks = conf.worker_max_tasks_per_child or 0

@@ -260,6 +260,16 @@ class Manager(ConsumerMixin):
         self._wake()
 
     def _process_events(self) -> None:
+        if not self._events:
+            return
+        batched = getattr(getattr(self._active, "transport", None), "batched_acks", None)
+        if batched is None:
+            self._apply_events()
+            return
+        with batched():  # every ack of this round in one statement
+            self._apply_events()
+
+    def _apply_events(self) -> None:
         while self._events:
             event = self._events.popleft()
             entry = self._inflight.get(event.task_id)
