@@ -67,3 +67,21 @@ def slow_requeued(tag: str, seconds: float) -> None:
 @app.task
 def whoami(tag: str) -> None:
     log(tag, f"pid-{os.getpid()}")
+
+
+@app.task(time_limit=1)
+def overrun(tag: str) -> None:
+    log(tag, "start")
+    time.sleep(10)
+    log(tag, "done")
+
+
+@app.task(soft_time_limit=1)
+def soft(tag: str) -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    log(tag, "start")
+    try:
+        time.sleep(10)
+    except SoftTimeLimitExceeded:
+        log(tag, "soft-limit")

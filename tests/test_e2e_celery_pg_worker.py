@@ -116,3 +116,82 @@ def child_running(e2e: E2E, tag: str) -> int:
         ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def test_inspect_answers_in_celerys_format(e2e: E2E):
+    e2e.pg_worker()
+    inspect = e2e.app.control.inspect(timeout=3)
+    assert all(r == {"ok": "pong"} for r in inspect.ping().values())
+    registered = next(iter(inspect.registered().values()))
+    assert "tests.e2e_app.record" in registered
+    e2e.send("slow", "busy", 3)
+    e2e.wait_events("busy", ["start"])
+    active = next(iter(inspect.active().values()))
+    assert [t["name"] for t in active] == ["tests.e2e_app.slow"]
+    assert active[0]["worker_pid"]
+    e2e.send("record", "sched", countdown=30)
+    time.sleep(0.5)
+    scheduled = next(iter(inspect.scheduled().values()))
+    assert [s["request"]["name"] for s in scheduled] == ["tests.e2e_app.record"]
+    stats = next(iter(inspect.stats().values()))
+    assert stats["pool"]["max-concurrency"] == 2
+    assert len(stats["pool"]["processes"]) == 2
+
+
+def test_revoke_before_start_and_with_terminate(e2e: E2E):
+    worker = e2e.pg_worker()
+    later = e2e.send("record", "revoked-later", countdown=2)
+    e2e.app.control.revoke(later.id)
+    running = e2e.send("slow", "terminated", 30)
+    e2e.wait_events("terminated", ["start"])
+    e2e.app.control.revoke(running.id, terminate=True)
+    worker.wait_for("Cancelling")
+    e2e.send("record", "after")
+    assert e2e.wait_events("after", ["run"]) == ["run"]
+    time.sleep(2.5)
+    assert e2e.events("revoked-later") == []
+    assert e2e.events("terminated") == ["start"]
+    revoked = next(iter(e2e.app.control.inspect(timeout=3).revoked().values()))
+    assert {later.id, running.id} <= set(revoked)
+
+
+def test_time_limits(e2e: E2E):
+    worker = e2e.pg_worker()
+    e2e.send("soft", "soft")
+    e2e.send("overrun", "hard")
+    assert e2e.wait_events("soft", ["start", "soft-limit"], timeout=15) == ["start", "soft-limit"]
+    worker.wait_for("hard time limit", timeout=15)
+    time.sleep(1)
+    assert e2e.events("hard") == ["start"]
+    e2e.send("record", "after")
+    assert e2e.wait_events("after", ["run"]) == ["run"]
+
+
+def test_pool_grow_and_shrink(e2e: E2E):
+    e2e.pg_worker()
+    control = e2e.app.control
+    control.pool_grow(2, reply=True, timeout=3)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        stats = next(iter(control.inspect(timeout=3).stats().values()))
+        if len(stats["pool"]["processes"]) == 4:
+            break
+        time.sleep(0.3)
+    assert stats["pool"]["max-concurrency"] == 4
+    assert len(stats["pool"]["processes"]) == 4
+    control.pool_shrink(3, reply=True, timeout=3)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        stats = next(iter(control.inspect(timeout=3).stats().values()))
+        if len(stats["pool"]["processes"]) == 1:
+            break
+        time.sleep(0.3)
+    assert len(stats["pool"]["processes"]) == 1
+    e2e.send("record", "still")
+    assert e2e.wait_events("still", ["run"]) == ["run"]
+
+
+def test_remote_shutdown(e2e: E2E):
+    worker = e2e.pg_worker()
+    e2e.app.control.shutdown()
+    assert worker.proc.wait(20) == 0

@@ -46,14 +46,20 @@ class Job:
     soft_time_limit: float | None = None
 
 
+#: True while a task runs: a signal that arrives between tasks is ignored.
+_running = False
+
+
 def _cancel(signum: int, frame: FrameType | None) -> None:
-    raise TaskCancelled("task cancelled (SIGUSR1)")
+    if _running:
+        raise TaskCancelled("task cancelled (SIGUSR1)")
 
 
 def _soft_limit(signum: int, frame: FrameType | None) -> None:
-    from celery.exceptions import SoftTimeLimitExceeded
+    if _running:
+        from celery.exceptions import SoftTimeLimitExceeded
 
-    raise SoftTimeLimitExceeded()
+        raise SoftTimeLimitExceeded()
 
 
 def child_main(
@@ -99,7 +105,9 @@ def child_main(
 
 
 def _run(app: Any, job: Job, trace: Any) -> tuple[bool, float]:
+    global _running
     started = time.monotonic()
+    _running = True
     if job.soft_time_limit:
         signal.setitimer(signal.ITIMER_REAL, job.soft_time_limit)
     try:
@@ -119,5 +127,6 @@ def _run(app: Any, job: Job, trace: Any) -> tuple[bool, float]:
         logger.exception("Internal error running task %s[%s]", job.name, job.task_id)
         failed = True
     finally:
+        _running = False
         signal.setitimer(signal.ITIMER_REAL, 0)
     return failed, time.monotonic() - started

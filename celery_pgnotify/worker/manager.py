@@ -22,10 +22,12 @@ from datetime import datetime, timezone
 from typing import Any
 
 from celery import signals
+from celery.utils.collections import LimitedSet
 from kombu.message import Message
 from kombu.messaging import Consumer
 from kombu.mixins import ConsumerMixin
 
+from celery_pgnotify.worker import control
 from celery_pgnotify.worker.child import Job
 from celery_pgnotify.worker.pool import Event, Pool, PoolSettings
 
@@ -72,6 +74,14 @@ class Manager(ConsumerMixin):
         self._active: Any = None  # the connection consumed on (the mixin clones ours)
         self._cold = False
         self._stop_requested = 0
+        #: ids revoked by broadcast (Celery's own bounded, expiring set)
+        self.revoked = LimitedSet(maxlen=50_000, expires=3 * 3600)
+        #: task id -> (why, monotonic time to SIGKILL if still running)
+        self._cancelling: dict[str, tuple[str, float]] = {}
+        self._started: dict[str, float] = {}  # task id -> monotonic start
+        self._total: collections.Counter[str] = collections.Counter()
+        self._born = time.time()
+        self.node: Any = None
 
     # -- ConsumerMixin ---------------------------------------------------------
 
@@ -83,7 +93,21 @@ class Manager(ConsumerMixin):
             prefetch_count=self.prefetch_count,
         )
         self._consumer = consumer
-        return [consumer]
+        consumers = [consumer]
+        if self.app.conf.worker_enable_remote_control:
+            mailbox = self.app.control.mailbox
+            self.node = mailbox.Node(
+                self.hostname, state=self, handlers=control.HANDLERS, channel=channel
+            )
+            consumers.append(
+                self.node.Consumer(
+                    channel,
+                    callbacks=[self.node.handle_message],
+                    no_ack=True,
+                    accept=mailbox.accept,
+                )
+            )
+        return consumers
 
     def on_consume_ready(
         self, connection: Any, channel: Any, consumers: Any, **kwargs: Any
@@ -110,6 +134,7 @@ class Manager(ConsumerMixin):
     def on_iteration(self) -> None:
         self._process_events()
         self._release_due_etas()
+        self._enforce_limits()
 
     def on_connection_error(self, exc: BaseException, interval: float) -> None:
         logger.warning("Broker connection error: %s; retrying in %.1fs", exc, interval)
@@ -193,10 +218,12 @@ class Manager(ConsumerMixin):
             message.reject()
             return
         logger.debug("Received %s[%s]", name, task_id)
+        if task_id in self.revoked:
+            self._discard_revoked(message, task, task_id, "revoked")
+            return
         expires = _parse_time(headers.get("expires"))
         if expires is not None and expires < time.time():
-            logger.info("Task %s[%s] expired; discarding it", name, task_id)
-            message.ack()
+            self._discard_revoked(message, task, task_id, "expired")
             return
         eta = _parse_time(headers.get("eta"))
         if eta is not None and eta > time.time():
@@ -277,10 +304,12 @@ class Manager(ConsumerMixin):
                 continue
             message, task = entry
             if event.kind == "accepted":
+                self._started[event.task_id] = time.monotonic()
                 if not task.acks_late:
                     self._settle(message, "ack")
             elif event.kind == "done":
                 del self._inflight[event.task_id]
+                self._finished(event.task_id, task)
                 if task.acks_late and not message.acknowledged:
                     failed_unacked = event.failed and not task.acks_on_failure_or_timeout
                     self._settle(message, "reject" if failed_unacked else "ack")
@@ -293,7 +322,138 @@ class Manager(ConsumerMixin):
                 )
             elif event.kind == "lost":
                 del self._inflight[event.task_id]
-                self._on_lost(message, task, event)
+                why = self._finished(event.task_id, task)
+                if why is None:
+                    self._on_lost(message, task, event)
+                else:  # we killed it: revoked or out of time, never rerun
+                    self._settle(message, "ack")
+
+    def _finished(self, task_id: str, task: Any) -> str | None:
+        """Bookkeeping of an ended task; returns why it was cancelled, if it was."""
+        self._started.pop(task_id, None)
+        self._total[task.name] += 1
+        cancelled = self._cancelling.pop(task_id, None)
+        if cancelled is None:
+            return None
+        why = cancelled[0]
+        if not task.ignore_result:
+            if why == "revoked":
+                task.backend.mark_as_revoked(task_id, "terminated")
+            else:
+                from celery.exceptions import TimeLimitExceeded
+
+                task.backend.mark_as_failure(task_id, TimeLimitExceeded(why))
+        return why
+
+    # -- revoke, time limits, remote control state ------------------------------------
+
+    def _discard_revoked(self, message: Message, task: Any, task_id: str, why: str) -> None:
+        logger.info("Discarding %s task %s[%s]", why, task.name, task_id)
+        self._settle(message, "ack")
+        if not task.ignore_result:
+            task.backend.mark_as_revoked(task_id, why)
+        signals.task_revoked.send(
+            sender=task, request=None, terminated=False, signum=None, expired=why == "expired"
+        )
+
+    def revoke(self, task_id: str, terminate: bool = False) -> None:
+        """Revoke ``task_id``: never start it; with ``terminate``, cancel it if running."""
+        self.revoked.add(task_id)
+        for job in self.pool.queued():
+            if job.task_id == task_id and self.pool.unqueue(task_id):
+                message, task = self._inflight.pop(task_id)
+                self._discard_revoked(message, task, task_id, "revoked")
+        if terminate and task_id in self.pool.running():
+            self._cancel(task_id, "revoked")
+
+    def _cancel(self, task_id: str, why: str) -> None:
+        if task_id in self._cancelling:
+            return
+        logger.warning("Cancelling %s (%s): SIGUSR1 to its child", task_id, why)
+        grace = float(self.app.conf.get("pgnotify_cancel_grace", 5.0))
+        self._cancelling[task_id] = (why, time.monotonic() + grace)
+        self.pool.cancel(task_id, signal.SIGUSR1)
+
+    def _enforce_limits(self) -> None:
+        now = time.monotonic()
+        for task_id, (_why, kill_at) in list(self._cancelling.items()):
+            if now >= kill_at and task_id in self.pool.running():
+                logger.error("Task %s ignored SIGUSR1; killing its child", task_id)
+                self.pool.cancel(task_id, signal.SIGKILL)
+        for task_id, started in list(self._started.items()):
+            entry = self._inflight.get(task_id)
+            if entry is None:
+                continue
+            limit = self._hard_limit(entry)
+            if limit and now - started > limit:
+                self._cancel(task_id, f"hard time limit ({limit}s) exceeded")
+
+    def _hard_limit(self, entry: tuple[Message, Any]) -> float | None:
+        message, task = entry
+        limits = (message.headers or {}).get("timelimit") or (None, None)
+        limit = limits[0] or task.time_limit or self.app.conf.task_time_limit
+        return float(limit) if limit else None
+
+    def request_stop(self, reason: str) -> None:
+        logger.warning("%s: warm shutdown", reason)
+        self._stop_requested += 1
+        self.should_stop = True
+        self._wake()
+
+    def task_info(
+        self, task_id: str, pid: int | None = None, started: float | None = None
+    ) -> dict[str, Any]:
+        entry = self._inflight.get(task_id)
+        headers = (entry[0].headers or {}) if entry else {}
+        return {
+            "id": task_id,
+            "name": headers.get("task"),
+            "args": headers.get("argsrepr"),
+            "kwargs": headers.get("kwargsrepr"),
+            "type": headers.get("task"),
+            "hostname": self.hostname,
+            "time_start": started,
+            "acknowledged": bool(entry and entry[0].acknowledged),
+            "delivery_info": dict(entry[0].delivery_info) if entry else {},
+            "worker_pid": pid,
+        }
+
+    def scheduled_info(self) -> list[dict[str, Any]]:
+        out = []
+        for eta, _, message in sorted(self._eta):
+            headers = message.headers or {}
+            out.append(
+                {
+                    "eta": datetime.fromtimestamp(eta, timezone.utc).isoformat(),
+                    "priority": message.properties.get("priority"),
+                    "request": {
+                        "id": headers.get("id"),
+                        "name": headers.get("task"),
+                        "args": headers.get("argsrepr"),
+                        "kwargs": headers.get("kwargsrepr"),
+                        "hostname": self.hostname,
+                    },
+                }
+            )
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        import os
+
+        return {
+            "pid": os.getpid(),
+            "clock": "0",
+            "uptime": int(time.time() - self._born),
+            "total": dict(self._total),
+            "pool": {
+                "implementation": "celery_pgnotify.worker.pool:Pool",
+                "max-concurrency": self.pool.settings.concurrency,
+                "processes": self.pool.pids(),
+                "start-method": self.pool.settings.start_method,
+            },
+            "prefetch_count": self.prefetch_count,
+            "broker": {"transport": "pgnotify"},
+        }
 
     def _on_lost(self, message: Message, task: Any, event: Event) -> None:
         from billiard.exceptions import WorkerLostError

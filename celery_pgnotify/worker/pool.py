@@ -111,10 +111,7 @@ class Pool:
                 if deadline is not None and time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
-            try:
-                child.conn.send(("stop",))
-            except (OSError, ValueError):
-                pass
+            self._send_stop(child)
         for child in children:
             child.process.join(1 if deadline is None else max(0.1, deadline - time.monotonic()))
             if child.process.is_alive():
@@ -148,6 +145,53 @@ class Pool:
             jobs = list(self._queue)
             self._queue.clear()
         return jobs
+
+    def queued(self) -> list[Job]:
+        """Jobs waiting for an idle child."""
+        with self._lock:
+            return list(self._queue)
+
+    def unqueue(self, task_id: str) -> bool:
+        """Remove a job no child has started; False if it already started."""
+        with self._lock:
+            for job in self._queue:
+                if job.task_id == task_id:
+                    self._queue.remove(job)
+                    return True
+        return False
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return list(self._children)
+
+    def resize(self, concurrency: int) -> None:
+        """Grow or shrink to ``concurrency`` children (busy ones finish first)."""
+        with self._lock:
+            self.settings.concurrency = concurrency
+            live = [c for c in self._children.values() if not c.retiring]
+            # Idle children retire first.
+            live.sort(key=lambda c: c.job is not None)
+            for child in live[concurrency:]:
+                child.retiring = True
+                if child.job is None:
+                    self._send_stop(child)
+        self._fill()
+
+    def _send_stop(self, child: Child) -> None:
+        try:
+            child.conn.send(("stop",))
+        except (OSError, ValueError):
+            pass
+
+    def _fill(self) -> None:
+        with self._lock:
+            if self._stopping:
+                return
+            missing = self.settings.concurrency - sum(
+                1 for c in self._children.values() if not c.retiring
+            )
+        for _ in range(missing):
+            self._spawn()
 
     def running(self) -> dict[str, tuple[int, float, Job]]:
         """task id -> (pid, started_at, job) of the jobs children are running."""
@@ -242,6 +286,8 @@ class Pool:
         elif kind == "done":
             with self._lock:
                 child.job = None
+                if child.retiring:
+                    self._send_stop(child)
                 self._dispatch()
             self._on_event(Event("done", msg[1], pid, failed=msg[2], runtime=msg[3]))
         elif kind == "retire":
@@ -255,7 +301,7 @@ class Pool:
         with self._lock:
             self._children.pop(pid, None)
             job, child.job = child.job, None
-            replace = not self._stopping
+            unexpected = not self._stopping and not child.retiring
         if job is not None:
             logger.error(
                 "Pool child %s (pid %s) exited with code %s while running %s[%s]",
@@ -268,7 +314,7 @@ class Pool:
             self._on_event(
                 Event("lost", job.task_id, pid, failed=True, exitcode=child.process.exitcode)
             )
-        elif not child.retiring and replace:
+        elif unexpected:
             logger.warning(
                 "Pool child %s (pid %s) exited with code %s",
                 child.index,
@@ -276,5 +322,4 @@ class Pool:
                 child.process.exitcode,
             )
         child.conn.close()
-        if replace:
-            self._spawn()
+        self._fill()

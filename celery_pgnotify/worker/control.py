@@ -1,0 +1,115 @@
+"""Remote control for ``celery-pg worker``, answering in Celery's reply format.
+
+The worker listens on Celery's own mailbox (kombu's pidbox ``Node``), so
+``celery -A proj inspect ...`` / ``control ...`` and Flower talk to it as
+to any Celery worker. Each handler takes the manager as its state.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from celery_pgnotify.worker.manager import Manager
+
+Handler = Callable[..., Any]
+HANDLERS: dict[str, Handler] = {}
+
+
+def handler(fn: Handler) -> Handler:
+    HANDLERS[fn.__name__] = fn
+    return fn
+
+
+def _ids(task_id: Any) -> list[str]:
+    return [task_id] if isinstance(task_id, str) else list(task_id or ())
+
+
+@handler
+def ping(state: Manager, **kwargs: Any) -> dict[str, str]:
+    return {"ok": "pong"}
+
+
+@handler
+def active(state: Manager, safe: bool = False, **kwargs: Any) -> list[dict[str, Any]]:
+    return [
+        state.task_info(task_id, pid, started)
+        for task_id, (pid, started, _job) in state.pool.running().items()
+    ]
+
+
+@handler
+def reserved(state: Manager, **kwargs: Any) -> list[dict[str, Any]]:
+    return [state.task_info(job.task_id) for job in state.pool.queued()]
+
+
+@handler
+def scheduled(state: Manager, **kwargs: Any) -> list[dict[str, Any]]:
+    return state.scheduled_info()
+
+
+@handler
+def registered(state: Manager, taskinfoitems: Any = None, **kwargs: Any) -> list[str]:
+    return sorted(name for name in state.app.tasks if not name.startswith("celery."))
+
+
+@handler
+def stats(state: Manager, **kwargs: Any) -> dict[str, Any]:
+    return state.stats()
+
+
+@handler
+def revoked(state: Manager, **kwargs: Any) -> list[str]:
+    return list(state.revoked)
+
+
+@handler
+def revoke(
+    state: Manager, task_id: Any, terminate: bool = False, signal: Any = None, **kwargs: Any
+) -> dict[str, str]:
+    ids = _ids(task_id)
+    for tid in ids:
+        state.revoke(tid, terminate=terminate)
+    return {"ok": f"tasks {', '.join(ids)} flagged as revoked"}
+
+
+@handler
+def shutdown(state: Manager, msg: str = "Got shutdown from remote", **kwargs: Any) -> None:
+    state.request_stop(msg)
+
+
+@handler
+def pool_grow(state: Manager, n: int = 1, **kwargs: Any) -> dict[str, str]:
+    state.pool.resize(state.pool.settings.concurrency + int(n))
+    return {"ok": f"pool will grow to {state.pool.settings.concurrency}"}
+
+
+@handler
+def pool_shrink(state: Manager, n: int = 1, **kwargs: Any) -> dict[str, str]:
+    state.pool.resize(max(1, state.pool.settings.concurrency - int(n)))
+    return {"ok": f"pool will shrink to {state.pool.settings.concurrency}"}
+
+
+@handler
+def time_limit(
+    state: Manager,
+    task_name: str,
+    hard: float | None = None,
+    soft: float | None = None,
+    **kwargs: Any,
+) -> dict[str, str]:
+    task = state.app.tasks.get(task_name)
+    if task is None:
+        return {"error": f"unknown task {task_name}"}
+    task.time_limit, task.soft_time_limit = hard, soft
+    return {"ok": "time limits set successfully"}
+
+
+def kill(pid: int, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
