@@ -85,6 +85,22 @@ def migrate(app_path: str | None, url: str | None, schema: str | None) -> None:
     "app's worker_prefetch_multiplier when it is not Celery's default 4).",
 )
 @click.option(
+    "--max-memory-per-child",
+    type=click.IntRange(min=0),
+    help="Replace a child after a task leaves it above this resident memory, in KiB "
+    "(worker_max_memory_per_child).",
+)
+@click.option(
+    "--time-limit",
+    type=click.FloatRange(min=0),
+    help="Hard limit, seconds (task_time_limit): SIGUSR1, then SIGKILL after a grace period.",
+)
+@click.option(
+    "--soft-time-limit",
+    type=click.FloatRange(min=0),
+    help="Soft limit, seconds (task_soft_time_limit): SoftTimeLimitExceeded inside the task.",
+)
+@click.option(
     "--start-method",
     type=click.Choice(["fork", "forkserver", "spawn"]),
     default="fork",
@@ -96,35 +112,11 @@ def migrate(app_path: str | None, url: str | None, schema: str | None) -> None:
     type=click.Path(dir_okay=False),
     help="Write the main process id here; refuse to start if it is in use.",
 )
-def worker(
-    app_path: str,
-    queues: str | None,
-    concurrency: int | None,
-    loglevel: str,
-    hostname: str | None,
-    max_tasks_per_child: int | None,
-    prefetch_multiplier: int | None,
-    start_method: str,
-    logfile: str | None,
-    pidfile: str | None,
-) -> None:
+def worker(**options: Any) -> None:
     """Run tasks: `celery -A proj worker` becomes `celery-pg worker -A proj`."""
     from celery_pgnotify.worker.main import WorkerOptions, run_worker
 
-    run_worker(
-        WorkerOptions(
-            app_path=app_path,
-            queues=queues,
-            concurrency=concurrency,
-            loglevel=loglevel,
-            hostname=hostname,
-            max_tasks_per_child=max_tasks_per_child,
-            prefetch_multiplier=prefetch_multiplier,
-            start_method=start_method,
-            logfile=logfile,
-            pidfile=pidfile,
-        )
-    )
+    run_worker(WorkerOptions(**options))
 
 
 if __name__ == "__main__":

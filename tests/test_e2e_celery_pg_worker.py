@@ -195,3 +195,12 @@ def test_remote_shutdown(e2e: E2E):
     worker = e2e.pg_worker()
     e2e.app.control.shutdown()
     assert worker.proc.wait(20) == 0
+
+
+def test_max_memory_per_child_replaces_children(e2e: E2E):
+    # 1 KiB: every child is over the limit after its first task.
+    e2e.pg_worker("-c", "1", "--max-memory-per-child", "1")
+    for i in range(3):
+        e2e.send("whoami", f"mem{i}")
+        e2e.wait_events(f"mem{i}", ["pid"])
+    assert len({e2e.events(f"mem{i}")[0] for i in range(3)}) == 3

@@ -62,8 +62,19 @@ def _soft_limit(signum: int, frame: FrameType | None) -> None:
         raise SoftTimeLimitExceeded()
 
 
+def _rss_kib() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+
+
 def child_main(
-    app_path: str, conn: Connection, max_tasks: int, loglevel: str, logfile: str | None
+    app_path: str,
+    conn: Connection,
+    max_tasks: int,
+    loglevel: str,
+    logfile: str | None,
+    max_memory_kib: int = 0,
 ) -> None:
     """Entry point of a pool child process."""
     # Shutdown is the manager's decision: it sends ("stop",) or kills.
@@ -95,7 +106,9 @@ def child_main(
             failed = _run(app, job, trace_task_ret)
             conn.send(("done", job.task_id, failed[0], failed[1]))
             done += 1
-            if max_tasks and done >= max_tasks:
+            if (max_tasks and done >= max_tasks) or (
+                max_memory_kib and _rss_kib() > max_memory_kib
+            ):
                 conn.send(("retire", pid))
                 break
     except (EOFError, OSError):

@@ -24,6 +24,9 @@ class WorkerOptions:
     loglevel: str = "INFO"
     hostname: str | None = None
     max_tasks_per_child: int | None = None
+    max_memory_per_child: int | None = None
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
     prefetch_multiplier: int | None = None
     start_method: str = "fork"
     logfile: str | None = None
@@ -83,11 +86,19 @@ def run_worker(options: WorkerOptions) -> None:
     max_tasks = options.max_tasks_per_child
     if max_tasks is None:
         max_tasks = conf.worker_max_tasks_per_child or 0
+    if options.time_limit is not None:
+        conf.task_time_limit = options.time_limit
+    if options.soft_time_limit is not None:
+        conf.task_soft_time_limit = options.soft_time_limit
+    max_memory = options.max_memory_per_child
+    if max_memory is None:
+        max_memory = conf.worker_max_memory_per_child or 0
     hostname = _nodename(options.hostname)
     settings = PoolSettings(
         app_path=options.app_path,
         concurrency=concurrency,
         max_tasks_per_child=max_tasks,
+        max_memory_per_child=max_memory,
         start_method=options.start_method,
         loglevel=loglevel,
         logfile=options.logfile,

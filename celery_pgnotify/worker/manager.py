@@ -260,7 +260,7 @@ class Manager(ConsumerMixin):
             message.body,
             message.content_type,
             message.content_encoding,
-            soft_time_limit=soft or task.soft_time_limit,
+            soft_time_limit=soft or task.soft_time_limit or self.app.conf.task_soft_time_limit,
         )
         self._inflight[task_id] = (message, task)
         self.pool.submit(job)

@@ -53,6 +53,7 @@ class PoolSettings:
     app_path: str
     concurrency: int
     max_tasks_per_child: int = 0
+    max_memory_per_child: int = 0  # KiB, as Celery's worker_max_memory_per_child
     start_method: str = "fork"
     loglevel: str = "INFO"
     logfile: str | None = None
@@ -87,7 +88,14 @@ class Pool:
         process = self._ctx.Process(
             target=child_main,
             name=f"celery-pg-child-{self._next_index}",
-            args=(s.app_path, child_end, s.max_tasks_per_child, s.loglevel, s.logfile),
+            args=(
+                s.app_path,
+                child_end,
+                s.max_tasks_per_child,
+                s.loglevel,
+                s.logfile,
+                s.max_memory_per_child,
+            ),
             daemon=True,
         )
         process.start()
