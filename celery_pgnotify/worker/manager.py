@@ -136,6 +136,18 @@ class Manager(ConsumerMixin):
         self._release_due_etas()
         self._enforce_limits()
 
+    def on_connection_revived(self) -> None:
+        # After a lost connection, messages not yet started belong to the old
+        # connection, which returned them to their queues (or their lease
+        # does): running them too would run them twice.
+        waiting = self.pool.waiting()
+        for job in waiting:
+            self._inflight.pop(job.task_id, None)
+        dropped = len(waiting) + len(self._eta)
+        self._eta.clear()
+        if dropped:
+            logger.warning("Reconnected: %d waiting message(s) left to their queues", dropped)
+
     def on_connection_error(self, exc: BaseException, interval: float) -> None:
         logger.warning("Broker connection error: %s; retrying in %.1fs", exc, interval)
 
@@ -322,9 +334,10 @@ class Manager(ConsumerMixin):
                 )
             elif event.kind == "lost":
                 del self._inflight[event.task_id]
+                started = event.task_id in self._started
                 why = self._finished(event.task_id, task)
                 if why is None:
-                    self._on_lost(message, task, event)
+                    self._on_lost(message, task, event, started)
                 else:  # we killed it: revoked or out of time, never rerun
                     self._settle(message, "ack")
 
@@ -455,7 +468,7 @@ class Manager(ConsumerMixin):
             "broker": {"transport": "pgnotify"},
         }
 
-    def _on_lost(self, message: Message, task: Any, event: Event) -> None:
+    def _on_lost(self, message: Message, task: Any, event: Event, started: bool) -> None:
         from billiard.exceptions import WorkerLostError
 
         exc = WorkerLostError(
@@ -463,7 +476,8 @@ class Manager(ConsumerMixin):
         )
         if message.acknowledged:
             requeued = False
-        elif task.acks_late and task.reject_on_worker_lost:
+        elif not started or (task.acks_late and task.reject_on_worker_lost):
+            # A task its child never started is simply given back.
             self._settle(message, "requeue")
             requeued = True
         else:
