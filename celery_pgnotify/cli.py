@@ -101,6 +101,13 @@ def migrate(app_path: str | None, url: str | None, schema: str | None) -> None:
     help="Soft limit, seconds (task_soft_time_limit): SoftTimeLimitExceeded inside the task.",
 )
 @click.option(
+    "-E",
+    "--task-events",
+    is_flag=True,
+    default=False,
+    help="Send task and worker events (worker_send_task_events), for Flower.",
+)
+@click.option(
     "--start-method",
     type=click.Choice(["fork", "forkserver", "spawn"]),
     default="fork",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+from typing import Any
 
 import psycopg
 import pytest
@@ -233,3 +234,28 @@ def test_broker_connection_lost_loses_nothing(e2e: E2E):
     with psycopg.connect(e2e.dsn) as conn:
         left = conn.execute(f'SELECT count(*) FROM "{e2e.options["schema"]}".messages').fetchone()
     assert left == (0,)
+
+
+def test_task_and_worker_events(e2e: E2E):
+    """With -E, Celery's event Receiver (as Flower uses) sees the worker and its tasks."""
+    e2e.pg_worker("-E")
+    seen: list[dict[str, Any]] = []
+    with e2e.app.connection_for_read() as conn:
+        receiver = e2e.app.events.Receiver(conn, handlers={"*": lambda ev: on_event(ev)})
+
+        def on_event(event: dict[str, Any]) -> None:
+            seen.append(event)
+            types = {e["type"] for e in seen}
+            if {"task-succeeded", "worker-heartbeat"} <= types:
+                receiver.should_stop = True
+
+        capture = receiver.itercapture(limit=None, timeout=20, wakeup=False)
+        next(capture)
+        e2e.send("record", "evented")
+        for _ in capture:
+            pass
+    types = {e["type"] for e in seen}
+    assert {"task-received", "task-started", "task-succeeded", "worker-heartbeat"} <= types
+    succeeded = next(e for e in seen if e["type"] == "task-succeeded")
+    assert succeeded["hostname"].startswith("w1@")
+    assert succeeded["runtime"] >= 0

@@ -6,7 +6,8 @@ Protocol on the child's pipe (all tuples):
                        ("stop",)              finish and exit
     child -> manager   ("ready", pid)         initialised, can take work
                        ("accepted", task_id, pid, time)
-                       ("done", task_id, failed, runtime)
+                       ("done", task_id, failed, runtime, summary)
+                                              summary: result or exception, as text
                        ("retire", pid)        max tasks reached: exiting
 
 SIGUSR1 cancels the running task (revoke with terminate, hard time limit):
@@ -103,8 +104,8 @@ def child_main(
                 break
             job: Job = message[1]
             conn.send(("accepted", job.task_id, pid, time.time()))
-            failed = _run(app, job, trace_task_ret)
-            conn.send(("done", job.task_id, failed[0], failed[1]))
+            failed, runtime, summary = _run(app, job, trace_task_ret)
+            conn.send(("done", job.task_id, failed, runtime, summary))
             done += 1
             if (max_tasks and done >= max_tasks) or (
                 max_memory_kib and _rss_kib() > max_memory_kib
@@ -117,7 +118,11 @@ def child_main(
         signals.worker_process_shutdown.send(sender=None, pid=pid, exitcode=0)
 
 
-def _run(app: Any, job: Job, trace: Any) -> tuple[bool, float]:
+#: Longest result/exception text sent back for task events.
+SUMMARY_MAX = 1024
+
+
+def _run(app: Any, job: Job, trace: Any) -> tuple[bool, float, str]:
     global _running
     started = time.monotonic()
     _running = True
@@ -134,12 +139,13 @@ def _run(app: Any, job: Job, trace: Any) -> tuple[bool, float]:
             app=app,
         )
         failed = bool(result[0])
-    except TaskCancelled:
-        failed = True
-    except BaseException:  # the tracer handles task errors; this is its own failure
+        summary = str(result[1] if not failed else getattr(result[1], "exception", result[1]))
+    except TaskCancelled as exc:
+        failed, summary = True, repr(exc)
+    except BaseException as exc:  # the tracer handles task errors; this is its own failure
         logger.exception("Internal error running task %s[%s]", job.name, job.task_id)
-        failed = True
+        failed, summary = True, repr(exc)
     finally:
         _running = False
         signal.setitimer(signal.ITIMER_REAL, 0)
-    return failed, time.monotonic() - started
+    return failed, time.monotonic() - started, summary[:SUMMARY_MAX]

@@ -31,6 +31,7 @@ class WorkerOptions:
     start_method: str = "fork"
     logfile: str | None = None
     pidfile: str | None = None
+    task_events: bool = False
 
 
 def _nodename(hostname: str | None) -> str:
@@ -114,7 +115,10 @@ def run_worker(options: WorkerOptions) -> None:
         ", ".join(q.name for q in queues),
     )
     try:
-        Manager(app, queues, settings, hostname, concurrency * multiplier).start()
+        send_events = options.task_events or bool(conf.worker_send_task_events)
+        Manager(
+            app, queues, settings, hostname, concurrency * multiplier, send_events=send_events
+        ).start()
     finally:
         if pidlock is not None:
             pidlock.release()

@@ -34,6 +34,10 @@ from celery_pgnotify.worker.pool import Event, Pool, PoolSettings
 logger = logging.getLogger(__name__)
 
 
+#: Seconds between worker-heartbeat events (Celery's default frequency).
+HEARTBEAT_FREQ = 2.0
+
+
 def _parse_time(value: Any) -> float | None:
     """An ETA/expires header (ISO 8601 or a timestamp) as a UNIX time."""
     if value is None:
@@ -59,6 +63,7 @@ class Manager(ConsumerMixin):
         pool_settings: PoolSettings,
         hostname: str,
         prefetch_count: int,
+        send_events: bool = False,
     ) -> None:
         self.app = app
         self.connection = app.connection_for_read()
@@ -82,6 +87,9 @@ class Manager(ConsumerMixin):
         self._total: collections.Counter[str] = collections.Counter()
         self._born = time.time()
         self.node: Any = None
+        self.send_events = send_events
+        self._eventer: Any = None
+        self._next_heartbeat = 0.0
 
     # -- ConsumerMixin ---------------------------------------------------------
 
@@ -113,6 +121,11 @@ class Manager(ConsumerMixin):
         self, connection: Any, channel: Any, consumers: Any, **kwargs: Any
     ) -> None:
         self._active = connection
+        if self.send_events:
+            self._eventer = self.app.events.Dispatcher(
+                connection, hostname=self.hostname, enabled=True, groups=["worker", "task"]
+            )
+            self._event("worker-online", **self._worker_info())
         logger.info(
             "%s ready: %d children consuming %s",
             self.hostname,
@@ -129,12 +142,19 @@ class Manager(ConsumerMixin):
             if not self._cold:
                 self.pool.stop()
             self._process_events()
+            self._event("worker-offline", **self._worker_info())
+        if self._eventer is not None:
+            self._eventer.close()
+            self._eventer = None
         self._active = None
 
     def on_iteration(self) -> None:
         self._process_events()
         self._release_due_etas()
         self._enforce_limits()
+        if self._eventer is not None and time.monotonic() >= self._next_heartbeat:
+            self._next_heartbeat = time.monotonic() + HEARTBEAT_FREQ
+            self._event("worker-heartbeat", **self._worker_info())
 
     def on_connection_revived(self) -> None:
         # After a lost connection, messages not yet started belong to the old
@@ -275,6 +295,18 @@ class Manager(ConsumerMixin):
             soft_time_limit=soft or task.soft_time_limit or self.app.conf.task_soft_time_limit,
         )
         self._inflight[task_id] = (message, task)
+        self._event(
+            "task-received",
+            uuid=task_id,
+            name=name,
+            args=headers.get("argsrepr"),
+            kwargs=headers.get("kwargsrepr"),
+            root_id=headers.get("root_id"),
+            parent_id=headers.get("parent_id"),
+            retries=headers.get("retries", 0),
+            eta=headers.get("eta"),
+            expires=headers.get("expires"),
+        )
         self.pool.submit(job)
 
     def _release_due_etas(self) -> None:
@@ -317,11 +349,23 @@ class Manager(ConsumerMixin):
             message, task = entry
             if event.kind == "accepted":
                 self._started[event.task_id] = time.monotonic()
+                self._event("task-started", uuid=event.task_id)
                 if not task.acks_late:
                     self._settle(message, "ack")
             elif event.kind == "done":
                 del self._inflight[event.task_id]
                 self._finished(event.task_id, task)
+                if event.failed:
+                    self._event(
+                        "task-failed", uuid=event.task_id, exception=event.summary, traceback=""
+                    )
+                else:
+                    self._event(
+                        "task-succeeded",
+                        uuid=event.task_id,
+                        result=event.summary,
+                        runtime=event.runtime,
+                    )
                 if task.acks_late and not message.acknowledged:
                     failed_unacked = event.failed and not task.acks_on_failure_or_timeout
                     self._settle(message, "reject" if failed_unacked else "ack")
@@ -365,6 +409,9 @@ class Manager(ConsumerMixin):
         self._settle(message, "ack")
         if not task.ignore_result:
             task.backend.mark_as_revoked(task_id, why)
+        self._event(
+            "task-revoked", uuid=task_id, terminated=False, signum=None, expired=why == "expired"
+        )
         signals.task_revoked.send(
             sender=task, request=None, terminated=False, signum=None, expired=why == "expired"
         )
@@ -406,6 +453,29 @@ class Manager(ConsumerMixin):
         limits = (message.headers or {}).get("timelimit") or (None, None)
         limit = limits[0] or task.time_limit or self.app.conf.task_time_limit
         return float(limit) if limit else None
+
+    def _event(self, type_: str, **fields: Any) -> None:
+        """Send a Celery event (with -E), never letting it break the worker."""
+        if self._eventer is None:
+            return
+        try:
+            self._eventer.send(type_, **fields)
+        except Exception as exc:  # noqa: BLE001 - events are best effort, as in Celery
+            logger.warning("Could not send %s event: %s", type_, exc)
+
+    def _worker_info(self) -> dict[str, Any]:
+        import platform
+
+        from celery import __version__
+
+        return {
+            "freq": HEARTBEAT_FREQ,
+            "sw_ident": "celery-pg",
+            "sw_ver": __version__,
+            "sw_sys": platform.system(),
+            "active": len(self.pool.running()),
+            "processed": sum(self._total.values()),
+        }
 
     def request_stop(self, reason: str) -> None:
         logger.warning("%s: warm shutdown", reason)

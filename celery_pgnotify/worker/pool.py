@@ -35,6 +35,7 @@ class Event:
     failed: bool = False
     runtime: float = 0.0
     exitcode: int | None = None
+    summary: str = ""
 
 
 @dataclass
@@ -297,7 +298,9 @@ class Pool:
                 if child.retiring:
                     self._send_stop(child)
                 self._dispatch()
-            self._on_event(Event("done", msg[1], pid, failed=msg[2], runtime=msg[3]))
+            self._on_event(
+                Event("done", msg[1], pid, failed=msg[2], runtime=msg[3], summary=msg[4])
+            )
         elif kind == "retire":
             with self._lock:
                 child.retiring = True
