@@ -1,0 +1,223 @@
+"""The compatibility matrix: broker x worker, each scenario written once.
+
+Brokers: pgnotify (always, on the test PostgreSQL), Redis and RabbitMQ on
+localhost when they answer (else skipped, with the reason shown in the
+summary). Workers: the stock ``celery worker`` on every broker, and
+``celery-pg worker`` on pgnotify, which it is built for (``MATRIX``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import pytest
+from celery import Celery
+from kombu import Connection, Queue
+
+from tests import pgserver
+from tests.workers import ROOT, WorkerProcess
+
+REFERENCE = {
+    "redis": os.environ.get("COMPAT_REDIS_URL", "redis://127.0.0.1:6379/0"),
+    "rabbitmq": os.environ.get("COMPAT_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"),
+}
+
+
+@dataclass
+class Broker:
+    name: str
+    url: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _unreachable(url: str) -> str | None:
+    try:
+        with Connection(url, connect_timeout=2) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:  # noqa: BLE001 - any failure: skip with the reason
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn() -> Iterator[str]:
+    dsn, handle = pgserver.find_server()
+    yield dsn
+    if handle is not None:
+        handle.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(pg_admin_dsn: str) -> Iterator[str]:
+    dsn = pgserver.create_database(pg_admin_dsn)
+    yield dsn
+    pgserver.drop_database(pg_admin_dsn, dsn)
+
+
+#: (broker, worker) pairs of the matrix.
+MATRIX = [
+    ("pgnotify", "celery"),
+    ("pgnotify", "celery-pg"),
+    ("redis", "celery"),
+    ("rabbitmq", "celery"),
+]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "compat" in metafunc.fixturenames:
+        metafunc.parametrize(
+            "matrix", MATRIX, ids=[f"{b}-{w}" for b, w in MATRIX], scope="function"
+        )
+
+
+@pytest.fixture
+def broker(matrix: tuple[str, str], pg_dsn: str) -> Broker:
+    name = matrix[0]
+    if name == "pgnotify":
+        schema = f"c_{uuid.uuid4().hex[:10]}"
+        return Broker(name, pgserver.as_broker_url(pg_dsn), {"schema": schema})
+    url = REFERENCE[name]
+    reason = _unreachable(url)
+    if reason:
+        pytest.skip(f"reference broker {name} not reachable at {url}: {reason}")
+    # Redis redelivers an unacked message only after its visibility timeout
+    # (an hour by default): short here so the killed-worker scenario can run.
+    return Broker(name, url, {"visibility_timeout": 5} if name == "redis" else {})
+
+
+@pytest.fixture
+def worker_kind(matrix: tuple[str, str]) -> str:
+    return matrix[1]
+
+
+class Compat:
+    """One scenario's world: a sending app, a worker, the execution log."""
+
+    def __init__(self, broker: Broker, worker_kind: str, pg_dsn: str) -> None:
+        self.broker = broker
+        self.prefix = f"compat-{uuid.uuid4().hex[:8]}"
+        self.table = f"log_{uuid.uuid4().hex[:10]}"
+        self.dsn = pg_dsn
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(
+                f'CREATE TABLE "{self.table}" (tag text, event text, data jsonb,'
+                " at timestamptz DEFAULT clock_timestamp())"
+            )
+        self.env = dict(
+            os.environ,
+            COMPAT_BROKER_URL=broker.url,
+            COMPAT_OPTIONS=json.dumps(broker.options),
+            COMPAT_QUEUE_PREFIX=self.prefix,
+            COMPAT_LOG_DSN=pg_dsn,
+            COMPAT_LOG_TABLE=self.table,
+            PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        )
+        # A sender configured as the worker's app is, sending tasks by name.
+        self.app = Celery("compat-sender", broker=broker.url)
+        self.app.conf.broker_transport_options = broker.options
+        self.app.conf.task_default_queue = f"{self.prefix}-default"
+        self.app.conf.task_routes = {"compat_tests.app.routed": {"queue": f"{self.prefix}-other"}}
+        self.app.conf.task_queue_max_priority = 10
+        self.app.conf.task_ignore_result = True
+        self.queues = [f"{self.prefix}-default", f"{self.prefix}-other"]
+        self.kind = worker_kind
+        self.worker = self._start(worker_kind)
+
+    def _start(self, kind: str) -> WorkerProcess:
+        queues = ",".join(self.queues)
+        if kind == "celery":
+            argv = [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "compat_tests.app",
+                "worker",
+                "-c",
+                "2",
+                "-l",
+                "info",
+                "-Q",
+                queues,
+                "-n",
+                f"{self.prefix}@%h",
+                "--without-mingle",
+                "--without-gossip",
+            ]
+            ready = " ready."
+        else:
+            argv = [
+                sys.executable,
+                "-m",
+                "celery_pgnotify.cli",
+                "worker",
+                "-A",
+                "compat_tests.app",
+                "-c",
+                "2",
+                "-l",
+                "info",
+                "-Q",
+                queues,
+                "-n",
+                f"{self.prefix}@%h",
+            ]
+            ready = " ready: "
+        worker = WorkerProcess(argv, self.env)
+        worker.wait_for(ready)
+        return worker
+
+    def restart_worker(self) -> None:
+        self.worker.stop()
+        self.worker = self._start(self.kind)
+
+    def send(self, name: str, *args: Any, **options: Any) -> Any:
+        return self.app.send_task(f"compat_tests.app.{name}", args=args, **options)
+
+    def events(self, tag: str) -> list[tuple[str, Any]]:
+        with psycopg.connect(self.dsn) as conn:
+            rows = conn.execute(
+                f'SELECT event, data FROM "{self.table}" WHERE tag = %s ORDER BY at', (tag,)
+            ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def wait(self, tag: str, count: int, timeout: float = 30) -> list[tuple[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.events(tag)
+            if len(got) >= count:
+                return got
+            time.sleep(0.1)
+        return self.events(tag)
+
+    def close(self) -> None:
+        self.worker.stop()
+        with self.app.connection_for_write() as conn:
+            for name in self.queues:
+                try:
+                    Queue(name, no_declare=True)(conn.default_channel).delete()
+                except Exception:  # noqa: BLE001 - cleanup is best effort
+                    pass
+        # Not force_close_all(): Celery's producer pools are shared, process-wide,
+        # by every app on the same broker URL.
+        self.app.close()
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(f'DROP TABLE "{self.table}"')
+            schema = self.broker.options.get("schema")
+            if schema:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture
+def compat(broker: Broker, worker_kind: str, pg_dsn: str) -> Iterator[Compat]:
+    world = Compat(broker, worker_kind, pg_dsn)
+    yield world
+    world.close()

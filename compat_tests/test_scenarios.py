@@ -1,0 +1,87 @@
+"""Celery behaviours, written once, run on every broker x worker of the matrix."""
+
+from __future__ import annotations
+
+import time
+
+from compat_tests.conftest import Compat
+
+JSON_VALUES = [
+    0,
+    -7,
+    2**53,
+    1.5,
+    "",
+    "ünïcødé ✓",
+    True,
+    False,
+    None,
+    [1, [2, "x"]],
+    {"nested": {"list": [None, 1.25], "s": 'q"uote'}},
+]
+
+
+def test_arguments_of_every_json_type(compat: Compat):
+    compat.send("echo", "json", *JSON_VALUES, kwargs={"k": JSON_VALUES})
+    events = compat.wait("json", 1)
+    assert events == [("echo", {"args": JSON_VALUES, "kwargs": {"k": JSON_VALUES}})]
+
+
+def test_retry_with_countdown(compat: Compat):
+    compat.send("retrying", "retry", 2)
+    events = compat.wait("retry", 3)
+    assert [e for e, _ in events] == ["attempt-0", "attempt-1", "attempt-2"]
+
+
+def test_autoretry_for_with_backoff_gives_up_after_max_retries(compat: Compat):
+    compat.send("autoretried", "auto")
+    compat.wait("auto", 3)
+    time.sleep(1)
+    assert [e for e, _ in compat.events("auto")] == ["attempt"] * 3
+
+
+def test_countdown(compat: Compat):
+    sent = time.monotonic()
+    compat.send("echo", "later", countdown=1.5)
+    assert len(compat.wait("later", 1)) == 1
+    assert time.monotonic() - sent >= 1.4
+
+
+def test_task_routes_to_another_queue(compat: Compat):
+    compat.send("routed", "routed")
+    assert compat.wait("routed", 1) == [("routed", None)]
+
+
+def test_task_that_publishes_a_task(compat: Compat):
+    compat.send("spawner", "parent")
+    assert compat.wait("parent-child", 1)[0][0] == "echo"
+
+
+def test_inspect_ping(compat: Compat):
+    replies = compat.app.control.inspect(timeout=3).ping()
+    assert replies
+    assert all(reply == {"ok": "pong"} for reply in replies.values())
+
+
+def test_revoke_before_the_task_is_due(compat: Compat):
+    result = compat.send("echo", "revoked", countdown=2)
+    compat.app.control.revoke(result.id)
+    compat.send("echo", "control")
+    assert len(compat.wait("control", 1)) == 1
+    time.sleep(2.5)
+    assert compat.events("revoked") == []
+
+
+def test_acks_late_task_survives_a_killed_worker(compat: Compat):
+    """Documented difference: pgnotify and RabbitMQ give the message back as
+    soon as the worker's session/connection is gone; kombu's Redis transport
+    only once its visibility timeout has passed (an hour by default, 5 s
+    here), checked when a worker starts."""
+    compat.send("sleeper", "survivor", 2)
+    assert compat.wait("survivor", 1)[0][0] == "start"
+    compat.worker.kill()  # SIGKILL, main process and pool
+    if compat.broker.name == "redis":
+        time.sleep(compat.broker.options["visibility_timeout"] + 1)
+    compat.restart_worker()
+    events = compat.wait("survivor", 3, timeout=40)
+    assert [e for e, _ in events] == ["start", "start", "done"]
