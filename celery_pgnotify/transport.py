@@ -33,7 +33,6 @@ import select
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from queue import Empty
 from typing import Any
 
 import psycopg
@@ -175,14 +174,6 @@ class Channel(virtual.Channel):
             params["queue"] = _check_name("queue", routing_key)
             self._execute(self._stmts.publish_direct, params)
 
-    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-        self.basic_publish(message, "", queue)
-
-    def _put_fanout(
-        self, exchange: str, message: dict[str, Any], routing_key: str, **kwargs: Any
-    ) -> None:
-        self.basic_publish(message, exchange, routing_key)
-
     # -- consuming ---------------------------------------------------------------
 
     def basic_consume(
@@ -288,12 +279,6 @@ class Channel(virtual.Channel):
         message = self.Message(self._payload(rows[0]), channel=self)
         self.qos.append(message, message.delivery_tag)
         return message
-
-    def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
-        row = self._execute(self._stmts.get_no_ack, {"queue": queue}).fetchone()
-        if row is None:
-            raise Empty()
-        return self._payload(row)
 
     def _ack(self, delivery_tag: int) -> None:
         # Acks made on the event loop's thread (or inside a delivery batch)
@@ -471,9 +456,6 @@ class Channel(virtual.Channel):
         size = self._size(queue)
         self._execute(self._stmts.delete_queue, {"name": queue})
         return size
-
-    def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
-        self.queue_delete(queue)
 
     def close(self) -> None:
         if not self.closed:
