@@ -108,6 +108,20 @@ def migrate(app_path: str | None, url: str | None, schema: str | None) -> None:
     help="Send task and worker events (worker_send_task_events), for Flower.",
 )
 @click.option(
+    "-B",
+    "--beat",
+    is_flag=True,
+    default=False,
+    help="Also run Celery beat (the app's beat_schedule) in this process.",
+)
+@click.option(
+    "-s",
+    "--schedule",
+    type=click.Path(dir_okay=False),
+    help="Beat's schedule file (beat_schedule_filename).",
+)
+@click.option("-S", "--scheduler", help="Beat scheduler class (beat_scheduler).")
+@click.option(
     "--start-method",
     type=click.Choice(["fork", "forkserver", "spawn"]),
     default="fork",

@@ -20,6 +20,11 @@ app.conf.task_ignore_result = True
 app.conf.worker_hijack_root_logger = True
 app.conf.broker_connection_retry_on_startup = True
 
+if os.environ.get("PGNOTIFY_E2E_BEAT"):
+    app.conf.beat_schedule = {
+        "every-second": {"task": "tests.e2e_app.record", "schedule": 1.0, "args": ("beat",)},
+    }
+
 LOG_DSN = os.environ.get("PGNOTIFY_LOG_DSN", "")
 LOG_TABLE = os.environ.get("PGNOTIFY_LOG_TABLE", "e2e_log")
 

@@ -259,3 +259,12 @@ def test_task_and_worker_events(e2e: E2E):
     succeeded = next(e for e in seen if e["type"] == "task-succeeded")
     assert succeeded["hostname"].startswith("w1@")
     assert succeeded["runtime"] >= 0
+
+
+def test_embedded_beat_runs_the_apps_schedule(e2e: E2E, tmp_path):
+    e2e.env["PGNOTIFY_E2E_BEAT"] = "1"
+    worker = e2e.pg_worker("-B", "-s", str(tmp_path / "schedule"))
+    time.sleep(4.5)
+    worker.stop()
+    fired = e2e.events("beat")
+    assert 3 <= len(fired) <= 6, fired

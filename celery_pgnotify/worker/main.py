@@ -32,6 +32,9 @@ class WorkerOptions:
     logfile: str | None = None
     pidfile: str | None = None
     task_events: bool = False
+    beat: bool = False
+    schedule: str | None = None
+    scheduler: str | None = None
 
 
 def _nodename(hostname: str | None) -> str:
@@ -116,8 +119,25 @@ def run_worker(options: WorkerOptions) -> None:
     )
     try:
         send_events = options.task_events or bool(conf.worker_send_task_events)
+        beat = None
+        if options.beat:
+            from celery.beat import EmbeddedService
+
+            # Celery's own scheduler, in a thread of the main process (as -B).
+            beat = EmbeddedService(
+                app,
+                thread=True,
+                schedule_filename=options.schedule or conf.beat_schedule_filename,
+                scheduler_cls=options.scheduler or conf.beat_scheduler,
+            )
         Manager(
-            app, queues, settings, hostname, concurrency * multiplier, send_events=send_events
+            app,
+            queues,
+            settings,
+            hostname,
+            concurrency * multiplier,
+            send_events=send_events,
+            beat=beat,
         ).start()
     finally:
         if pidlock is not None:

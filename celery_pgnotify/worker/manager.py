@@ -64,6 +64,7 @@ class Manager(ConsumerMixin):
         hostname: str,
         prefetch_count: int,
         send_events: bool = False,
+        beat: Any = None,
     ) -> None:
         self.app = app
         self.connection = app.connection_for_read()
@@ -88,6 +89,8 @@ class Manager(ConsumerMixin):
         self._born = time.time()
         self.node: Any = None
         self.send_events = send_events
+        #: an embedded beat service (``-B``), started once the pool has forked
+        self.beat = beat
         self._eventer: Any = None
         self._next_heartbeat = 0.0
 
@@ -176,6 +179,8 @@ class Manager(ConsumerMixin):
     def start(self) -> None:
         """Run until SIGTERM/SIGINT (warm) or a second signal (cold)."""
         self.pool.start()  # children are forked before any connection exists
+        if self.beat is not None:
+            self.beat.start()
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
         try:
@@ -227,6 +232,8 @@ class Manager(ConsumerMixin):
             logger.warning("Could not %s message %s: %s", action, message.delivery_tag, exc)
 
     def _shutdown(self) -> None:
+        if self.beat is not None:
+            self.beat.stop()
         # After a warm stop no child is left; on any other way out (an
         # error, a cold stop) remaining children are killed: their messages
         # come back through the lease.
