@@ -108,6 +108,11 @@ def migrate(app_path: str | None, url: str | None, schema: str | None) -> None:
     help="Send task and worker events (worker_send_task_events), for Flower.",
 )
 @click.option(
+    "--autoscale",
+    metavar="MAX,MIN",
+    help="Scale the pool between MIN and MAX children by demand.",
+)
+@click.option(
     "-B",
     "--beat",
     is_flag=True,

@@ -25,6 +25,8 @@ if os.environ.get("PGNOTIFY_E2E_BEAT"):
         "every-second": {"task": "tests.e2e_app.record", "schedule": 1.0, "args": ("beat",)},
     }
 
+app.conf.pgnotify_autoscale_keepalive = float(os.environ.get("PGNOTIFY_E2E_KEEPALIVE", "30"))
+
 LOG_DSN = os.environ.get("PGNOTIFY_LOG_DSN", "")
 LOG_TABLE = os.environ.get("PGNOTIFY_LOG_TABLE", "e2e_log")
 

@@ -268,3 +268,25 @@ def test_embedded_beat_runs_the_apps_schedule(e2e: E2E, tmp_path):
     worker.stop()
     fired = e2e.events("beat")
     assert 3 <= len(fired) <= 6, fired
+
+
+def test_autoscale_grows_on_demand_and_shrinks_when_idle(e2e: E2E):
+    e2e.env["PGNOTIFY_E2E_KEEPALIVE"] = "1"
+    worker = e2e.pg_worker("--autoscale", "3,1")
+    inspect = e2e.app.control.inspect(timeout=3)
+    assert len(next(iter(inspect.stats().values()))["pool"]["processes"]) == 1
+    for i in range(3):
+        e2e.send("slow", f"burst{i}", 2)
+    for i in range(3):
+        assert e2e.wait_events(f"burst{i}", ["start"]) == ["start"]
+    starts = []
+    with psycopg.connect(e2e.dsn) as conn:
+        for i in range(3):
+            row = conn.execute(
+                f'SELECT at FROM "{e2e.table}" WHERE tag = %s AND event = %s',
+                (f"burst{i}", "start"),
+            ).fetchone()
+            starts.append(row[0])
+    # The three ran side by side, not one after another.
+    assert (max(starts) - min(starts)).total_seconds() < 1.9
+    worker.wait_for("Autoscale: 2 -> 1", timeout=20)

@@ -33,6 +33,7 @@ class WorkerOptions:
     pidfile: str | None = None
     task_events: bool = False
     beat: bool = False
+    autoscale: str | None = None
     schedule: str | None = None
     scheduler: str | None = None
 
@@ -42,6 +43,21 @@ def _nodename(hostname: str | None) -> str:
 
     # As `celery worker -n`: default celery@HOST; %h, %n, %d expand.
     return str(host_format(default_nodename(hostname)))
+
+
+def _autoscale(value: str | None) -> tuple[int, int] | None:
+    """``MAX,MIN`` (MIN defaults to 0, as in Celery; at least 1 child here)."""
+    if not value:
+        return None
+    parts = [p.strip() for p in value.split(",")]
+    try:
+        most = int(parts[0])
+        least = int(parts[1]) if len(parts) > 1 and parts[1] else 0
+    except ValueError:
+        raise ConfigurationError("--autoscale", f"expected MAX,MIN, not {value!r}") from None
+    if most < 1 or least < 0 or least > most:
+        raise ConfigurationError("--autoscale", f"need 1 <= MAX and 0 <= MIN <= MAX: {value!r}")
+    return most, max(1, least)
 
 
 def _task_queues(app: Any, names: str | None) -> list[Any]:
@@ -85,7 +101,10 @@ def run_worker(options: WorkerOptions) -> None:
     app.loader.init_worker()
     app.finalize()
     pidlock = platforms.create_pidlock(options.pidfile) if options.pidfile else None
+    autoscale = _autoscale(options.autoscale)
     concurrency = options.concurrency or conf.worker_concurrency or os.cpu_count() or 1
+    if autoscale is not None:
+        concurrency = autoscale[1]
     multiplier = options.prefetch_multiplier or _prefetch_multiplier(conf)
     max_tasks = options.max_tasks_per_child
     if max_tasks is None:
@@ -108,6 +127,8 @@ def run_worker(options: WorkerOptions) -> None:
         logfile=options.logfile,
     )
     queues = _task_queues(app, options.queues)
+    # The window is sized for the most children the pool may have.
+    window = (autoscale[0] if autoscale else concurrency) * multiplier
     logger.info(
         "celery-pg worker %s: app %s, broker %s, concurrency %d (%s), queues %s",
         hostname,
@@ -135,9 +156,10 @@ def run_worker(options: WorkerOptions) -> None:
             queues,
             settings,
             hostname,
-            concurrency * multiplier,
+            window,
             send_events=send_events,
             beat=beat,
+            autoscale=autoscale,
         ).start()
     finally:
         if pidlock is not None:

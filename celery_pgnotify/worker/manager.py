@@ -34,6 +34,9 @@ from celery_pgnotify.worker.pool import Event, Pool, PoolSettings
 logger = logging.getLogger(__name__)
 
 
+#: Seconds without waiting jobs before an idle child is let go (as Celery's).
+AUTOSCALE_KEEPALIVE = 30.0
+
 #: Seconds between worker-heartbeat events (Celery's default frequency).
 HEARTBEAT_FREQ = 2.0
 
@@ -65,6 +68,7 @@ class Manager(ConsumerMixin):
         prefetch_count: int,
         send_events: bool = False,
         beat: Any = None,
+        autoscale: tuple[int, int] | None = None,
     ) -> None:
         self.app = app
         self.connection = app.connection_for_read()
@@ -91,6 +95,9 @@ class Manager(ConsumerMixin):
         self.send_events = send_events
         #: an embedded beat service (``-B``), started once the pool has forked
         self.beat = beat
+        #: (max, min) children, or None for a fixed size
+        self.autoscale = autoscale
+        self._last_busy = time.monotonic()
         self._eventer: Any = None
         self._next_heartbeat = 0.0
 
@@ -155,6 +162,7 @@ class Manager(ConsumerMixin):
         self._process_events()
         self._release_due_etas()
         self._enforce_limits()
+        self._autoscale()
         if self._eventer is not None and time.monotonic() >= self._next_heartbeat:
             self._next_heartbeat = time.monotonic() + HEARTBEAT_FREQ
             self._event("worker-heartbeat", **self._worker_info())
@@ -454,6 +462,28 @@ class Manager(ConsumerMixin):
             limit = self._hard_limit(entry)
             if limit and now - started > limit:
                 self._cancel(task_id, f"hard time limit ({limit}s) exceeded")
+
+    def _autoscale(self) -> None:
+        """Grow while jobs wait for a child; shrink one idle child at a time."""
+        if self.autoscale is None:
+            return
+        most, least = self.autoscale
+        size = self.pool.settings.concurrency
+        waiting = len(self.pool.queued())
+        now = time.monotonic()
+        if waiting:
+            self._last_busy = now
+            if size < most:
+                logger.info("Autoscale: %d -> %d children", size, min(most, size + waiting))
+                self.pool.resize(min(most, size + waiting))
+        elif size > least and now - self._last_busy > self._autoscale_keepalive():
+            if len(self.pool.running()) < size:
+                logger.info("Autoscale: %d -> %d children", size, size - 1)
+                self.pool.resize(size - 1)
+                self._last_busy = now
+
+    def _autoscale_keepalive(self) -> float:
+        return float(self.app.conf.get("pgnotify_autoscale_keepalive", AUTOSCALE_KEEPALIVE))
 
     def _hard_limit(self, entry: tuple[Message, Any]) -> float | None:
         message, task = entry
