@@ -92,3 +92,8 @@ def soft(tag: str) -> None:
         time.sleep(10)
     except SoftTimeLimitExceeded:
         log(tag, "soft-limit")
+
+
+@app.task(rate_limit="2/s")
+def limited(tag: str) -> None:
+    log(tag, "run")

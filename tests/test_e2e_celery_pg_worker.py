@@ -290,3 +290,17 @@ def test_autoscale_grows_on_demand_and_shrinks_when_idle(e2e: E2E):
     # The three ran side by side, not one after another.
     assert (max(starts) - min(starts)).total_seconds() < 1.9
     worker.wait_for("Autoscale: 2 -> 1", timeout=20)
+
+
+def test_rate_limit(e2e: E2E):
+    e2e.pg_worker()
+    for _ in range(5):
+        e2e.send("limited", "limited")
+    events = e2e.wait_events("limited", ["run"] * 5, timeout=20)
+    assert len(events) == 5
+    with psycopg.connect(e2e.dsn) as conn:
+        row = conn.execute(
+            f'SELECT max(at) - min(at) FROM "{e2e.table}" WHERE tag = %s', ("limited",)
+        ).fetchone()
+    # 2 per second: five runs take at least about two seconds.
+    assert row[0].total_seconds() >= 1.8

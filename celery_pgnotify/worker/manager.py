@@ -23,9 +23,11 @@ from typing import Any
 
 from celery import signals
 from celery.utils.collections import LimitedSet
+from celery.utils.time import rate
 from kombu.message import Message
 from kombu.messaging import Consumer
 from kombu.mixins import ConsumerMixin
+from kombu.utils.limits import TokenBucket
 
 from celery_pgnotify.worker import control
 from celery_pgnotify.worker.child import Job
@@ -97,6 +99,7 @@ class Manager(ConsumerMixin):
         self.beat = beat
         #: (max, min) children, or None for a fixed size
         self.autoscale = autoscale
+        self._buckets: dict[str, TokenBucket | None] = {}  # task name -> rate limit
         self._last_busy = time.monotonic()
         self._eventer: Any = None
         self._next_heartbeat = 0.0
@@ -279,7 +282,25 @@ class Manager(ConsumerMixin):
             heapq.heappush(self._eta, (eta, next(self._eta_seq), message))
             self._set_prefetch(self.prefetch_count + len(self._eta))
             return
+        wait = self._rate_limited(task)
+        if wait:
+            # Over the task's rate_limit: held here until a token is due.
+            heapq.heappush(self._eta, (time.time() + wait, next(self._eta_seq), message))
+            self._set_prefetch(self.prefetch_count + len(self._eta))
+            return
         self._dispatch(message, task, name, task_id, headers)
+
+    def _rate_limited(self, task: Any) -> float:
+        """Seconds to wait for ``task``'s rate_limit (0: go now, token taken)."""
+        if self.app.conf.worker_disable_rate_limits:
+            return 0.0
+        if task.name not in self._buckets:
+            limit = rate(task.rate_limit or self.app.conf.task_default_rate_limit)
+            self._buckets[task.name] = TokenBucket(limit, capacity=1) if limit else None
+        bucket = self._buckets[task.name]
+        if bucket is None or bucket.can_consume(1):
+            return 0.0
+        return max(float(bucket.expected_time(1)), 0.001)
 
     def _dispatch(
         self, message: Message, task: Any, name: str, task_id: str, headers: dict[str, Any]
