@@ -47,21 +47,6 @@ def _unreachable(url: str) -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def pg_admin_dsn() -> Iterator[str]:
-    dsn, handle = pgserver.find_server()
-    yield dsn
-    if handle is not None:
-        handle.cleanup()
-
-
-@pytest.fixture(scope="session")
-def pg_dsn(pg_admin_dsn: str) -> Iterator[str]:
-    dsn = pgserver.create_database(pg_admin_dsn)
-    yield dsn
-    pgserver.drop_database(pg_admin_dsn, dsn)
-
-
 #: (broker, worker) pairs of the matrix.
 MATRIX = [
     ("pgnotify", "celery"),

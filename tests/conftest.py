@@ -15,22 +15,6 @@ from tests.workers import E2E
 
 
 @pytest.fixture(scope="session")
-def pg_admin_dsn() -> Iterator[str]:
-    dsn, handle = pgserver.find_server()
-    yield dsn
-    if handle is not None:
-        handle.cleanup()
-
-
-@pytest.fixture(scope="session")
-def pg_dsn(pg_admin_dsn: str) -> Iterator[str]:
-    """A database created for this test session and dropped after it."""
-    dsn = pgserver.create_database(pg_admin_dsn)
-    yield dsn
-    pgserver.drop_database(pg_admin_dsn, dsn)
-
-
-@pytest.fixture(scope="session")
 def broker_url(pg_dsn: str) -> str:
     return pgserver.as_broker_url(pg_dsn)
 

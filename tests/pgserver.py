@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+import pytest
 from psycopg import sql
 
 LOCAL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -68,3 +70,23 @@ def drop_database(admin_dsn: str, dsn: str) -> None:
             (name,),
         )
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+# Fixtures shared by tests/ and compat_tests/ (their conftests import them).
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn() -> Iterator[str]:
+    """An admin DSN of the server found by :func:`find_server`."""
+    dsn, handle = find_server()
+    yield dsn
+    if handle is not None:
+        handle.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(pg_admin_dsn: str) -> Iterator[str]:
+    """A database created for this test session and dropped after it."""
+    dsn = create_database(pg_admin_dsn)
+    yield dsn
+    drop_database(pg_admin_dsn, dsn)

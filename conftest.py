@@ -1,0 +1,3 @@
+"""Shared by tests/ and compat_tests/: the PostgreSQL fixtures."""
+
+pytest_plugins = ["tests.pgserver"]
