@@ -128,12 +128,13 @@ TEMPLATES: dict[str, str] = {
         " FROM picked WHERE m.id = picked.id"
         " RETURNING m.id, m.rank, m.payload, m.redelivered"
     ),
-    "get_no_ack": (
-        "DELETE FROM {s}.messages WHERE id = ("
+    # no_ack consumers (Celery's pidbox) take messages for good, in one go.
+    "take_no_ack": (
+        "DELETE FROM {s}.messages WHERE id IN ("
         " SELECT id FROM {s}.messages"
         " WHERE queue = %(queue)s AND consumer_id IS NULL"
         "  AND (expires_at IS NULL OR expires_at > now())"
-        " ORDER BY rank DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED)"
+        " ORDER BY rank DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
         " RETURNING id, rank, payload, redelivered"
     ),
     "ack": "DELETE FROM {s}.messages WHERE id = %(id)s",

@@ -228,28 +228,19 @@ class Channel(virtual.Channel):
 
     def claim(self, queue: str, limit: int) -> list[dict[str, Any]]:
         """Lease up to ``limit`` ready messages of ``queue`` (best first)."""
-        consumer = self.connection.consumer_id()
-        if queue in self._no_ack_queues:
-            return [self._payload(r) for r in self._take_no_ack(queue, limit)]
-        rows = self._execute(
-            self._stmts.claim,
-            {
-                "queue": queue,
-                "limit": limit,
-                "consumer": consumer,
-            },
-        ).fetchall()
+        return self._take(queue, limit, no_ack=queue in self._no_ack_queues)
+
+    def _take(self, queue: str, limit: int, no_ack: bool) -> list[dict[str, Any]]:
+        # One statement either way: leased to this consumer, or (no_ack)
+        # deleted as it is taken.
+        if no_ack:
+            params: dict[str, Any] = {"queue": queue, "limit": limit}
+            rows = self._execute(self._stmts.take_no_ack, params).fetchall()
+        else:
+            params = {"queue": queue, "limit": limit, "consumer": self.connection.consumer_id()}
+            rows = self._execute(self._stmts.claim, params).fetchall()
         rows.sort(key=lambda r: (-r[1], r[0]))
         return [self._payload(r) for r in rows]
-
-    def _take_no_ack(self, queue: str, limit: int) -> list[tuple[Any, ...]]:
-        taken = []
-        for _ in range(limit):
-            row = self._execute(self._stmts.get_no_ack, {"queue": queue}).fetchone()
-            if row is None:
-                break
-            taken.append(row)
-        return taken
 
     @staticmethod
     def _payload(row: tuple[Any, ...]) -> dict[str, Any]:
@@ -263,21 +254,12 @@ class Channel(virtual.Channel):
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
         """Take one message synchronously (``None`` when the queue is empty)."""
-        if no_ack:
-            row = self._execute(self._stmts.get_no_ack, {"queue": queue}).fetchone()
-            return None if row is None else self.Message(self._payload(row), channel=self)
-        rows = self._execute(
-            self._stmts.claim,
-            {
-                "queue": queue,
-                "limit": 1,
-                "consumer": self.connection.consumer_id(),
-            },
-        ).fetchall()
-        if not rows:
+        taken = self._take(queue, 1, no_ack)
+        if not taken:
             return None
-        message = self.Message(self._payload(rows[0]), channel=self)
-        self.qos.append(message, message.delivery_tag)
+        message = self.Message(taken[0], channel=self)
+        if not no_ack:
+            self.qos.append(message, message.delivery_tag)
         return message
 
     def _ack(self, delivery_tag: int) -> None:
