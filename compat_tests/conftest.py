@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from celery import Celery
 from kombu import Connection, Queue
 
 from tests import pgserver
-from tests.workers import ROOT, WorkerProcess
+from tests.workers import READY, ROOT, WorkerProcess, celery_pg_worker, celery_worker
 
 REFERENCE = {
     "redis": os.environ.get("COMPAT_REDIS_URL", "redis://127.0.0.1:6379/0"),
@@ -119,45 +118,20 @@ class Compat:
     def _start(self, kind: str) -> WorkerProcess:
         queues = ",".join(self.queues)
         if kind == "celery":
-            argv = [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "compat_tests.app",
-                "worker",
-                "-c",
-                "2",
-                "-l",
-                "info",
+            worker = celery_worker(
+                self.env,
                 "-Q",
                 queues,
-                "-n",
-                f"{self.prefix}@%h",
                 "--without-mingle",
                 "--without-gossip",
-            ]
-            ready = " ready."
+                name=self.prefix,
+                app="compat_tests.app",
+            )
         else:
-            argv = [
-                sys.executable,
-                "-m",
-                "celery_pgnotify.cli",
-                "worker",
-                "-A",
-                "compat_tests.app",
-                "-c",
-                "2",
-                "-l",
-                "info",
-                "-Q",
-                queues,
-                "-n",
-                f"{self.prefix}@%h",
-            ]
-            ready = " ready: "
-        worker = WorkerProcess(argv, self.env)
-        worker.wait_for(ready)
+            worker = celery_pg_worker(
+                self.env, "-Q", queues, name=self.prefix, app="compat_tests.app", loglevel="info"
+            )
+        worker.wait_for(READY[kind])
         return worker
 
     def restart_worker(self) -> None:

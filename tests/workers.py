@@ -85,15 +85,25 @@ def worker_env(
     return env
 
 
+#: The line each kind of worker prints once it consumes.
+READY = {"celery": " ready.", "celery-pg": " ready: "}
+
+
 def celery_worker(
-    env: dict[str, str], *args: str, pool: str = "prefork", concurrency: int = 2, name: str = "w1"
+    env: dict[str, str],
+    *args: str,
+    pool: str = "prefork",
+    concurrency: int = 2,
+    name: str = "w1",
+    app: str = "tests.e2e_app",
 ) -> WorkerProcess:
+    """The stock ``celery worker`` (wait for ``READY["celery"]``)."""
     argv = [
         sys.executable,
         "-m",
         "celery",
         "-A",
-        "tests.e2e_app",
+        app,
         "worker",
         "-l",
         "info",
@@ -109,17 +119,23 @@ def celery_worker(
 
 
 def celery_pg_worker(
-    env: dict[str, str], *args: str, concurrency: int = 2, name: str = "w1"
+    env: dict[str, str],
+    *args: str,
+    concurrency: int = 2,
+    name: str = "w1",
+    app: str = "tests.e2e_app",
+    loglevel: str = "debug",
 ) -> WorkerProcess:
+    """``celery-pg worker`` (wait for ``READY["celery-pg"]``)."""
     argv = [
         sys.executable,
         "-m",
         "celery_pgnotify.cli",
         "worker",
         "-A",
-        "tests.e2e_app",
+        app,
         "-l",
-        "debug",
+        loglevel,
         "-c",
         str(concurrency),
         "-n",
@@ -153,13 +169,13 @@ class E2E:
     def worker(self, *args: str, **kwargs: Any) -> WorkerProcess:
         worker = celery_worker(self.env, *args, **kwargs)
         self.workers.append(worker)
-        worker.wait_for(" ready.")
+        worker.wait_for(READY["celery"])
         return worker
 
     def pg_worker(self, *args: str, **kwargs: Any) -> WorkerProcess:
         worker = celery_pg_worker(self.env, *args, **kwargs)
         self.workers.append(worker)
-        worker.wait_for(" ready: ")
+        worker.wait_for(READY["celery-pg"])
         return worker
 
     def send(self, name: str, *args: Any, **options: Any) -> Any:
