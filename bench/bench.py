@@ -12,6 +12,9 @@ Measured for each broker:
   drain      tasks per second a freshly started worker executes from that backlog
   e2e        tasks per second when publishing into an idle running worker
   p50 / p99  latency from ``.delay()`` to the task starting, one task at a time
+
+and, for the result backends (pgnotify and Redis, on the same broker and worker):
+  get p50 / p99  round trip of ``.delay(x).get()``, one task at a time
 """
 
 from __future__ import annotations
@@ -84,10 +87,17 @@ def sender_app(broker: Broker, queue: str) -> Any:
 
 class Worker:
     def __init__(
-        self, broker: Broker, queue: str, workdir: str, every: int, kind: str = "celery"
+        self,
+        broker: Broker,
+        queue: str,
+        workdir: str,
+        every: int,
+        kind: str = "celery",
+        backend: str = "",
     ) -> None:
         env = dict(os.environ)
         env.update(
+            BENCH_BACKEND=backend,
             BENCH_BROKER=broker.url,
             BENCH_OPTIONS=json.dumps(broker.options),
             BENCH_QUEUE=queue,
@@ -205,6 +215,34 @@ def measure(
     }
 
 
+def result_roundtrips(broker: Broker, backend: str, samples: int) -> dict[str, float]:
+    """``.delay(x).get()`` round trips through ``backend``, one at a time."""
+    from celery import Celery
+
+    queue = f"bench_{uuid.uuid4().hex[:8]}"
+    workdir = tempfile.mkdtemp(prefix="pgnotify-bench-")
+    app = Celery("bench-sender", broker=broker.url, backend=backend)
+    app.conf.broker_transport_options = broker.options
+    app.conf.task_default_queue = queue
+    echo = app.signature("bench.echo")
+    worker = Worker(broker, queue, workdir, 10**9, "celery", backend)
+    times: list[float] = []
+    try:
+        echo.delay(0).get(timeout=60)  # the worker is up
+        for i in range(samples + 20):
+            started = time.perf_counter()
+            assert echo.delay(i).get(timeout=10) == i
+            if i >= 20:  # the first ones warm connections up
+                times.append((time.perf_counter() - started) * 1000)
+    finally:
+        worker.stop()
+        close = getattr(app.backend, "close", None)  # ours holds connections
+        if close is not None:
+            close()
+        app.close()
+    return {"p50": percentile(times, 50), "p99": percentile(times, 99), "samples": samples}
+
+
 def cleanup(broker: Broker, queues: list[str]) -> None:
     """Leave nothing behind in the shared database."""
     import psycopg
@@ -257,6 +295,32 @@ def main() -> None:
         finally:
             cleanup(broker, queues)
     report(rows)
+    backends(args)
+
+
+def backends(args: argparse.Namespace) -> None:
+    """Result backends side by side, on the pgnotify broker and the same worker."""
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    broker = Broker("pgnotify", f"pgnotify://{PG}", {"schema": schema})
+    if reachable(broker):
+        return
+    candidates = {"pgnotify": f"pgnotify://{PG}", "redis": "redis://127.0.0.1:6379/1"}
+    rows: dict[str, dict[str, float]] = {}
+    try:
+        for name, url in candidates.items():
+            if name == "redis" and reachable(Broker("redis", url)):
+                print("SKIP redis result backend: not reachable", flush=True)
+                continue
+            print(f"measuring result backend {name} ...", flush=True)
+            rows[name] = result_roundtrips(broker, url, args.latency_samples)
+    finally:
+        cleanup(broker, [])
+    print(f"\n{'result backend (broker pgnotify)':<34} {'get p50 ms':>10} {'get p99 ms':>10}")
+    for name, r in rows.items():
+        print(f"{name:<34} {r['p50']:>10.2f} {r['p99']:>10.2f}")
+    if "pgnotify" in rows and "redis" in rows:
+        ratio = rows["pgnotify"]["p50"] / rows["redis"]["p50"]
+        print(f"  pgnotify vs redis: get p50 {ratio:.2f}x (lower is better)")
 
 
 def report(rows: dict[str, dict[str, float]]) -> None:

@@ -18,6 +18,8 @@ app.conf.broker_url = os.environ.get("BENCH_BROKER", "pgnotify://localhost/postg
 app.conf.broker_transport_options = json.loads(os.environ.get("BENCH_OPTIONS", "{}"))
 app.conf.task_default_queue = os.environ.get("BENCH_QUEUE", "bench")
 app.conf.task_ignore_result = True
+if os.environ.get("BENCH_BACKEND"):
+    app.conf.result_backend = os.environ["BENCH_BACKEND"]
 app.conf.worker_hijack_root_logger = False
 app.conf.broker_connection_retry_on_startup = True
 
@@ -43,3 +45,8 @@ def noop(sent_at: float | None = None) -> None:
     if count % EVERY == 0:
         with open(STATUS, "a") as f:
             f.write(f"{count} {_first.value} {now}\n")
+
+
+@app.task(name="bench.echo", ignore_result=False)
+def echo(value: int) -> int:
+    return value

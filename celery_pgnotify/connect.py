@@ -23,15 +23,20 @@ _SCHEMES = ("pgnotify", "postgresql", "postgres")
 
 
 def conninfo_from_url(
-    url: str, dsn: str | None, connect_timeout: float, application_name: str = "celery-pgnotify"
+    url: str,
+    dsn: str | None,
+    connect_timeout: float,
+    application_name: str = "celery-pgnotify",
+    settings: tuple[str, str] = ("broker_url", "broker_transport_options"),
 ) -> str:
     """The libpq conninfo for a ``pgnotify://`` URL (or the ``dsn`` option).
 
     libpq query options in the URL (``sslmode``, ``sslrootcert``, ...) pass
-    through unchanged.
+    through unchanged. ``settings`` names the URL setting and the options
+    mapping in error messages.
     """
     source = dsn if dsn else url
-    setting = "broker_transport_options['dsn']" if dsn else "broker_url"
+    setting = f"{settings[1]}['dsn']" if dsn else settings[0]
     if "://" in source:
         parts = urlsplit(source)
         if parts.scheme not in _SCHEMES:

@@ -57,27 +57,33 @@ class TransportOptions:
         return 2 * self.heartbeat_interval
 
     @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any]) -> TransportOptions:
-        """Build from ``transport_options``, ignoring options kombu/Celery own."""
+    def from_mapping(
+        cls, raw: Mapping[str, Any], setting: str = "broker_transport_options"
+    ) -> TransportOptions:
+        """Build from ``transport_options``, ignoring options kombu/Celery own.
+
+        ``setting`` is the name errors give the mapping (the result backend
+        reads ``result_backend_transport_options``).
+        """
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
         for name, value in raw.items():
             if name in fields:
-                values[name] = _coerce(name, value, fields[name].default)
+                values[name] = _coerce(f"{setting}[{name!r}]", value, fields[name].default)
         opts = cls(**values)
-        opts._validate()
+        opts._validate(setting)
         return opts
 
-    def _validate(self) -> None:
+    def _validate(self, setting: str) -> None:
         if not SCHEMA_NAME.match(self.schema):
             raise ConfigurationError(
-                "broker_transport_options['schema']",
+                f"{setting}['schema']",
                 f"{self.schema!r} is not a plain SQL identifier "
                 "(letters, digits and _, at most 63, not starting with a digit)",
             )
         if self.priority_order not in ("desc", "asc"):
             raise ConfigurationError(
-                "broker_transport_options['priority_order']",
+                f"{setting}['priority_order']",
                 f"must be 'desc' (9 first, as RabbitMQ) or 'asc' (0 first, as Redis), "
                 f"not {self.priority_order!r}",
             )
@@ -90,21 +96,20 @@ class TransportOptions:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(
-                    f"broker_transport_options[{name!r}]", "must be a positive number"
+                    f"{setting}[{name!r}]", "must be a positive number"
                 )
         if self.lease_timeout < 2 * self.heartbeat_interval:
             raise ConfigurationError(
-                "broker_transport_options['lease_timeout']",
+                f"{setting}['lease_timeout']",
                 f"must be at least twice heartbeat_interval ({self.heartbeat_interval})",
             )
         if self.claim_batch < 1:
             raise ConfigurationError(
-                "broker_transport_options['claim_batch']", "must be at least 1"
+                f"{setting}['claim_batch']", "must be at least 1"
             )
 
 
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    setting = f"broker_transport_options[{name!r}]"
+def _coerce(setting: str, value: Any, default: Any) -> Any:
     if default is None or isinstance(default, str):
         if value is not None and not isinstance(value, str):
             raise ConfigurationError(setting, f"must be a string, not {type(value).__name__}")

@@ -80,6 +80,40 @@ CREATE TABLE {s}.dead_letters (
 );
 """,
     ),
+    (
+        2,
+        """
+-- The result backend. ``meta`` is Celery's serialized result (status, result,
+-- traceback, children, ...), read back as is; the other columns repeat parts
+-- of it for people and for SQL (the task's name, args and kwargs only with
+-- ``result_extended``).
+CREATE TABLE {s}.results (
+    task_id     text PRIMARY KEY,
+    status      text NOT NULL,
+    meta        bytea NOT NULL,
+    name        text,
+    args        text,
+    kwargs      text,
+    worker      text,
+    retries     integer,
+    queue       text,
+    traceback   text,
+    date_done   timestamptz,
+    expires_at  timestamptz
+) WITH (autovacuum_vacuum_scale_factor = 0.05);
+CREATE INDEX results_expiring ON {s}.results (expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE {s}.result_groups (
+    group_id    text PRIMARY KEY,
+    meta        bytea NOT NULL,
+    expires_at  timestamptz
+);
+CREATE TABLE {s}.chord_counters (
+    group_id    text PRIMARY KEY,
+    counter     integer NOT NULL,
+    expires_at  timestamptz
+);
+""",
+    ),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]
@@ -97,6 +131,10 @@ _NOTIFY = "pg_notify(%(prefix)s || md5(queue), '')"
 # Notify only when some live consumer reads the queue: NOTIFY serialises
 # committing transactions, and a publish nobody waits for should not pay it.
 _WAITED_FOR = "EXISTS (SELECT 1 FROM {s}.consumers c WHERE queue = ANY(c.queues))"
+
+# A row's end of life: ``expires`` seconds from now, or never when NULL/0.
+_EXPIRES_AT = "now() + nullif(%(expires)s::float8, 0) * interval '1 second'"
+_LIVE = "(expires_at IS NULL OR expires_at > now())"
 
 TEMPLATES: dict[str, str] = {
     # One statement: route through the bindings, insert, and notify each
@@ -249,7 +287,61 @@ TEMPLATES: dict[str, str] = {
         + " FROM (SELECT queue FROM back UNION SELECT queue FROM orphans) AS q"
     ),
     "take_lock": "SELECT pg_try_advisory_lock(%(ns)s, %(id)s)",
+    # -- result backend --
+    # One statement stores and wakes the waiter. A SUCCESS is final (a lost
+    # worker's late FAILURE must not overwrite it), unless it already expired.
+    "store_result": (
+        "INSERT INTO {s}.results AS r (task_id, status, meta, name, args, kwargs,"
+        " worker, retries, queue, traceback, date_done, expires_at)"
+        " VALUES (%(id)s, %(status)s, %(meta)s, %(name)s, %(args)s, %(kwargs)s,"
+        " %(worker)s, %(retries)s, %(queue)s, %(traceback)s,"
+        " CASE WHEN %(ready)s THEN now() END, " + _EXPIRES_AT + ")"
+        " ON CONFLICT (task_id) DO UPDATE SET status = EXCLUDED.status,"
+        " meta = EXCLUDED.meta, name = coalesce(EXCLUDED.name, r.name),"
+        " args = coalesce(EXCLUDED.args, r.args), kwargs = coalesce(EXCLUDED.kwargs, r.kwargs),"
+        " worker = coalesce(EXCLUDED.worker, r.worker), retries = EXCLUDED.retries,"
+        " queue = coalesce(EXCLUDED.queue, r.queue), traceback = EXCLUDED.traceback,"
+        " date_done = EXCLUDED.date_done, expires_at = EXCLUDED.expires_at"
+        " WHERE r.status <> 'SUCCESS' OR r.expires_at <= now()"
+        " RETURNING pg_notify(%(channel)s, %(payload)s)"
+    ),
+    "get_result": "SELECT meta FROM {s}.results WHERE task_id = %(id)s AND " + _LIVE,
+    "get_results": (
+        "SELECT task_id, meta FROM {s}.results WHERE task_id = ANY(%(ids)s) AND " + _LIVE
+    ),
+    "save_group": (
+        "INSERT INTO {s}.result_groups AS g (group_id, meta, expires_at)"
+        " VALUES (%(id)s, %(meta)s, " + _EXPIRES_AT + ")"
+        " ON CONFLICT (group_id) DO UPDATE SET meta = EXCLUDED.meta,"
+        " expires_at = EXCLUDED.expires_at"
+    ),
+    "get_group": "SELECT meta FROM {s}.result_groups WHERE group_id = %(id)s AND " + _LIVE,
+    # Atomic: concurrent header tasks each see a distinct count.
+    "chord_incr": (
+        "INSERT INTO {s}.chord_counters AS c (group_id, counter, expires_at)"
+        " VALUES (%(id)s, 1, " + _EXPIRES_AT + ")"
+        " ON CONFLICT (group_id) DO UPDATE SET counter = c.counter + 1,"
+        " expires_at = EXCLUDED.expires_at RETURNING counter"
+    ),
+    "cleanup_results": (
+        "WITH r AS (DELETE FROM {s}.results WHERE expires_at <= now() RETURNING 1),"
+        " g AS (DELETE FROM {s}.result_groups WHERE expires_at <= now() RETURNING 1),"
+        " c AS (DELETE FROM {s}.chord_counters WHERE expires_at <= now() RETURNING 1)"
+        " SELECT (SELECT count(*) FROM r), (SELECT count(*) FROM g), (SELECT count(*) FROM c)"
+    ),
 }
+
+# Every key-value table of the result backend can be deleted from and given
+# a new lifetime by key the same way.
+for _kind, (_table, _key) in {
+    "result": ("results", "task_id"),
+    "group": ("result_groups", "group_id"),
+    "chord": ("chord_counters", "group_id"),
+}.items():
+    TEMPLATES[f"delete_{_kind}"] = f"DELETE FROM {{s}}.{_table} WHERE {_key} = %(id)s"
+    TEMPLATES[f"expire_{_kind}"] = (
+        f"UPDATE {{s}}.{_table} SET expires_at = {_EXPIRES_AT} WHERE {_key} = %(id)s"
+    )
 
 
 class Statements:
@@ -269,10 +361,16 @@ class Statements:
         #: first key of the two-key advisory lock each consumer session holds
         #: (the second is the consumer id): one namespace per schema.
         self.lock_namespace = int.from_bytes(digest[4:8], "big") & 0x7FFFFFFF
+        #: prefix of the NOTIFY channel a task's result is announced on
+        self.result_channel_prefix = "pgr_" + digest[:4].hex() + "_"
 
     def channel(self, queue: str) -> str:
         """The NOTIFY channel of ``queue`` (always a short, safe identifier)."""
         return self.channel_prefix + hashlib.md5(queue.encode("utf-8")).hexdigest()
+
+    def result_channel(self, task_id: str) -> str:
+        """The NOTIFY channel announcing the result of ``task_id``."""
+        return self.result_channel_prefix + hashlib.md5(task_id.encode("utf-8")).hexdigest()
 
     def __getattr__(self, name: str) -> Any:  # for mypy: attributes set above
         raise AttributeError(name)
@@ -297,6 +395,30 @@ def schema_version(conn: psycopg.Connection[Any], schema: str) -> int:
     )
     found = conn.execute(q).fetchone()
     return int(found[0]) if found else 0
+
+
+#: (conninfo, schema) pairs this process already checked or migrated.
+_ready_schemas: set[tuple[str, str]] = set()
+
+
+def ensure_schema(
+    conn: psycopg.Connection[Any], conninfo: str, schema: str, auto_migrate: bool
+) -> None:
+    """Migrate ``schema`` (or, without ``auto_migrate``, check it is current),
+    once per process and database."""
+    key = (conninfo, schema)
+    if key in _ready_schemas:
+        return
+    if auto_migrate:
+        migrate(conn, schema)
+    else:
+        current = schema_version(conn, schema)
+        if current < LATEST_VERSION:
+            raise SchemaError(
+                f"schema {schema!r} is at version {current}, this celery-pgnotify needs "
+                f"{LATEST_VERSION}: run 'celery-pg migrate' (auto_migrate is off)"
+            )
+    _ready_schemas.add(key)
 
 
 def migrate(conn: psycopg.Connection[Any], schema: str) -> list[int]:

@@ -50,9 +50,6 @@ from celery_pgnotify.routing import topic_pattern
 
 logger = logging.getLogger(__name__)
 
-#: Processes that already migrated a (conninfo, schema) pair.
-_migrated: set[tuple[str, str]] = set()
-
 MAX_NAME_LENGTH = 1000
 
 
@@ -519,10 +516,7 @@ class Transport(virtual.Transport):
         conn = self._conn
         if conn is None or conn.closed:
             conn = self._conn = connect(self.conninfo)
-            key = (self.conninfo, self.opts.schema)
-            if self.opts.auto_migrate and key not in _migrated:
-                pgsql.migrate(conn, self.opts.schema)
-                _migrated.add(key)
+            pgsql.ensure_schema(conn, self.conninfo, self.opts.schema, self.opts.auto_migrate)
         return conn
 
     def establish_connection(self) -> Transport:

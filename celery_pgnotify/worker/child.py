@@ -76,6 +76,7 @@ def child_main(
     loglevel: str,
     logfile: str | None,
     max_memory_kib: int = 0,
+    hostname: str = "",
 ) -> None:
     """Entry point of a pool child process."""
     # Shutdown is the manager's decision: it sends ("stop",) or kills.
@@ -85,7 +86,6 @@ def child_main(
     signal.signal(signal.SIGALRM, _soft_limit)
 
     from celery import signals
-    from celery.app.trace import trace_task_ret
     from celery.app.utils import find_app
 
     app = find_app(app_path)
@@ -93,7 +93,13 @@ def child_main(
     app.set_default()
     app.log.setup(loglevel=loglevel, logfile=logfile, redirect_stdouts=False)
     app.loader.init_worker_process()
+    # A task waiting on another task's result can deadlock the pool: Celery
+    # forbids it in its own pool processes (disable_sync_subtasks), so here too.
+    from celery._state import _set_task_join_will_block
+
+    _set_task_join_will_block(True)
     signals.worker_process_init.send(sender=None)
+    trace = _tracer(app, hostname)
     pid = os.getpid()
     conn.send(("ready", pid))
     done = 0
@@ -104,7 +110,7 @@ def child_main(
                 break
             job: Job = message[1]
             conn.send(("accepted", job.task_id, pid, time.time()))
-            failed, runtime, summary = _run(app, job, trace_task_ret)
+            failed, runtime, summary = _run(job, trace)
             conn.send(("done", job.task_id, failed, runtime, summary))
             done += 1
             if (max_tasks and done >= max_tasks) or (
@@ -122,22 +128,43 @@ def child_main(
 SUMMARY_MAX = 1024
 
 
-def _run(app: Any, job: Job, trace: Any) -> tuple[bool, float, str]:
+def _tracer(app: Any, hostname: str) -> Any:
+    """Run a job through Celery's tracer, as the worker ``hostname``.
+
+    Celery's ``trace_task_ret`` would name the machine, not the worker node,
+    in ``request.hostname`` (and so in results and the STARTED state).
+    """
+    from celery.app.trace import trace_task
+    from kombu.serialization import loads, prepare_accept_content
+
+    accept = prepare_accept_content(app.conf.accept_content)  # type: ignore[no-untyped-call]
+
+    def trace(job: Job) -> tuple[int, Any]:
+        if job.content_type:
+            args, kwargs, embed = loads(  # type: ignore[no-untyped-call]
+                job.body, job.content_type, job.content_encoding, accept=accept
+            )
+        else:
+            args, kwargs, embed = job.body
+        request = dict(job.request, args=args, kwargs=kwargs, is_eager=False)
+        request["hostname"] = hostname or job.request.get("hostname")
+        request.update(embed or {})
+        retval, info, _, shown = trace_task(
+            app.tasks[job.name], job.task_id, args, kwargs, request, app=app, hostname=hostname
+        )
+        return (1, retval) if info else (0, shown)
+
+    return trace
+
+
+def _run(job: Job, trace: Any) -> tuple[bool, float, str]:
     global _running
     started = time.monotonic()
     _running = True
     if job.soft_time_limit:
         signal.setitimer(signal.ITIMER_REAL, job.soft_time_limit)
     try:
-        result = trace(
-            job.name,
-            job.task_id,
-            job.request,
-            job.body,
-            job.content_type,
-            job.content_encoding,
-            app=app,
-        )
+        result = trace(job)
         failed = bool(result[0])
         summary = str(result[1] if not failed else getattr(result[1], "exception", result[1]))
     except TaskCancelled as exc:

@@ -125,6 +125,7 @@ def run_worker(options: WorkerOptions) -> None:
         start_method=options.start_method,
         loglevel=loglevel,
         logfile=options.logfile,
+        hostname=hostname,
     )
     queues = _task_queues(app, options.queues)
     # The window is sized for the most children the pool may have.

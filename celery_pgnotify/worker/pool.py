@@ -58,6 +58,8 @@ class PoolSettings:
     start_method: str = "fork"
     loglevel: str = "INFO"
     logfile: str | None = None
+    #: the worker's node name (``name@host``), as tasks see it in ``request.hostname``
+    hostname: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -96,6 +98,7 @@ class Pool:
                 s.loglevel,
                 s.logfile,
                 s.max_memory_per_child,
+                s.hostname,
             ),
             daemon=True,
         )

@@ -1,0 +1,526 @@
+"""Celery result backend on PostgreSQL; waiters are woken by NOTIFY.
+
+Select it with ``result_backend = "pgnotify://USER:PASSWORD@HOST:PORT/DBNAME"``
+(found through Celery's ``celery.result_backends`` entry point; libpq options
+may follow ``?``). Options come from ``result_backend_transport_options``:
+``schema`` (by default the broker's schema when the broker is pgnotify too,
+else ``celery_pgnotify``), ``dsn``, ``connect_timeout`` and ``auto_migrate``,
+with the meanings of :mod:`celery_pgnotify.options`.
+
+Storage
+=======
+Task results live in ``<schema>.results`` (one row per task: status, the
+serialized meta Celery reads back, traceback, date_done and, with
+``result_extended``, name, args, kwargs, worker, retries and queue); saved
+groups in ``result_groups``; chord counters in ``chord_counters``, where one
+atomic upsert counts the finished header tasks. Rows carry ``expires_at``
+from ``result_expires``: reads ignore expired rows, and :meth:`cleanup`
+(Celery beat's daily ``celery.backend_cleanup``) deletes them.
+
+Waiting
+=======
+Storing a result and announcing it is one statement: the row is upserted and
+``pg_notify`` runs in its ``RETURNING``, on a channel derived from the task id.
+A JSON result small enough for a notification travels in it, so a waiter needs
+no further query; a larger (or binary) one is read from the table on the
+notification. A process starts listening for a task before it publishes it
+(:meth:`PgNotifyBackend.on_task_call`), and a waiter reads the table once after
+it starts listening, so no result can slip between the two. Nothing sleeps
+and polls.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from celery import states
+from celery.backends.asynchronous import AsyncBackendMixin, BaseResultConsumer
+from celery.backends.base import BaseKeyValueStoreBackend
+from celery.exceptions import ImproperlyConfigured
+
+from celery_pgnotify import sql as pgsql
+from celery_pgnotify.connect import connect, conninfo_from_url, forget_after_fork, mask_url
+from celery_pgnotify.errors import ConfigurationError
+from celery_pgnotify.options import TransportOptions
+
+logger = logging.getLogger(__name__)
+
+#: NOTIFY payloads are limited to 8000 bytes; leave room for the rest.
+MAX_INLINE_PAYLOAD = 7800
+_SETTINGS = ("result_backend", "result_backend_transport_options")
+_BACKEND_OPTIONS = ("schema", "dsn", "connect_timeout", "auto_migrate")
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _task_join_will_block() -> bool:
+    from celery._state import task_join_will_block
+
+    return bool(task_join_will_block())
+
+
+class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
+    """Listens for the results this process waits on.
+
+    One LISTEN connection per backend instance (Celery keeps one backend per
+    thread). Notifications may be read by whichever thread holds the
+    connection: they are queued in an inbox and handled under the lock, and a
+    pipe wakes a thread waiting on the socket.
+    """
+
+    _connection_errors = (psycopg.OperationalError,)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lock = threading.Lock()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._channels: dict[str, str] = {}  # channel -> task id
+        self._to_unlisten: set[str] = set()
+        self._inbox: deque[tuple[str, str]] = deque()  # (task id, payload or "")
+        self._wake_r, self._wake_w = -1, -1
+        forget_after_fork(self)
+
+    # -- the interface Celery calls ------------------------------------------
+
+    def start(self, initial_task_id: str, **kwargs: Any) -> None:
+        self.consume_from(initial_task_id)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._close()
+
+    def consume_from(self, task_id: str) -> None:
+        channel = self.backend.stmts.result_channel(task_id)
+        with self._locked():
+            self._to_unlisten.discard(channel)
+            if self._channels.get(channel) == task_id and self._conn is not None:
+                return
+            self._channels[channel] = task_id
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._open()  # listens to every channel, this one included
+                else:
+                    self._conn.execute(f'LISTEN "{channel}"')
+            except psycopg.OperationalError:
+                # The next drain reconnects, listens again and re-reads.
+                self._drop()
+
+    def cancel_for(self, task_id: str) -> None:
+        # Never blocks (Celery calls this from AsyncResult.__del__): when the
+        # lock is taken, its holder unlistens on the way out.
+        self._to_unlisten.add(self.backend.stmts.result_channel(task_id))
+        if self._lock.acquire(blocking=False):
+            try:
+                self._flush_unlisten()
+            finally:
+                self._lock.release()
+
+    def on_wait_for_pending(self, result: Any, **kwargs: Any) -> None:
+        # Listening already: a result stored before that is in the table.
+        for meta in result._iter_meta(**kwargs):
+            if meta is not None:
+                self.on_state_change(meta, None)
+
+    def on_state_change(self, meta: dict[str, Any], message: Any) -> None:
+        super().on_state_change(meta, message)
+        if meta.get("status") in states.READY_STATES and meta.get("task_id"):
+            self.cancel_for(meta["task_id"])
+
+    def drain_events(self, timeout: float | None = None) -> None:
+        wait = 1.0 if timeout is None else max(0.0, min(timeout, 1.0))
+        try:
+            self._drain(wait)
+        except psycopg.OperationalError as exc:
+            # PostgreSQL is away: keep trying while the caller's timeout runs.
+            logger.warning("Result backend: cannot reach PostgreSQL (%s); retrying", exc)
+            with self._locked(wait) as locked:
+                if locked:
+                    self._drop()
+            time.sleep(wait)
+
+    def _drain(self, wait: float) -> None:
+        if not self._inbox:
+            with self._locked(wait) as locked:
+                if not locked:
+                    return
+                conn = self._connection()
+                self._read(conn)
+            if not self._inbox:
+                self._wait(conn, wait)
+        with self._locked(wait) as locked:
+            if locked:
+                self._handle_inbox()
+
+    def on_after_fork(self) -> None:
+        self._forget_after_fork()
+
+    # -- the connection ------------------------------------------------------
+
+    @contextmanager
+    def _locked(self, timeout: float | None = None) -> Iterator[bool]:
+        locked = self._lock.acquire(timeout=-1 if timeout is None else timeout)
+        try:
+            yield locked
+        finally:
+            if locked:
+                try:
+                    self._flush_unlisten()
+                finally:
+                    self._lock.release()
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._open()
+            # Whatever happened while disconnected is in the table.
+            self._inbox.extend((task_id, "") for task_id in self._channels.values())
+        assert self._conn is not None
+        return self._conn
+
+    def _open(self) -> None:
+        self._drop()
+        conn = connect(self.backend.conninfo)
+        conn.add_notify_handler(self._on_notify)
+        if self._wake_r < 0:
+            self._wake_r, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_r, False)
+            os.set_blocking(self._wake_w, False)
+        if self._channels:
+            conn.execute("; ".join(f'LISTEN "{c}"' for c in self._channels))
+        self._conn = conn
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except psycopg.Error:
+                pass
+
+    def _close(self) -> None:
+        self._drop()
+        self._channels.clear()
+        self._to_unlisten.clear()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def _forget_after_fork(self) -> None:
+        # The parent's socket and pipe are not ours to use or close.
+        self._conn = None
+        self._lock = threading.Lock()
+        self._channels = {}
+        self._to_unlisten = set()
+        self._inbox = deque()
+        self._wake_r = self._wake_w = -1
+
+    def _flush_unlisten(self) -> None:
+        while self._to_unlisten:
+            channel = self._to_unlisten.pop()
+            self._channels.pop(channel, None)
+            if self._conn is not None and not self._conn.closed:
+                try:
+                    self._conn.execute(f'UNLISTEN "{channel}"')
+                except psycopg.OperationalError:
+                    self._drop()
+
+    # -- notifications -------------------------------------------------------
+
+    def _on_notify(self, notify: psycopg.Notify) -> None:
+        task_id = self._channels.get(notify.channel)
+        if task_id is None:
+            return
+        self._inbox.append((task_id, notify.payload))
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"x")
+            except (BlockingIOError, OSError):
+                pass
+
+    def _read(self, conn: psycopg.Connection[Any]) -> None:
+        """Move notifications already received into the inbox (no waiting)."""
+        try:
+            pgconn = conn.pgconn
+            pgconn.consume_input()
+            if pgconn.status != psycopg.pq.ConnStatus.OK:
+                raise psycopg.OperationalError("result listener connection lost")
+            while True:
+                n = pgconn.notifies()
+                if n is None:
+                    break
+                self._on_notify(
+                    psycopg.Notify(n.relname.decode(), n.extra.decode(), n.be_pid)
+                )
+        except psycopg.OperationalError:
+            logger.warning("Result backend: lost the LISTEN connection; reconnecting")
+            self._drop()
+
+    def _wait(self, conn: psycopg.Connection[Any], timeout: float) -> None:
+        try:
+            fds = [conn.fileno(), self._wake_r]
+        except psycopg.Error:
+            return
+        readable, _, _ = select.select(fds, [], [], timeout)
+        if self._wake_r in readable:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except (BlockingIOError, OSError):
+                pass
+        if conn.fileno() in readable:
+            with self._locked() as locked:
+                if locked and self._conn is conn:
+                    self._read(conn)
+
+    def _handle_inbox(self) -> None:
+        to_fetch: list[str] = []
+        while self._inbox:
+            task_id, payload = self._inbox.popleft()
+            if payload:
+                meta = self.backend.decode_result(payload)
+                meta.setdefault("task_id", task_id)
+                self.on_state_change(meta, None)
+            else:
+                to_fetch.append(task_id)
+        if to_fetch:
+            for meta in self.backend.fetch_metas(to_fetch):
+                self.on_state_change(meta, None)
+
+
+class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ignore[misc]
+    """Result backend storing results in PostgreSQL, woken by LISTEN/NOTIFY."""
+
+    ResultConsumer = ResultConsumer
+
+    supports_native_join = True
+    supports_autoexpire = False  # Celery beat schedules celery.backend_cleanup
+    implements_incr = True
+    persistent = True
+    key_t = _text
+
+    def __init__(self, app: Any = None, url: str | None = None, **kwargs: Any) -> None:
+        super().__init__(app=app, url=url, expires_type=int, **kwargs)
+        conf = self.app.conf
+        raw = dict(conf.get("result_backend_transport_options") or {})
+        unknown = sorted(k for k in raw if k not in _BACKEND_OPTIONS and k != "global_keyprefix")
+        if unknown:
+            raise ConfigurationError(
+                _SETTINGS[1], f"unknown option(s) {', '.join(unknown)}; known: "
+                + ", ".join(_BACKEND_OPTIONS)
+            )
+        if "schema" not in raw and str(conf.broker_url or "").startswith("pgnotify"):
+            broker_schema = (conf.broker_transport_options or {}).get("schema")
+            if broker_schema:
+                raw["schema"] = broker_schema
+        raw.pop("global_keyprefix", None)
+        self.opts = TransportOptions.from_mapping(raw, setting=_SETTINGS[1])
+        if not url and not self.opts.dsn:
+            raise ImproperlyConfigured(
+                "result_backend: give a URL such as pgnotify://user:pass@host:5432/dbname"
+            )
+        self.url = url
+        self.conninfo = conninfo_from_url(
+            url or "",
+            self.opts.dsn,
+            self.opts.connect_timeout,
+            application_name="celery-pgnotify-results",
+            settings=_SETTINGS,
+        )
+        self.stmts = pgsql.statements(self.opts.schema)
+        self._conn: psycopg.Connection[Any] | None = None
+        self._pid = os.getpid()
+        self.result_consumer = self.ResultConsumer(
+            self, self.app, self.accept, self._pending_results, self._pending_messages
+        )
+        forget_after_fork(self)
+
+    def __reduce__(self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        return super().__reduce__(args, dict(kwargs or {}, url=self.url))
+
+    def as_uri(self, include_password: bool = False) -> str:
+        if include_password or not self.url:
+            return super().as_uri(include_password)  # type: ignore[no-any-return]
+        return mask_url(self.url)
+
+    # -- connection ----------------------------------------------------------
+
+    def close(self) -> None:
+        """Close this backend's connections (it reconnects if used again)."""
+        self.result_consumer.stop()
+        conn, self._conn = self._conn, None
+        if conn is not None and os.getpid() == self._pid:
+            conn.close()
+
+    def _forget_after_fork(self) -> None:
+        self._conn = None
+        self._pid = os.getpid()
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:
+            conn = self._conn = connect(self.conninfo)
+            pgsql.ensure_schema(conn, self.conninfo, self.opts.schema, self.opts.auto_migrate)
+        return conn
+
+    def _execute(self, statement: str, params: dict[str, Any]) -> psycopg.Cursor[Any]:
+        """Run one statement; a connection found dead is replaced once.
+
+        Every statement here is idempotent or guarded (a SUCCESS is never
+        overwritten), so the retry cannot store anything twice.
+        """
+        try:
+            return self._connection().execute(statement, params)
+        except psycopg.OperationalError:
+            if self._conn is not None and not self._conn.broken and not self._conn.closed:
+                raise
+            self._conn = None
+            return self._connection().execute(statement, params)
+
+    def exception_safe_to_retry(self, exc: BaseException) -> bool:
+        # result_backend_always_retry: lost connections are worth retrying.
+        return isinstance(exc, (psycopg.OperationalError, ConnectionError))
+
+    # -- waiting -------------------------------------------------------------
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        # Listen before the task is published, so its result cannot be missed.
+        if not _task_join_will_block():
+            self.result_consumer.consume_from(task_id)
+
+    def forget(self, task_id: str) -> None:
+        super().forget(task_id)
+        self.result_consumer.cancel_for(task_id)
+
+    def fetch_metas(self, task_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The stored metas of ``task_ids`` (those that have one)."""
+        rows = self._execute(self.stmts.get_results, {"ids": list(task_ids)}).fetchall()
+        metas = []
+        for task_id, raw in rows:
+            meta = self.decode_result(bytes(raw))
+            meta.setdefault("task_id", task_id)
+            metas.append(meta)
+        return metas
+
+    # -- storing -------------------------------------------------------------
+
+    def _store_result(
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        traceback: str | None = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        meta = self._get_result_meta(
+            result=result, state=state, traceback=traceback, request=request
+        )
+        meta["task_id"] = _text(task_id)
+        encoded = self.encode(meta)
+        data = encoded.encode("utf-8") if isinstance(encoded, str) else bytes(encoded)
+        inline = (
+            isinstance(encoded, str) and len(data) <= MAX_INLINE_PAYLOAD and "\x00" not in encoded
+        )
+        retries = meta.get("retries")
+        params = {
+            "id": meta["task_id"],
+            "status": state,
+            "meta": data,
+            "name": meta.get("name"),
+            "args": _as_text(meta.get("args")),
+            "kwargs": _as_text(meta.get("kwargs")),
+            "worker": meta.get("worker"),
+            "retries": retries if isinstance(retries, int) else None,
+            "queue": meta.get("queue"),
+            "traceback": traceback,
+            "ready": state in states.READY_STATES,
+            "expires": self.expires or None,
+            "channel": self.stmts.result_channel(meta["task_id"]),
+            "payload": encoded if inline else "",
+        }
+        self._execute(self.stmts.store_result, params)
+        return result
+
+    # -- the key-value interface Celery's base class builds on -----------------
+
+    def _split_key(self, key: Any) -> tuple[str, str]:
+        key = _text(key)
+        for kind, prefix in (
+            ("result", self.task_keyprefix),
+            ("group", self.group_keyprefix),
+            ("chord", self.chord_keyprefix),
+        ):
+            if key.startswith(prefix):
+                return kind, key[len(prefix) :]
+        raise ValueError(f"not a result backend key: {key!r}")
+
+    def get(self, key: Any) -> bytes | None:
+        kind, ident = self._split_key(key)
+        statement = self.stmts.get_result if kind == "result" else self.stmts.get_group
+        row = self._execute(statement, {"id": ident}).fetchone()
+        return bytes(row[0]) if row else None
+
+    def mget(self, keys: Sequence[Any]) -> list[bytes | None]:
+        ids = [self._split_key(k)[1] for k in keys]
+        rows = self._execute(self.stmts.get_results, {"ids": ids}).fetchall()
+        found = {task_id: bytes(raw) for task_id, raw in rows}
+        return [found.get(i) for i in ids]
+
+    def set(self, key: Any, value: Any) -> None:
+        kind, ident = self._split_key(key)
+        data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        if kind == "group":
+            self._execute(
+                self.stmts.save_group, {"id": ident, "meta": data, "expires": self.expires or None}
+            )
+            return
+        # A task meta written directly (not through store_result).
+        meta = self.decode_result(data)
+        self._store_result(
+            ident, meta.get("result"), meta.get("status", states.PENDING), meta.get("traceback")
+        )
+
+    def delete(self, key: Any) -> None:
+        kind, ident = self._split_key(key)
+        self._execute(getattr(self.stmts, f"delete_{kind}"), {"id": ident})
+
+    def incr(self, key: Any) -> int:
+        _, ident = self._split_key(key)
+        row = self._execute(
+            self.stmts.chord_incr, {"id": ident, "expires": self.chord_expires or None}
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def expire(self, key: Any, value: Any) -> None:
+        kind, ident = self._split_key(key)
+        self._execute(getattr(self.stmts, f"expire_{kind}"), {"id": ident, "expires": value})
+
+    def cleanup(self) -> None:
+        """Delete expired results, groups and chord counters."""
+        row = self._execute(self.stmts.cleanup_results, {}).fetchone()
+        if row and any(row):
+            logger.info(
+                "Result backend cleanup: %s results, %s groups, %s chord counters expired",
+                *row,
+            )
+
+
+def _as_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, default=repr)
