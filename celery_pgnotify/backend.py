@@ -260,9 +260,7 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
                 n = pgconn.notifies()
                 if n is None:
                     break
-                self._on_notify(
-                    psycopg.Notify(n.relname.decode(), n.extra.decode(), n.be_pid)
-                )
+                self._on_notify(psycopg.Notify(n.relname.decode(), n.extra.decode(), n.be_pid))
         except psycopg.OperationalError:
             logger.warning("Result backend: lost the LISTEN connection; reconnecting")
             self._drop()
@@ -317,8 +315,8 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
         unknown = sorted(k for k in raw if k not in _BACKEND_OPTIONS and k != "global_keyprefix")
         if unknown:
             raise ConfigurationError(
-                _SETTINGS[1], f"unknown option(s) {', '.join(unknown)}; known: "
-                + ", ".join(_BACKEND_OPTIONS)
+                _SETTINGS[1],
+                f"unknown option(s) {', '.join(unknown)}; known: " + ", ".join(_BACKEND_OPTIONS),
             )
         if "schema" not in raw and str(conf.broker_url or "").startswith("pgnotify"):
             broker_schema = (conf.broker_transport_options or {}).get("schema")

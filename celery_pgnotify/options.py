@@ -95,18 +95,14 @@ class TransportOptions:
             "reconnect_max_delay",
         ):
             if getattr(self, name) <= 0:
-                raise ConfigurationError(
-                    f"{setting}[{name!r}]", "must be a positive number"
-                )
+                raise ConfigurationError(f"{setting}[{name!r}]", "must be a positive number")
         if self.lease_timeout < 2 * self.heartbeat_interval:
             raise ConfigurationError(
                 f"{setting}['lease_timeout']",
                 f"must be at least twice heartbeat_interval ({self.heartbeat_interval})",
             )
         if self.claim_batch < 1:
-            raise ConfigurationError(
-                f"{setting}['claim_batch']", "must be at least 1"
-            )
+            raise ConfigurationError(f"{setting}['claim_batch']", "must be at least 1")
 
 
 def _coerce(setting: str, value: Any, default: Any) -> Any:

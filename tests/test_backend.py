@@ -92,7 +92,7 @@ def test_states_and_exceptions(results: Results, kind: str, db: psycopg.Connecti
 
     # result_extended: the row says what ran, where.
     row = db.execute(
-        f'SELECT status, name, args, worker, retries, date_done IS NOT NULL'
+        f"SELECT status, name, args, worker, retries, date_done IS NOT NULL"
         f' FROM "{results.e2e.options["schema"]}".results WHERE task_id = %s',
         (ok.id,),
     ).fetchone()
@@ -135,9 +135,7 @@ def test_canvas(results: Results, kind: str) -> None:
     results.start(kind, concurrency=3)
     add, tsum = (lambda *a: results.sig("add", *a)), (lambda *a: results.sig("tsum", *a))
     assert chain(add(1, 2), add(3), add(4)).delay().get(timeout=30) == 10
-    assert group(add(i, i) for i in range(10)).delay().get(timeout=30) == [
-        2 * i for i in range(10)
-    ]
+    assert group(add(i, i) for i in range(10)).delay().get(timeout=30) == [2 * i for i in range(10)]
     assert chord((add(i, 1) for i in range(5)), tsum()).delay().get(timeout=30) == 15
     # A chord of chords: the inner chords' results feed the outer callback.
     inner = [chord([add(i, j) for j in range(3)], tsum()) for i in range(3)]
