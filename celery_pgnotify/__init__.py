@@ -24,6 +24,7 @@ SCHEME = "pgnotify"
 TRANSPORT_PATH = "celery_pgnotify.transport:Transport"
 
 __all__ = [
+    "enqueue_in",
     "SCHEME",
     "TRANSPORT_PATH",
     "ConfigurationError",
@@ -39,3 +40,12 @@ def register() -> None:
     from kombu.transport import TRANSPORT_ALIASES
 
     TRANSPORT_ALIASES.setdefault(SCHEME, TRANSPORT_PATH)
+
+
+def __getattr__(name: str) -> object:
+    # enqueue_in imports psycopg: loaded on first use, keeping this import cheap.
+    if name == "enqueue_in":
+        from celery_pgnotify.enqueue import enqueue_in
+
+        return enqueue_in
+    raise AttributeError(f"module 'celery_pgnotify' has no attribute {name!r}")

@@ -61,6 +61,11 @@ _SETTINGS = ("result_backend", "result_backend_transport_options")
 _BACKEND_OPTIONS = ("schema", "dsn", "connect_timeout", "auto_migrate")
 
 
+class _KeyDeleter:
+    def __init__(self, backend: PgNotifyBackend) -> None:
+        self.delete = backend.delete
+
+
 def _text(value: str | bytes) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
@@ -411,6 +416,31 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
             metas.append(meta)
         return metas
 
+    def iter_native(self, result: Any, no_ack: bool = True, **kwargs: Any) -> Iterator[Any]:
+        """``ResultSet.join_native``: one query when every member is ready.
+
+        That is always so for a chord's last header task, which joins the
+        whole header; only a set still running waits for notifications.
+        """
+        ids = [r.id for r in result.results]
+        if ids and all(hasattr(r, "_cache") for r in result.results):
+            found = {
+                m["task_id"]: m
+                for m in self.fetch_metas(ids)
+                if m.get("status") in states.READY_STATES
+            }
+            if len(found) == len(set(ids)):
+                for task_id in ids:
+                    yield task_id, found[task_id]
+                return
+        yield from super().iter_native(result, no_ack=no_ack, **kwargs)
+
+    @property
+    def client(self) -> Any:
+        # Celery 5.3's generic chord code deletes the counter with
+        # ``self.client.delete(key)``, assuming a Redis-like client.
+        return _KeyDeleter(self)
+
     # -- storing -------------------------------------------------------------
 
     def _store_result(
@@ -497,7 +527,9 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
     def incr(self, key: Any) -> int:
         _, ident = self._split_key(key)
         row = self._execute(
-            self.stmts.chord_incr, {"id": ident, "expires": self.chord_expires or None}
+            # chord_expires (result_chord_expires) exists from Celery 5.5 on.
+            self.stmts.chord_incr,
+            {"id": ident, "expires": getattr(self, "chord_expires", self.expires) or None},
         ).fetchone()
         assert row is not None
         return int(row[0])

@@ -125,7 +125,11 @@ def migrate(app_path: str | None, url: str | None, schema: str | None) -> None:
     type=click.Path(dir_okay=False),
     help="Beat's schedule file (beat_schedule_filename).",
 )
-@click.option("-S", "--scheduler", help="Beat scheduler class (beat_scheduler).")
+@click.option(
+    "-S",
+    "--scheduler",
+    help="Beat scheduler class (default: the PostgreSQL one, unless beat_scheduler is set).",
+)
 @click.option(
     "--start-method",
     type=click.Choice(["fork", "forkserver", "spawn"]),
@@ -143,6 +147,50 @@ def worker(**options: Any) -> None:
     from celery_pgnotify.worker.main import WorkerOptions, run_worker
 
     run_worker(WorkerOptions(**options))
+
+
+@main.command(context_settings={"show_default": True})
+@click.option("-A", "--app", "app_path", required=True, help="The Celery app (module[:attr]).")
+@click.option("-l", "--loglevel", default="INFO")
+@click.option(
+    "-S",
+    "--scheduler",
+    help="Scheduler class (default: the PostgreSQL one, unless beat_scheduler is set).",
+)
+@click.option(
+    "--max-interval",
+    type=click.FloatRange(min=0.1),
+    help="Longest sleep between checks of the schedule, seconds.",
+)
+@click.option("--logfile", type=click.Path(dir_okay=False), help="Log to this file.")
+@click.option(
+    "--pidfile",
+    type=click.Path(dir_okay=False),
+    help="Write the process id here; refuse to start if it is in use.",
+)
+def beat(
+    app_path: str,
+    loglevel: str,
+    scheduler: str | None,
+    max_interval: float | None,
+    logfile: str | None,
+    pidfile: str | None,
+) -> None:
+    """Run the app's beat_schedule; start as many as you like, one fires."""
+    from celery.app.utils import find_app
+    from celery.apps.beat import Beat
+
+    from celery_pgnotify.beat import scheduler_for
+
+    app = find_app(app_path)
+    Beat(
+        app=app,
+        loglevel=loglevel,
+        logfile=logfile,
+        pidfile=pidfile,
+        scheduler=scheduler_for(app, scheduler),
+        max_interval=max_interval,
+    ).run()
 
 
 if __name__ == "__main__":

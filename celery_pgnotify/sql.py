@@ -114,6 +114,21 @@ CREATE TABLE {s}.chord_counters (
 );
 """,
     ),
+    (
+        3,
+        """
+-- Beat: one row per schedule entry. ``last_run_at`` moves forward only by a
+-- compare-and-set in the transaction that also publishes the firing.
+CREATE TABLE {s}.beat_entries (
+    name             text PRIMARY KEY,
+    schedule         text NOT NULL,
+    last_run_at      timestamptz,
+    last_due_at      timestamptz,
+    total_run_count  integer NOT NULL DEFAULT 0,
+    updated_at       timestamptz NOT NULL DEFAULT now()
+);
+""",
+    ),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]
@@ -323,6 +338,29 @@ TEMPLATES: dict[str, str] = {
         " ON CONFLICT (group_id) DO UPDATE SET counter = c.counter + 1,"
         " expires_at = EXCLUDED.expires_at RETURNING counter"
     ),
+    # -- beat --
+    "beat_state": (
+        "SELECT name, schedule, last_run_at, total_run_count FROM {s}.beat_entries"
+        " WHERE name = ANY(%(names)s)"
+    ),
+    # New entries start from the last_run_at Celery gives them; existing ones
+    # keep their state and take the (possibly changed) schedule.
+    "beat_register": (
+        "INSERT INTO {s}.beat_entries AS e (name, schedule, last_run_at)"
+        " SELECT * FROM unnest(%(names)s::text[], %(schedules)s::text[],"
+        "  %(last_runs)s::timestamptz[])"
+        " ON CONFLICT (name) DO UPDATE SET schedule = EXCLUDED.schedule,"
+        " updated_at = now() WHERE e.schedule <> EXCLUDED.schedule"
+    ),
+    "beat_forget_others": "DELETE FROM {s}.beat_entries WHERE NOT (name = ANY(%(names)s))",
+    # The firing itself: succeeds for exactly one process per (entry, last run).
+    "beat_advance": (
+        "UPDATE {s}.beat_entries SET last_run_at = %(new)s, last_due_at = %(due)s,"
+        " total_run_count = total_run_count + 1, updated_at = now()"
+        " WHERE name = %(name)s AND last_run_at IS NOT DISTINCT FROM %(old)s"
+        " RETURNING total_run_count"
+    ),
+    "beat_take_lead": "SELECT pg_try_advisory_lock(%(ns)s, -1)",
     "cleanup_results": (
         "WITH r AS (DELETE FROM {s}.results WHERE expires_at <= now() RETURNING 1),"
         " g AS (DELETE FROM {s}.result_groups WHERE expires_at <= now() RETURNING 1),"

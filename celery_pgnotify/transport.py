@@ -43,6 +43,7 @@ from kombu.transport.virtual.base import BrokerState
 
 from celery_pgnotify import sql as pgsql
 from celery_pgnotify.connect import connect, conninfo_from_url, forget_after_fork, mask_url
+from celery_pgnotify.enqueue import current_connection
 from celery_pgnotify.errors import DatabaseUnavailable, InvalidName
 from celery_pgnotify.listener import Listener
 from celery_pgnotify.options import TransportOptions
@@ -160,16 +161,19 @@ class Channel(virtual.Channel):
             "ttl": _milliseconds(props.get("expiration"), "expiration"),
             "prefix": self._stmts.channel_prefix,
         }
+        # Inside enqueue_in(conn): the row is written in the caller's transaction.
+        through = current_connection()
+        execute = through.execute if through is not None else self._execute
         if exchange:
             params.update(exchange=exchange, rk=routing_key or "")
-            rows = self._execute(self._stmts.publish_routed, params).fetchall()
+            rows = execute(self._stmts.publish_routed, params).fetchall()
             if not rows:
                 logger.debug(
                     "Message to exchange %r key %r matched no queue; dropped", exchange, routing_key
                 )
         else:
             params["queue"] = _check_name("queue", routing_key)
-            self._execute(self._stmts.publish_direct, params)
+            execute(self._stmts.publish_direct, params)
 
     # -- consuming ---------------------------------------------------------------
 

@@ -145,12 +145,15 @@ def run_worker(options: WorkerOptions) -> None:
         if options.beat:
             from celery.beat import EmbeddedService
 
-            # Celery's own scheduler, in a thread of the main process (as -B).
+            from celery_pgnotify.beat import scheduler_for
+
+            # Celery's beat service in a thread of the main process (as -B),
+            # with the PostgreSQL scheduler unless another is configured.
             beat = EmbeddedService(
                 app,
                 thread=True,
                 schedule_filename=options.schedule or conf.beat_schedule_filename,
-                scheduler_cls=options.scheduler or conf.beat_scheduler,
+                scheduler_cls=scheduler_for(app, options.scheduler),
             )
         Manager(
             app,

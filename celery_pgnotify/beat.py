@@ -1,0 +1,307 @@
+"""A celery beat scheduler with its state in PostgreSQL and one leader at a time.
+
+Use it with ``celery-pg beat -A proj`` (the default there and for
+``celery-pg worker -B``), or with Celery's own command:
+``celery -A proj beat -S pgnotify`` (or ``-S celery_pgnotify.beat:Scheduler``).
+The app's ``beat_schedule`` runs as written: ``timedelta``/seconds,
+``crontab``, ``solar``, args/kwargs/options and the app's timezone settings
+are Celery's own, evaluated by Celery's schedule classes.
+
+State
+=====
+One row per entry in ``<schema>.beat_entries``: the schedule as text, the
+last run, the last due time and the run count. The broker must be
+``pgnotify://``: the state lives in its database and schema.
+
+Several beat processes
+======================
+Any number may run. Each holds a dedicated session; the one that gets the
+session-level advisory lock leads and fires, the others retry every
+``pgnotify_beat_retry`` seconds (default 1.0). A leader that dies, even by
+SIGKILL, loses its session and so the lock: another takes over within that
+interval. Whatever happens to leadership, a firing is one transaction: a
+compare-and-set of the entry's ``last_run_at`` from the value the firing
+was computed from, and the task's message, inserted through that same
+transaction. Two processes that both believe they lead still publish each
+firing once; a crash before COMMIT publishes nothing and leaves the entry due.
+
+Catch-up rule (Celery's)
+========================
+An entry that fell due while no beat ran fires once when beat is back, not
+once per missed due time; its next run is then counted from that firing.
+An entry that is not yet due is not fired by a restart. A changed schedule
+applies from the entry's recorded last run; an entry removed from
+``beat_schedule`` is forgotten by the next leader.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import psycopg
+from celery import beat
+
+from celery_pgnotify import sql as pgsql
+from celery_pgnotify.connect import connect, conninfo_from_url
+from celery_pgnotify.enqueue import enqueue_in
+from celery_pgnotify.errors import ConfigurationError
+from celery_pgnotify.options import TransportOptions
+
+logger = logging.getLogger(__name__)
+
+#: How often a follower tries to take the lead, and a leader checks it still has it.
+DEFAULT_RETRY = 1.0
+
+
+class Scheduler(beat.Scheduler):  # type: ignore[misc]
+    """celery beat scheduler: state in PostgreSQL, fires once across processes."""
+
+    #: never sleep longer than this, so schedule changes and leadership are seen
+    max_interval = 5
+
+    def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
+        self._conn: psycopg.Connection[Any] | None = None
+        self._lead_conn: psycopg.Connection[Any] | None = None
+        self._lead_checked = 0.0
+        self.leader = False
+        self._configure(app)
+        super().__init__(app, *args, **kwargs)
+        self.max_interval = min(self.max_interval, type(self).max_interval)
+
+    def _configure(self, app: Any) -> None:
+        conf = app.conf
+        url = str(conf.broker_url or "")
+        if not url.startswith("pgnotify://"):
+            raise ConfigurationError(
+                "broker_url",
+                "celery_pgnotify.beat.Scheduler keeps its state in the pgnotify broker's "
+                f"database; the broker is {url.split('://')[0] or 'unset'!r}",
+            )
+        self.opts = TransportOptions.from_mapping(conf.broker_transport_options or {})
+        self.conninfo = conninfo_from_url(
+            url, self.opts.dsn, self.opts.connect_timeout, application_name="celery-pgnotify-beat"
+        )
+        self.stmts = pgsql.statements(self.opts.schema)
+        retry = conf.get("pgnotify_beat_retry", DEFAULT_RETRY)
+        try:
+            self.retry = float(retry)
+        except (TypeError, ValueError):
+            raise ConfigurationError(
+                "pgnotify_beat_retry", f"must be a number, not {retry!r}"
+            ) from None
+        if self.retry <= 0:
+            raise ConfigurationError("pgnotify_beat_retry", "must be a positive number")
+
+    # -- Celery's scheduler interface -------------------------------------------
+
+    def setup_schedule(self) -> None:
+        self.install_default_entries(self.data)
+        self.merge_inplace(self.app.conf.beat_schedule)
+        try:
+            self._register()
+        except psycopg.OperationalError as exc:
+            # Not fatal: tick() keeps trying, as beat does with its broker.
+            logger.warning("beat: PostgreSQL not reachable yet (%s); will retry", exc)
+            self._drop()
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        """Fire what is due if leading; returns the seconds to sleep."""
+        try:
+            if not self._lead():
+                return self.retry
+            return self._fire_due()
+        except psycopg.OperationalError as exc:
+            logger.warning("beat: lost PostgreSQL (%s); reconnecting", exc)
+            self._drop()
+            return self.retry
+
+    def sync(self) -> None:
+        # Every firing is already committed: nothing to flush.
+        pass
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._drop()
+
+    @property
+    def info(self) -> str:
+        role = "leader" if self.leader else "waiting to lead"
+        return f"    . db -> {self.opts.schema} schema (pgnotify), {role}"
+
+    # -- leadership ----------------------------------------------------------
+
+    def _state_conn(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self.conninfo)
+            pgsql.ensure_schema(self._conn, self.conninfo, self.opts.schema, self.opts.auto_migrate)
+        return self._conn
+
+    def _lead(self) -> bool:
+        now = time.monotonic()
+        if self.leader:
+            if now - self._lead_checked < self.retry:
+                return True
+            assert self._lead_conn is not None
+            # The lock lives as long as this session: prove it still does.
+            self._lead_conn.execute("SELECT 1")
+            self._lead_checked = now
+            return True
+        if self._lead_conn is None or self._lead_conn.closed:
+            self._lead_conn = connect(self.conninfo)
+        row = self._lead_conn.execute(
+            self.stmts.beat_take_lead, {"ns": self.stmts.lock_namespace}
+        ).fetchone()
+        if not row or not row[0]:
+            return False
+        self.leader = True
+        self._lead_checked = now
+        logger.info("beat: this process leads (schema %s)", self.opts.schema)
+        # Another leader may have fired while this one waited.
+        self._register(forget_others=True)
+        return True
+
+    def _drop(self) -> None:
+        if self.leader:
+            logger.warning("beat: no longer leading")
+        self.leader = False
+        for conn in (self._conn, self._lead_conn):
+            if conn is not None:
+                try:
+                    conn.close()
+                except psycopg.Error:
+                    pass
+        self._conn = self._lead_conn = None
+
+    # -- state -----------------------------------------------------------------
+
+    def _register(self, forget_others: bool = False) -> None:
+        """Record this schedule's entries and load their state from the table."""
+        conn = self._state_conn()
+        entries = list(self.schedule.values())
+        names = [e.name for e in entries]
+        with conn.transaction():
+            conn.execute(
+                self.stmts.beat_register,
+                {
+                    "names": names,
+                    "schedules": [_describe(e) for e in entries],
+                    "last_runs": [_aware(e.last_run_at) for e in entries],
+                },
+            )
+            if forget_others:
+                conn.execute(self.stmts.beat_forget_others, {"names": names})
+            rows = conn.execute(self.stmts.beat_state, {"names": names}).fetchall()
+        for name, _schedule, last_run_at, count in rows:
+            entry = self.schedule[name]
+            entry.last_run_at = last_run_at
+            entry.total_run_count = count
+
+    def _fire_due(self) -> float:
+        sleep = float(self.max_interval)
+        for entry in list(self.schedule.values()):
+            due, next_in = self.is_due(entry)
+            if due:
+                self._fire(entry)
+                due, next_in = self.is_due(self.schedule[entry.name])
+            sleep = min(sleep, float(next_in))
+        return max(sleep, 0.0)
+
+    def _fire(self, entry: Any) -> None:
+        now = self.app.now()
+        old = _aware(entry.last_run_at)
+        with _frozen(entry.schedule, now):
+            due_at = now + _seconds(entry.schedule.remaining_estimate(entry.last_run_at))
+            # Keep the cadence (next run counted from the due time) unless the
+            # next due time has already passed too: then count from now, firing
+            # once for all the missed runs (Celery's catch-up rule).
+            behind = _seconds(entry.schedule.remaining_estimate(due_at)) <= timedelta(0)
+        new = now if behind else due_at
+        conn = self._state_conn()
+        logger.info("Scheduler: Sending due task %s (%s)", entry.name, entry.task)
+        try:
+            with conn.transaction():
+                row = conn.execute(
+                    self.stmts.beat_advance,
+                    {"name": entry.name, "old": old, "new": _aware(new), "due": _aware(due_at)},
+                ).fetchone()
+                if row is None:
+                    raise _AlreadyFired
+                with enqueue_in(conn):
+                    result = self.apply_async(entry, producer=self.producer, advance=False)
+        except _AlreadyFired:
+            logger.info("beat: %s was fired by another process; reloading", entry.name)
+            self._register()
+            return
+        except psycopg.OperationalError:
+            raise  # tick() reconnects; the entry is still due
+        except Exception as exc:  # noqa: BLE001 - as Celery's apply_entry: log, keep beating
+            # Like Celery, a firing that cannot be published (bad arguments,
+            # unknown route) counts as run, so it is not retried in a loop.
+            logger.error("Message Error: %s (entry %s)", exc, entry.name, exc_info=True)
+            row = conn.execute(
+                self.stmts.beat_advance,
+                {"name": entry.name, "old": old, "new": _aware(new), "due": _aware(due_at)},
+            ).fetchone()
+            if row is None:
+                self._register()
+                return
+            result = None
+        entry.last_run_at = new
+        entry.total_run_count = row[0]
+        logger.debug("%s sent. id->%s", entry.task, getattr(result, "id", None))
+
+
+#: Celery's default ``beat_scheduler``: a local shelve file, one beat only.
+CELERY_DEFAULT_SCHEDULER = "celery.beat:PersistentScheduler"
+SCHEDULER_PATH = "celery_pgnotify.beat:Scheduler"
+
+
+def scheduler_for(app: Any, requested: str | None = None) -> str:
+    """The scheduler ``celery-pg`` runs: ``requested``, else the app's
+    ``beat_scheduler`` if set to anything but Celery's default, else this one
+    when the broker is pgnotify."""
+    if requested:
+        return requested
+    configured = str(app.conf.beat_scheduler or CELERY_DEFAULT_SCHEDULER)
+    if configured != CELERY_DEFAULT_SCHEDULER:
+        return configured
+    if str(app.conf.broker_url or "").startswith("pgnotify://"):
+        return SCHEDULER_PATH
+    return configured
+
+
+class _AlreadyFired(Exception):
+    """The compare-and-set lost: the firing is another process's."""
+
+
+@contextmanager
+def _frozen(schedule: Any, now: datetime) -> Iterator[None]:
+    """Evaluate ``schedule`` at the instant ``now`` (exact due times, no drift)."""
+    previous = getattr(schedule, "nowfun", None)
+    schedule.nowfun = lambda: now
+    try:
+        yield
+    finally:
+        schedule.nowfun = previous
+
+
+def _describe(entry: Any) -> str:
+    return f"{entry.schedule!r} {entry.task} {entry.args!r} {entry.kwargs!r} {entry.options!r}"
+
+
+def _seconds(delta: Any) -> timedelta:
+    return delta if isinstance(delta, timedelta) else timedelta(seconds=float(delta))
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """Naive datetimes from Celery are UTC (``enable_utc``); store instants."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=timezone.utc)
