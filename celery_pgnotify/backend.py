@@ -47,6 +47,7 @@ from celery import states
 from celery.backends.asynchronous import AsyncBackendMixin, BaseResultConsumer
 from celery.backends.base import BaseKeyValueStoreBackend
 from celery.exceptions import ImproperlyConfigured
+from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from celery_pgnotify import sql as pgsql
 from celery_pgnotify.connect import connect, conninfo_from_url, forget_after_fork, mask_url
@@ -416,24 +417,65 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
             metas.append(meta)
         return metas
 
-    def iter_native(self, result: Any, no_ack: bool = True, **kwargs: Any) -> Iterator[Any]:
-        """``ResultSet.join_native``: one query when every member is ready.
+    def iter_native(
+        self,
+        result: Any,
+        no_ack: bool = True,
+        timeout: float | None = None,
+        on_message: Any = None,
+        on_interval: Any = None,
+        **kwargs: Any,
+    ) -> Iterator[Any]:
+        """``ResultSet.join_native()``/``iter_native()``: ``(task_id, meta)`` as
+        each member is ready.
 
-        That is always so for a chord's last header task, which joins the
-        whole header; only a set still running waits for notifications.
+        Reads the table once, then once more per wake-up by NOTIFY for the
+        members still running. A chord's last header task, which joins the
+        whole header, finds every member ready in the first query. This does
+        not depend on Celery's per-object pending-result bookkeeping, which
+        before Celery 5.7 served only the first object made for a task id.
         """
-        ids = [r.id for r in result.results]
-        if ids and all(hasattr(r, "_cache") for r in result.results):
-            found = {
-                m["task_id"]: m
-                for m in self.fetch_metas(ids)
-                if m.get("status") in states.READY_STATES
-            }
-            if len(found) == len(set(ids)):
-                for task_id in ids:
-                    yield task_id, found[task_id]
-                return
-        yield from super().iter_native(result, no_ack=no_ack, **kwargs)
+        members = list(result.results)
+        if not members or not all(hasattr(r, "_cache") for r in members):
+            # Nested groups: Celery's generic path.
+            yield from super().iter_native(
+                result,
+                no_ack=no_ack,
+                timeout=timeout,
+                on_message=on_message,
+                on_interval=on_interval,
+                **kwargs,
+            )
+            return
+        self._ensure_not_eager()
+        waiting = list(dict.fromkeys(r.id for r in members))
+        for task_id in waiting:
+            self.result_consumer.consume_from(task_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                ready = {
+                    m["task_id"]: m
+                    for m in self.fetch_metas(waiting)
+                    if m.get("status") in states.READY_STATES
+                }
+                for task_id in [t for t in waiting if t in ready]:
+                    if on_message is not None:
+                        on_message(ready[task_id])
+                    yield task_id, ready[task_id]
+                waiting = [t for t in waiting if t not in ready]
+                if not waiting:
+                    return
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise CeleryTimeoutError("The operation timed out.")
+                # Returns on the next announcement (or after a second).
+                self.result_consumer.drain_events(1.0 if left is None else min(left, 1.0))
+                if on_interval is not None:
+                    on_interval()
+        finally:
+            for task_id in waiting:
+                self.result_consumer.cancel_for(task_id)
 
     @property
     def client(self) -> Any:

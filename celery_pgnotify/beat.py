@@ -128,6 +128,11 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         try:
             super().close()
         finally:
+            # Celery before 5.5 keeps the publishing connection open on close.
+            self.__dict__.pop("producer", None)
+            connection = self.__dict__.pop("connection", None)
+            if connection is not None:
+                connection.release()
             self._drop()
 
     @property

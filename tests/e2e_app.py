@@ -97,3 +97,14 @@ def soft(tag: str) -> None:
 @app.task(rate_limit="2/s")
 def limited(tag: str) -> None:
     log(tag, "run")
+
+
+@app.task
+def check_row(tag: str, table: str, key: str) -> None:
+    """Record whether the row the task is about is visible to it."""
+    with psycopg.connect(LOG_DSN, autocommit=True) as conn:
+        row = conn.execute(
+            f'SELECT 1 FROM "{table}" WHERE key = %s',  # noqa: S608
+            (key,),
+        ).fetchone()
+    log(tag, "found" if row else "missing")

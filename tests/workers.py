@@ -145,6 +145,18 @@ def celery_pg_worker(
     return WorkerProcess(argv, env)
 
 
+def beat_process(
+    env: dict[str, str], kind: str = "celery-pg", app: str = "tests.e2e_app"
+) -> WorkerProcess:
+    """A beat process on the PostgreSQL scheduler: ``celery-pg beat``, or
+    Celery's own ``celery beat -S pgnotify`` (``kind="celery"``)."""
+    if kind == "celery":
+        argv = [sys.executable, "-m", "celery", "-A", app, "beat", "-S", "pgnotify", "-l", "info"]
+    else:
+        argv = [sys.executable, "-m", "celery_pgnotify.cli", "beat", "-A", app, "-l", "info"]
+    return WorkerProcess(argv, env)
+
+
 FAST = {"heartbeat_interval": 0.5, "lease_timeout": 2.0}
 
 
@@ -187,6 +199,15 @@ class E2E:
                 f'SELECT event FROM "{self.table}" WHERE tag = %s ORDER BY at', (tag,)
             ).fetchall()
         return [r[0] for r in rows]
+
+    def times(self, tag: str) -> list[float]:
+        """When each event of ``tag`` happened (UNIX time), in order."""
+        with psycopg.connect(self.dsn) as conn:
+            rows = conn.execute(
+                f'SELECT extract(epoch FROM at) FROM "{self.table}" WHERE tag = %s ORDER BY at',
+                (tag,),
+            ).fetchall()
+        return [float(r[0]) for r in rows]
 
     def wait_events(self, tag: str, expected: list[str], timeout: float = 30) -> list[str]:
         deadline = time.monotonic() + timeout
