@@ -22,7 +22,7 @@ ignore the block.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -46,6 +46,23 @@ def enqueue_in(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Connection[Any
         _connection.reset(token)
 
 
+#: Callables that may name the connection to publish through when no
+#: :func:`enqueue_in` block is active (the Django integration adds one).
+_providers: list[Callable[[], psycopg.Connection[Any] | None]] = []
+
+
+def add_provider(provider: Callable[[], psycopg.Connection[Any] | None]) -> None:
+    """Consult ``provider`` on every publish outside an :func:`enqueue_in` block."""
+    if provider not in _providers:
+        _providers.append(provider)
+
+
 def current_connection() -> psycopg.Connection[Any] | None:
     """The connection publishes go through in this context, if any."""
-    return _connection.get()
+    conn = _connection.get()
+    if conn is None:
+        for provider in _providers:
+            conn = provider()
+            if conn is not None:
+                break
+    return conn

