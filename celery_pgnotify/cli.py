@@ -32,6 +32,55 @@ def _settings(app_path: str | None, url: str | None, schema: str | None) -> tupl
 _app_option = click.option("-A", "--app", "app_path", help="Celery app whose settings to use.")
 _url_option = click.option("--url", help="pgnotify:// or postgresql:// URL of the database.")
 _schema_option = click.option("--schema", help="Schema name (default: the transport's).")
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def _where(function: Any) -> Any:
+    """-A/--url/--schema: which database and schema a command works on."""
+    return _app_option(_url_option(_schema_option(function)))
+
+
+def _open(app_path: str | None, url: str | None, schema: str | None) -> tuple[Any, Any]:
+    """(connection, statements) for an operations command."""
+    import psycopg
+
+    from celery_pgnotify import sql
+    from celery_pgnotify.connect import connect
+
+    conninfo, schema_name = _settings(app_path, url, schema)
+    try:
+        conn = connect(conninfo)
+    except psycopg.Error as exc:
+        raise click.ClickException(f"cannot connect to PostgreSQL: {exc}") from None
+    return conn, sql.statements(schema_name)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """``rows`` as an aligned text table (numbers to the right)."""
+    cells = [[("-" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    numeric = [
+        all(isinstance(r.get(c), (int, float)) or r.get(c) is None for r in rows) for c in columns
+    ]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(
+            v.rjust(w) if num else v.ljust(w)
+            for v, w, num in zip(values, widths, numeric, strict=True)
+        ).rstrip()
+
+    out = [line(columns), line(["-" * w for w in widths])]
+    out += [line(row) for row in cells]
+    return "\n".join(out)
+
+
+def _emit(data: Any, as_json: bool, text: str) -> None:
+    if as_json:
+        import json
+
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        click.echo(text)
 
 
 @click.group()
@@ -40,9 +89,7 @@ def main() -> None:
 
 
 @main.command()
-@_app_option
-@_url_option
-@_schema_option
+@_where
 def migrate(app_path: str | None, url: str | None, schema: str | None) -> None:
     """Create or upgrade the schema (idempotent; safe to run concurrently)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -60,6 +107,144 @@ def migrate(app_path: str | None, url: str | None, schema: str | None) -> None:
         )
     else:
         click.echo(f"schema {schema_name}: up to date at version {version}")
+
+
+@main.command()
+@_where
+@_json_option
+def status(app_path: str | None, url: str | None, schema: str | None, as_json: bool) -> None:
+    """Queues (ready, leased, delayed, oldest age, dead letters) and live consumers."""
+    from celery_pgnotify import ops
+
+    conn, stmts = _open(app_path, url, schema)
+    with conn:
+        data = ops.status(conn, stmts)
+    text = _table(
+        data["queues"], ["queue", "ready", "leased", "delayed", "oldest_ready_s", "dead_letters"]
+    )
+    text += "\n\nconsumers (workers and their LISTEN sessions)\n"
+    text += _table(
+        [dict(c, queues=",".join(c["queues"])) for c in data["consumers"]],
+        ["hostname", "pid", "queues", "last_heartbeat_s", "started_at"],
+    )
+    _emit(data, as_json, text)
+
+
+@main.command()
+@click.argument("queue")
+@_where
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def purge(queue: str, app_path: str | None, url: str | None, schema: str | None, yes: bool) -> None:
+    """Delete the ready messages of QUEUE (messages being worked on are left)."""
+    from celery_pgnotify import ops
+
+    if not yes:
+        click.confirm(f"Delete every ready message of queue {queue!r}?", abort=True)
+    conn, stmts = _open(app_path, url, schema)
+    with conn:
+        click.echo(f"{ops.purge(conn, stmts, queue)} message(s) deleted from {queue!r}")
+
+
+@main.group("dead-letters")
+def dead_letters() -> None:
+    """Messages no worker could run, with the reason: list, retry, drop."""
+
+
+@dead_letters.command("list")
+@_where
+@click.option("--queue", help="Only this queue's dead letters.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@_json_option
+def dead_letters_list(
+    app_path: str | None,
+    url: str | None,
+    schema: str | None,
+    queue: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Show dead letters, oldest first."""
+    from celery_pgnotify import ops
+
+    conn, stmts = _open(app_path, url, schema)
+    with conn:
+        rows = ops.dead_letters(conn, stmts, queue=queue, limit=limit)
+    _emit(rows, as_json, _table(rows, ["id", "queue", "task", "task_id", "reason", "dead_at"]))
+
+
+def _chosen(ids: tuple[int, ...], queue: str | None, everything: bool) -> list[int] | None:
+    if not ids and not queue and not everything:
+        raise click.UsageError("name dead letters by ID, or use --queue or --all")
+    return list(ids) or None
+
+
+@dead_letters.command("retry")
+@click.argument("ids", nargs=-1, type=int)
+@_where
+@click.option("--queue", help="Every dead letter of this queue.")
+@click.option("--all", "everything", is_flag=True, help="Every dead letter.")
+def dead_letters_retry(
+    ids: tuple[int, ...],
+    app_path: str | None,
+    url: str | None,
+    schema: str | None,
+    queue: str | None,
+    everything: bool,
+) -> None:
+    """Put dead letters back on the queue they came from."""
+    from celery_pgnotify import ops
+
+    chosen = _chosen(ids, queue, everything)
+    conn, stmts = _open(app_path, url, schema)
+    with conn:
+        moved = ops.retry_dead_letters(conn, stmts, queue, chosen)
+    for name, count in sorted(moved.items()):
+        click.echo(f"{count} message(s) back on {name!r}")
+    if not moved:
+        click.echo("no dead letter matched")
+
+
+@dead_letters.command("drop")
+@click.argument("ids", nargs=-1, type=int)
+@_where
+@click.option("--queue", help="Every dead letter of this queue.")
+@click.option("--all", "everything", is_flag=True, help="Every dead letter.")
+def dead_letters_drop(
+    ids: tuple[int, ...],
+    app_path: str | None,
+    url: str | None,
+    schema: str | None,
+    queue: str | None,
+    everything: bool,
+) -> None:
+    """Delete dead letters for good."""
+    from celery_pgnotify import ops
+
+    chosen = _chosen(ids, queue, everything)
+    conn, stmts = _open(app_path, url, schema)
+    with conn:
+        click.echo(f"{ops.drop_dead_letters(conn, stmts, queue, chosen)} dead letter(s) deleted")
+
+
+@main.command()
+@_where
+@_json_option
+def check(app_path: str | None, url: str | None, schema: str | None, as_json: bool) -> None:
+    """Exit 0 when the database answers and the schema is current (health probes)."""
+    import psycopg
+
+    from celery_pgnotify import ops
+    from celery_pgnotify.connect import connect
+
+    conninfo, schema_name = _settings(app_path, url, schema)
+    try:
+        with connect(conninfo) as conn:
+            ok, why = ops.check(conn, schema_name)
+    except psycopg.Error as exc:
+        ok, why = False, f"cannot connect to PostgreSQL: {exc}".strip()
+    _emit({"ok": ok, "schema": schema_name, "detail": why}, as_json, why)
+    if not ok:
+        sys.exit(1)
 
 
 @main.command(context_settings={"show_default": True})

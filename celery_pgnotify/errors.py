@@ -26,3 +26,7 @@ class DatabaseUnavailable(PgNotifyError, ConnectionError):
 
 class InvalidName(PgNotifyError, ValueError):
     """A queue or exchange name cannot be stored (empty, too long, NUL byte)."""
+
+
+class MessageTooLarge(PgNotifyError, ValueError):
+    """A message is larger than the ``max_message_size`` transport option."""

@@ -23,6 +23,14 @@ option                      default      meaning
 ``auto_migrate``            True         Create/upgrade the schema on first connect.
 ``connect_timeout``         10 s         libpq ``connect_timeout`` unless the DSN has one.
 ``reconnect_max_delay``     5.0 s        Ceiling of the listener's reconnect backoff.
+``max_message_size``        64 MiB       Largest stored message (JSON text, body
+                                         included). Publishing a larger one raises
+                                         MessageTooLarge; a larger one found in the
+                                         table (written by SQL) is dead-lettered.
+``dead_letter_rejected``    True         A message rejected without requeue (an
+                                         unregistered task, ``Reject(requeue=False)``)
+                                         goes to ``dead_letters`` with its reason
+                                         instead of vanishing (RabbitMQ's DLX, built in).
 ==========================  ===========  =============================================
 """
 
@@ -50,6 +58,8 @@ class TransportOptions:
     auto_migrate: bool = True
     connect_timeout: float = 10.0
     reconnect_max_delay: float = 5.0
+    max_message_size: int = 64 * 1024 * 1024
+    dead_letter_rejected: bool = True
 
     @property
     def lock_grace(self) -> float:
@@ -100,6 +110,10 @@ class TransportOptions:
             raise ConfigurationError(
                 f"{setting}['lease_timeout']",
                 f"must be at least twice heartbeat_interval ({self.heartbeat_interval})",
+            )
+        if self.max_message_size < 1024:
+            raise ConfigurationError(
+                f"{setting}['max_message_size']", "must be at least 1024 bytes"
             )
         if self.claim_batch < 1:
             raise ConfigurationError(f"{setting}['claim_batch']", "must be at least 1")

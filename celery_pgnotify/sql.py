@@ -201,6 +201,14 @@ END
 $send_task$;
 """,
     ),
+    (
+        5,
+        """
+ALTER TABLE {s}.dead_letters ADD COLUMN message_id bigint;
+CREATE INDEX dead_letters_queue ON {s}.dead_letters (queue, id);
+CREATE INDEX dead_letters_message ON {s}.dead_letters (message_id);
+""",
+    ),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]
@@ -251,7 +259,11 @@ TEMPLATES: dict[str, str] = {
         " ORDER BY rank DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
         " UPDATE {s}.messages m SET consumer_id = %(consumer)s, leased_at = now()"
         " FROM picked WHERE m.id = picked.id"
-        " RETURNING m.id, m.rank, m.payload, m.redelivered"
+        # A message over max_message_size is not sent over the wire: it is
+        # dead-lettered by id.
+        " RETURNING m.id, m.rank,"
+        " CASE WHEN octet_length(m.payload) <= %(max_size)s THEN m.payload END,"
+        " m.redelivered, octet_length(m.payload)"
     ),
     # no_ack consumers (Celery's pidbox) take messages for good, in one go.
     "take_no_ack": (
@@ -260,7 +272,7 @@ TEMPLATES: dict[str, str] = {
         " WHERE queue = %(queue)s AND consumer_id IS NULL"
         "  AND (expires_at IS NULL OR expires_at > now())"
         " ORDER BY rank DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
-        " RETURNING id, rank, payload, redelivered"
+        " RETURNING id, rank, payload, redelivered, octet_length(payload)"
     ),
     "ack": "DELETE FROM {s}.messages WHERE id = %(id)s",
     "ack_many": "DELETE FROM {s}.messages WHERE id = ANY(%(ids)s)",
@@ -374,6 +386,65 @@ TEMPLATES: dict[str, str] = {
         + " FROM (SELECT queue FROM back UNION SELECT queue FROM orphans) AS q"
     ),
     "take_lock": "SELECT pg_try_advisory_lock(%(ns)s, %(id)s)",
+    # -- dead letters --
+    "dead_letter": (
+        "WITH m AS (DELETE FROM {s}.messages WHERE id = %(id)s RETURNING id, queue, payload)"
+        " INSERT INTO {s}.dead_letters (message_id, queue, payload, reason)"
+        " SELECT id, queue, payload, %(reason)s FROM m"
+    ),
+    # A message already taken off the table (no_ack consumers).
+    "dead_letter_taken": (
+        "INSERT INTO {s}.dead_letters (message_id, queue, payload, reason)"
+        " VALUES (%(id)s, %(queue)s, %(payload)s, %(reason)s)"
+    ),
+    "dead_letter_reason": (
+        "UPDATE {s}.dead_letters SET reason = %(reason)s WHERE message_id = %(id)s"
+    ),
+    "dead_letters_list": (
+        "SELECT id, message_id, queue, reason, created_at, left(payload, 2000),"
+        " octet_length(payload) FROM {s}.dead_letters"
+        " WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)"
+        " AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s)) ORDER BY id LIMIT %(limit)s"
+    ),
+    # Back to the queue it came from, as a new message (notified at COMMIT).
+    "dead_letters_retry": (
+        "WITH d AS (DELETE FROM {s}.dead_letters"
+        " WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)"
+        " AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s)) RETURNING queue, payload),"
+        " m AS (INSERT INTO {s}.messages (queue, payload) SELECT queue, payload FROM d"
+        " RETURNING queue)"
+        " SELECT queue, count(*), " + _NOTIFY + " FROM m GROUP BY queue"
+    ),
+    "dead_letters_drop": (
+        "WITH d AS (DELETE FROM {s}.dead_letters"
+        " WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)"
+        " AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s)) RETURNING 1)"
+        " SELECT count(*) FROM d"
+    ),
+    # -- operations --
+    "status_queues": (
+        "WITH names AS (SELECT name FROM {s}.queues"
+        " UNION SELECT DISTINCT queue FROM {s}.messages"
+        " UNION SELECT DISTINCT queue FROM {s}.dead_letters)"
+        " SELECT n.name,"
+        " count(m.id) FILTER (WHERE m.consumer_id IS NULL),"
+        " count(m.id) FILTER (WHERE m.consumer_id IS NOT NULL),"
+        " extract(epoch FROM now() - min(m.created_at) FILTER (WHERE m.consumer_id IS NULL)),"
+        " (SELECT count(*) FROM {s}.dead_letters d WHERE d.queue = n.name)"
+        " FROM names n LEFT JOIN {s}.messages m ON m.queue = n.name"
+        " GROUP BY n.name ORDER BY n.name"
+    ),
+    # ETAs of leased messages (held by workers until due), read without
+    # parsing the JSON, so that no payload can make this query fail.
+    "status_etas": (
+        'SELECT queue, substring(payload FROM \'"eta":\\s*"([^"]+)"\')'
+        " FROM {s}.messages WHERE consumer_id IS NOT NULL"
+    ),
+    "status_consumers": (
+        "SELECT id, hostname, pid, queues, started_at,"
+        " extract(epoch FROM now() - heartbeat_at)"
+        " FROM {s}.consumers ORDER BY hostname, pid"
+    ),
     # -- result backend --
     # One statement stores and wakes the waiter. A SUCCESS is final (a lost
     # worker's late FAILURE must not overwrite it), unless it already expired.

@@ -43,8 +43,9 @@ from kombu.transport.virtual.base import BrokerState
 
 from celery_pgnotify import sql as pgsql
 from celery_pgnotify.connect import connect, conninfo_from_url, forget_after_fork, mask_url
+from celery_pgnotify.deadletters import REJECTED, connect_celery_signals
 from celery_pgnotify.enqueue import current_connection
-from celery_pgnotify.errors import DatabaseUnavailable, InvalidName
+from celery_pgnotify.errors import DatabaseUnavailable, InvalidName, MessageTooLarge
 from celery_pgnotify.listener import Listener
 from celery_pgnotify.options import TransportOptions
 from celery_pgnotify.routing import topic_pattern
@@ -86,6 +87,9 @@ class QoS(virtual.QoS):
     def reject(self, delivery_tag: int, requeue: bool = False) -> None:
         if requeue:
             self.channel._db_requeue([delivery_tag])
+        elif self.channel._opts.dead_letter_rejected:
+            reason = self.channel._reject_reasons.pop(delivery_tag, REJECTED)
+            self.channel.dead_letter(delivery_tag, reason)
         else:
             self.channel._ack(delivery_tag)
         self._quick_ack(delivery_tag)
@@ -126,6 +130,7 @@ class Channel(virtual.Channel):
         self._declared_exchanges: dict[str, str] = {}
         self._deferred_acks: list[int] = []
         self._no_ack_queues: set[str] = set()
+        self._reject_reasons: dict[int, str] = {}
 
     # -- helpers -------------------------------------------------------------
 
@@ -155,9 +160,15 @@ class Channel(virtual.Channel):
         """Route, store and notify in one statement (one round trip)."""
         self._inplace_augment_message(message, exchange, routing_key)
         props = message["properties"]
+        payload = json.dumps(message, separators=(",", ":"))
+        if len(payload) > self._opts.max_message_size:
+            raise MessageTooLarge(
+                f"message of {len(payload)} characters exceeds the max_message_size "
+                f"transport option ({self._opts.max_message_size} bytes)"
+            )
         params = {
             "rank": self._rank(props.get("priority")),
-            "payload": json.dumps(message, separators=(",", ":")),
+            "payload": payload,
             "ttl": _milliseconds(props.get("expiration"), "expiration"),
             "prefix": self._stmts.channel_prefix,
         }
@@ -234,24 +245,59 @@ class Channel(virtual.Channel):
     def _take(self, queue: str, limit: int, no_ack: bool) -> list[dict[str, Any]]:
         # One statement either way: leased to this consumer, or (no_ack)
         # deleted as it is taken.
+        max_size = self._opts.max_message_size
         if no_ack:
             params: dict[str, Any] = {"queue": queue, "limit": limit}
             rows = self._execute(self._stmts.take_no_ack, params).fetchall()
         else:
-            params = {"queue": queue, "limit": limit, "consumer": self.connection.consumer_id()}
+            params = {
+                "queue": queue,
+                "limit": limit,
+                "consumer": self.connection.consumer_id(),
+                "max_size": max_size,
+            }
             rows = self._execute(self._stmts.claim, params).fetchall()
         rows.sort(key=lambda r: (-r[1], r[0]))
-        return [self._payload(r) for r in rows]
+        messages = []
+        for msg_id, _rank, payload, redelivered, size in rows:
+            if payload is None or size > max_size:
+                reason = f"message of {size} bytes exceeds max_message_size ({max_size})"
+            else:
+                try:
+                    messages.append(self._payload(msg_id, payload, redelivered))
+                    continue
+                except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                    reason = f"malformed message: {exc!r}"
+            logger.error("Dead-lettering message %s of queue %r: %s", msg_id, queue, reason)
+            if no_ack:  # already taken off the table
+                self._execute(
+                    self._stmts.dead_letter_taken,
+                    {"id": msg_id, "queue": queue, "payload": payload, "reason": reason},
+                )
+            else:
+                self.dead_letter(msg_id, reason)
+        return messages
 
     @staticmethod
-    def _payload(row: tuple[Any, ...]) -> dict[str, Any]:
-        msg_id, _rank, payload, redelivered = row
+    def _payload(msg_id: int, payload: str, redelivered: bool) -> dict[str, Any]:
         message: dict[str, Any] = json.loads(payload)
-        props = message["properties"]
+        if not isinstance(message, dict) or "body" not in message:
+            raise ValueError("not a kombu message (no body)")
+        props = message.setdefault("properties", {})
+        if not isinstance(props, dict):
+            raise ValueError("properties is not an object")
         props["delivery_tag"] = msg_id
         props.setdefault("delivery_info", {})["redelivered"] = bool(redelivered)
         message["redelivered"] = bool(redelivered)
         return message
+
+    def dead_letter(self, delivery_tag: int, reason: str) -> None:
+        """Move a taken message to ``dead_letters`` with ``reason``."""
+        self._execute(self._stmts.dead_letter, {"id": delivery_tag, "reason": reason[:2000]})
+
+    def note_reject_reason(self, delivery_tag: int, reason: str) -> None:
+        """Say why the next ``reject(requeue=False)`` of ``delivery_tag`` happens."""
+        self._reject_reasons[delivery_tag] = reason
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
         """Take one message synchronously (``None`` when the queue is empty)."""
@@ -716,3 +762,6 @@ class Transport(virtual.Transport):
     @property
     def default_connection_params(self) -> dict[str, Any]:
         return {"port": self.default_port, "hostname": "localhost"}
+
+
+connect_celery_signals()

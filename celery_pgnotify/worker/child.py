@@ -41,9 +41,8 @@ class Job:
     task_id: str
     name: str
     request: dict[str, Any]
-    body: bytes
-    content_type: str
-    content_encoding: str
+    #: ``(args, kwargs, embed)``, decoded (and checked) by the manager
+    body: tuple[Any, Any, Any]
     soft_time_limit: float | None = None
 
 
@@ -135,17 +134,9 @@ def _tracer(app: Any, hostname: str) -> Any:
     in ``request.hostname`` (and so in results and the STARTED state).
     """
     from celery.app.trace import trace_task
-    from kombu.serialization import loads, prepare_accept_content
-
-    accept = prepare_accept_content(app.conf.accept_content)  # type: ignore[no-untyped-call]
 
     def trace(job: Job) -> tuple[int, Any]:
-        if job.content_type:
-            args, kwargs, embed = loads(  # type: ignore[no-untyped-call]
-                job.body, job.content_type, job.content_encoding, accept=accept
-            )
-        else:
-            args, kwargs, embed = job.body
+        args, kwargs, embed = job.body
         request = dict(job.request, args=args, kwargs=kwargs, is_eager=False)
         request["hostname"] = hostname or job.request.get("hostname")
         request.update(embed or {})

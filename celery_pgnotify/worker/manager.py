@@ -27,11 +27,14 @@ from celery.utils.time import rate
 from kombu.message import Message
 from kombu.messaging import Consumer
 from kombu.mixins import ConsumerMixin
+from kombu.serialization import prepare_accept_content
 from kombu.utils.limits import TokenBucket
 
+from celery_pgnotify.deadletters import reject_with_reason
 from celery_pgnotify.worker import control
 from celery_pgnotify.worker.child import Job
 from celery_pgnotify.worker.pool import Event, Pool, PoolSettings
+from celery_pgnotify.worker.validate import Refused, check_headers, decode_body
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +100,7 @@ class Manager(ConsumerMixin):
         self.send_events = send_events
         #: an embedded beat service (``-B``), started once the pool has forked
         self.beat = beat
+        self._accept: set[str] = prepare_accept_content(app.conf.accept_content)
         #: (max, min) children, or None for a fixed size
         self.autoscale = autoscale
         self._buckets: dict[str, TokenBucket | None] = {}  # task name -> rate limit
@@ -255,17 +259,19 @@ class Manager(ConsumerMixin):
     # -- messages ------------------------------------------------------------------
 
     def on_message(self, message: Message) -> None:
-        headers = message.headers or {}
-        name = headers.get("task")
-        task_id = headers.get("id")
-        if not name or not task_id:
-            logger.error("Discarding a message that is not a Celery task (no task/id header)")
-            message.reject()
-            return
-        task = self.app.tasks.get(name)
-        if task is None:
-            logger.error("Received unregistered task %r [%s]; discarding it", name, task_id)
-            message.reject()
+        headers = message.headers
+        try:
+            check_headers(headers)
+            name, task_id = headers["task"], headers["id"]
+            task = self.app.tasks.get(name)
+            if task is None:
+                signals.task_unknown.send(
+                    sender=self, message=message, exc=None, name=name, id=task_id
+                )
+                raise Refused(f"unregistered task {name!r}")
+            body = decode_body(message, self._accept)
+        except Refused as exc:
+            self._refuse(message, str(exc))
             return
         logger.debug("Received %s[%s]", name, task_id)
         if task_id in self.revoked:
@@ -288,7 +294,7 @@ class Manager(ConsumerMixin):
             heapq.heappush(self._eta, (time.time() + wait, next(self._eta_seq), message))
             self._set_prefetch(self.prefetch_count + len(self._eta))
             return
-        self._dispatch(message, task, name, task_id, headers)
+        self._dispatch(message, task, name, task_id, headers, body)
 
     def _rate_limited(self, task: Any) -> float:
         """Seconds to wait for ``task``'s rate_limit (0: go now, token taken)."""
@@ -302,8 +308,29 @@ class Manager(ConsumerMixin):
             return 0.0
         return max(float(bucket.expected_time(1)), 0.001)
 
+    def _refuse(self, message: Message, reason: str) -> None:
+        """Dead-letter a message no worker can run, saying why."""
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        logger.error(
+            "Dead-lettering message %s (task %r, id %r): %s",
+            message.delivery_tag,
+            headers.get("task"),
+            headers.get("id"),
+            reason,
+        )
+        try:
+            reject_with_reason(message, reason)
+        except Exception as exc:  # noqa: BLE001 - logged; the lease covers the message
+            logger.warning("Could not dead-letter message %s: %s", message.delivery_tag, exc)
+
     def _dispatch(
-        self, message: Message, task: Any, name: str, task_id: str, headers: dict[str, Any]
+        self,
+        message: Message,
+        task: Any,
+        name: str,
+        task_id: str,
+        headers: dict[str, Any],
+        body: tuple[Any, Any, Any],
     ) -> None:
         props = message.properties
         info = message.delivery_info
@@ -325,9 +352,7 @@ class Manager(ConsumerMixin):
             task_id,
             name,
             request,
-            message.body,
-            message.content_type,
-            message.content_encoding,
+            body,  # decoded once, here; the child does not decode again
             soft_time_limit=soft or task.soft_time_limit or self.app.conf.task_soft_time_limit,
         )
         self._inflight[task_id] = (message, task)

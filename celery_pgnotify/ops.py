@@ -1,0 +1,145 @@
+"""What the operations commands read and change (``celery-pg status`` and friends).
+
+Each function takes an open autocommit connection and the schema's
+statements, and returns plain data; :mod:`celery_pgnotify.cli` prints it as
+a table or as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import psycopg
+
+from celery_pgnotify import sql as pgsql
+from celery_pgnotify.sql import Statements
+
+
+def status(conn: psycopg.Connection[Any], stmts: Statements) -> dict[str, Any]:
+    """Queues (ready, leased, delayed, oldest age, dead letters) and consumers."""
+    delayed: dict[str, int] = {}
+    now = time.time()
+    for queue, eta in conn.execute(stmts.status_etas).fetchall():
+        if eta and _timestamp(eta) > now:
+            delayed[queue] = delayed.get(queue, 0) + 1
+    queues = [
+        {
+            "queue": name,
+            "ready": ready,
+            "leased": leased,
+            "delayed": delayed.get(name, 0),
+            "oldest_ready_s": round(float(age), 1) if age is not None else None,
+            "dead_letters": dead,
+        }
+        for name, ready, leased, age, dead in conn.execute(stmts.status_queues).fetchall()
+    ]
+    consumers = [
+        {
+            "id": cid,
+            "hostname": hostname,
+            "pid": pid,
+            "queues": list(queue_names),
+            "started_at": started.isoformat(),
+            "last_heartbeat_s": round(float(silent), 1),
+        }
+        for cid, hostname, pid, queue_names, started, silent in conn.execute(
+            stmts.status_consumers
+        ).fetchall()
+    ]
+    return {"schema": stmts.schema, "queues": queues, "consumers": consumers}
+
+
+def _timestamp(text: str) -> float:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        return 0.0
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+def purge(conn: psycopg.Connection[Any], stmts: Statements, queue: str) -> int:
+    """Delete the ready messages of ``queue`` (leased ones finish normally)."""
+    row = conn.execute(stmts.purge, {"name": queue}).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _selection(queue: str | None, ids: list[int] | None) -> dict[str, Any]:
+    return {"queue": queue, "ids": ids or None}
+
+
+def dead_letters(
+    conn: psycopg.Connection[Any],
+    stmts: Statements,
+    queue: str | None = None,
+    ids: list[int] | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    """Dead letters, oldest first, with the task name and id when readable."""
+    rows = conn.execute(
+        stmts.dead_letters_list, {**_selection(queue, ids), "limit": limit}
+    ).fetchall()
+    out = []
+    for dead_id, message_id, queue_name, reason, created, head, size in rows:
+        task, task_id = _task_of(head)
+        out.append(
+            {
+                "id": dead_id,
+                "message_id": message_id,
+                "queue": queue_name,
+                "task": task,
+                "task_id": task_id,
+                "reason": reason,
+                "size": size,
+                "dead_at": created.isoformat(),
+            }
+        )
+    return out
+
+
+def _task_of(head: str) -> tuple[str | None, str | None]:
+    try:
+        headers = json.loads(head).get("headers") or {}
+        return headers.get("task"), headers.get("id")
+    except (ValueError, AttributeError):
+        return None, None
+
+
+def retry_dead_letters(
+    conn: psycopg.Connection[Any], stmts: Statements, queue: str | None, ids: list[int] | None
+) -> dict[str, int]:
+    """Put dead letters back on their queues; returns how many per queue."""
+    rows = conn.execute(
+        stmts.dead_letters_retry, {**_selection(queue, ids), "prefix": stmts.channel_prefix}
+    ).fetchall()
+    return {q: int(n) for q, n, _ in rows}
+
+
+def drop_dead_letters(
+    conn: psycopg.Connection[Any], stmts: Statements, queue: str | None, ids: list[int] | None
+) -> int:
+    row = conn.execute(stmts.dead_letters_drop, _selection(queue, ids)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def check(conn: psycopg.Connection[Any], schema: str) -> tuple[bool, str]:
+    """Whether the schema is usable by this version: (ok, explanation)."""
+    version = pgsql.schema_version(conn, schema)
+    if version == 0:
+        return False, f"schema {schema!r} does not exist: run 'celery-pg migrate'"
+    if version < pgsql.LATEST_VERSION:
+        return False, (
+            f"schema {schema!r} is at version {version}, this celery-pgnotify needs "
+            f"{pgsql.LATEST_VERSION}: run 'celery-pg migrate'"
+        )
+    if version > pgsql.LATEST_VERSION:
+        return False, (
+            f"schema {schema!r} is at version {version}, newer than this "
+            f"celery-pgnotify ({pgsql.LATEST_VERSION}): upgrade the package"
+        )
+    conn.execute(pgsql.statements(schema).has_queue, {"name": ""}).fetchone()
+    return True, f"schema {schema!r} at version {version}: ok"
