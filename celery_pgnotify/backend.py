@@ -324,10 +324,12 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
                 _SETTINGS[1],
                 f"unknown option(s) {', '.join(unknown)}; known: " + ", ".join(_BACKEND_OPTIONS),
             )
-        if "schema" not in raw and str(conf.broker_url or "").startswith("pgnotify"):
-            broker_schema = (conf.broker_transport_options or {}).get("schema")
-            if broker_schema:
-                raw["schema"] = broker_schema
+        if str(conf.broker_url or "").startswith("pgnotify"):
+            # One schema for both: follow the broker's unless told otherwise.
+            broker = conf.broker_transport_options or {}
+            for name in ("schema", "auto_migrate"):
+                if name not in raw and name in broker:
+                    raw[name] = broker[name]
         raw.pop("global_keyprefix", None)
         self.opts = TransportOptions.from_mapping(raw, setting=_SETTINGS[1])
         if not url and not self.opts.dsn:

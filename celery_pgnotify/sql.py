@@ -590,15 +590,21 @@ def ensure_schema(
     key = (conninfo, schema)
     if key in _ready_schemas:
         return
-    if auto_migrate:
+    # Checked first: a current schema needs no DDL rights (a runtime role
+    # with rights on the schema's tables only works with auto_migrate on).
+    current = schema_version(conn, schema)
+    if current < LATEST_VERSION and auto_migrate:
         migrate(conn, schema)
-    else:
-        current = schema_version(conn, schema)
+    elif current != LATEST_VERSION:
         if current < LATEST_VERSION:
             raise SchemaError(
                 f"schema {schema!r} is at version {current}, this celery-pgnotify needs "
                 f"{LATEST_VERSION}: run 'celery-pg migrate' (auto_migrate is off)"
             )
+        raise SchemaError(
+            f"schema {schema!r} is at version {current}, newer than this "
+            f"celery-pgnotify knows ({LATEST_VERSION}); upgrade the package"
+        )
     _ready_schemas.add(key)
 
 
