@@ -85,3 +85,19 @@ def e2e(broker_url: str, pg_dsn: str, schema: str) -> Iterator[E2E]:
     env = E2E(broker_url, pg_dsn, schema)
     yield env
     env.close()
+
+
+#: Lines the fault suite reports at the end of the run.
+FIGURES: list[str] = []
+
+
+@pytest.fixture
+def figures() -> list[str]:
+    return FIGURES
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FIGURES:
+        terminalreporter.section("fault suite: every task accounted for")
+        for line in FIGURES:
+            terminalreporter.write_line(line)

