@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -55,11 +56,17 @@ MATRIX = [
 ]
 
 
+#: Result backends of the scenarios that read results.
+BACKENDS = ["pgnotify", "redis"]
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "compat" in metafunc.fixturenames:
+    if "compat" in metafunc.fixturenames or "compat_results" in metafunc.fixturenames:
         metafunc.parametrize(
             "matrix", MATRIX, ids=[f"{b}-{w}" for b, w in MATRIX], scope="function"
         )
+    if "compat_results" in metafunc.fixturenames:
+        metafunc.parametrize("backend_name", BACKENDS, ids=[f"{b}-results" for b in BACKENDS])
 
 
 @pytest.fixture
@@ -85,7 +92,9 @@ def worker_kind(matrix: tuple[str, str]) -> str:
 class Compat:
     """One scenario's world: a sending app, a worker, the execution log."""
 
-    def __init__(self, broker: Broker, worker_kind: str, pg_dsn: str) -> None:
+    def __init__(
+        self, broker: Broker, worker_kind: str, pg_dsn: str, backend: Broker | None = None
+    ) -> None:
         self.broker = broker
         self.prefix = f"compat-{uuid.uuid4().hex[:8]}"
         self.table = f"log_{uuid.uuid4().hex[:10]}"
@@ -104,6 +113,11 @@ class Compat:
             COMPAT_LOG_TABLE=self.table,
             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
         )
+        self.backend = backend
+        if backend is not None:
+            self.env.update(
+                COMPAT_RESULT_BACKEND=backend.url, COMPAT_RESULT_OPTIONS=json.dumps(backend.options)
+            )
         # A sender configured as the worker's app is, sending tasks by name.
         self.app = Celery("compat-sender", broker=broker.url)
         self.app.conf.broker_transport_options = broker.options
@@ -111,11 +125,15 @@ class Compat:
         self.app.conf.task_routes = {"compat_tests.app.routed": {"queue": f"{self.prefix}-other"}}
         self.app.conf.task_queue_max_priority = 10
         self.app.conf.task_ignore_result = True
+        if backend is not None:
+            self.app.conf.result_backend = backend.url
+            self.app.conf.result_backend_transport_options = backend.options
         self.queues = [f"{self.prefix}-default", f"{self.prefix}-other"]
         self.kind = worker_kind
+        self.extra_processes: list[WorkerProcess] = []
         self.worker = self._start(worker_kind)
 
-    def _start(self, kind: str) -> WorkerProcess:
+    def _start(self, kind: str, *extra: str) -> WorkerProcess:
         queues = ",".join(self.queues)
         if kind == "celery":
             worker = celery_worker(
@@ -124,19 +142,34 @@ class Compat:
                 queues,
                 "--without-mingle",
                 "--without-gossip",
+                *extra,
                 name=self.prefix,
                 app="compat_tests.app",
             )
         else:
             worker = celery_pg_worker(
-                self.env, "-Q", queues, name=self.prefix, app="compat_tests.app", loglevel="info"
+                self.env,
+                "-Q",
+                queues,
+                *extra,
+                name=self.prefix,
+                app="compat_tests.app",
+                loglevel="info",
             )
         worker.wait_for(READY[kind])
         return worker
 
-    def restart_worker(self) -> None:
+    def restart_worker(self, *extra: str) -> None:
         self.worker.stop()
-        self.worker = self._start(self.kind)
+        self.worker = self._start(self.kind, *extra)
+
+    def beat(self, schedule_file: str) -> WorkerProcess:
+        """Celery's own ``celery beat`` on this broker (the app's 1-second schedule)."""
+        env = dict(self.env, COMPAT_BEAT="1")
+        argv = [sys.executable, "-m", "celery", "-A", "compat_tests.app", "beat"]
+        beat = WorkerProcess([*argv, "-s", schedule_file, "-l", "info"], env)
+        self.extra_processes.append(beat)
+        return beat
 
     def send(self, name: str, *args: Any, **options: Any) -> Any:
         return self.app.send_task(f"compat_tests.app.{name}", args=args, **options)
@@ -159,6 +192,11 @@ class Compat:
 
     def close(self) -> None:
         self.worker.stop()
+        for process in self.extra_processes:
+            process.stop()
+        close_backend = getattr(self.app.backend, "close", None) if self.backend else None
+        if close_backend is not None:
+            close_backend()
         with self.app.connection_for_write() as conn:
             for name in self.queues:
                 try:
@@ -170,13 +208,36 @@ class Compat:
         self.app.close()
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute(f'DROP TABLE "{self.table}"')
-            schema = self.broker.options.get("schema")
-            if schema:
-                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            for options in (self.broker.options, self.backend.options if self.backend else {}):
+                schema = options.get("schema")
+                if schema:
+                    conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 @pytest.fixture
 def compat(broker: Broker, worker_kind: str, pg_dsn: str) -> Iterator[Compat]:
     world = Compat(broker, worker_kind, pg_dsn)
+    yield world
+    world.close()
+
+
+@pytest.fixture
+def result_backend(backend_name: str, pg_dsn: str) -> Broker:
+    if backend_name == "pgnotify":
+        schema = f"r_{uuid.uuid4().hex[:10]}"
+        return Broker(backend_name, pgserver.as_broker_url(pg_dsn), {"schema": schema})
+    url = REFERENCE["redis"].rsplit("/", 1)[0] + "/1"
+    reason = _unreachable(url)
+    if reason:
+        pytest.skip(f"reference result backend redis not reachable at {url}: {reason}")
+    return Broker(backend_name, url)
+
+
+@pytest.fixture
+def compat_results(
+    broker: Broker, worker_kind: str, pg_dsn: str, result_backend: Broker
+) -> Iterator[Compat]:
+    """A scenario's world whose tasks store results in ``result_backend``."""
+    world = Compat(broker, worker_kind, pg_dsn, result_backend)
     yield world
     world.close()

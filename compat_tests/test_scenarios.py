@@ -85,3 +85,75 @@ def test_acks_late_task_survives_a_killed_worker(compat: Compat):
     compat.restart_worker()
     events = compat.wait("survivor", 3, timeout=40)
     assert [e for e, _ in events] == ["start", "start", "done"]
+
+
+def test_expired_task_is_not_run(compat: Compat):
+    compat.send("echo", "expired", countdown=2, expires=1)
+    compat.send("echo", "control")
+    assert len(compat.wait("control", 1)) == 1
+    time.sleep(3)
+    assert compat.events("expired") == []
+
+
+def test_priorities_order_a_backlog(compat: Compat):
+    """On pgnotify (default priority_order) and RabbitMQ, 9 runs first.
+    Documented difference: kombu's Redis transport runs 0 first."""
+    compat.worker.stop()
+    for i in range(4):
+        compat.send("ordered", "prio", f"low-{i}", priority=1)
+        compat.send("ordered", "prio", f"high-{i}", priority=9)
+    compat.restart_worker("-c", "1", "--prefetch-multiplier", "1")
+    events = [e for e, _ in compat.wait("prio", 8)]
+    first = "low" if compat.broker.name == "redis" else "high"
+    assert all(e.startswith(first) for e in events[:4]), events
+
+
+def test_hard_time_limit(compat: Compat):
+    compat.send("overruns", "hard")
+    assert compat.wait("hard", 1)[0][0] == "start"
+    time.sleep(2.5)
+    compat.send("echo", "after-hard")
+    assert len(compat.wait("after-hard", 1)) == 1  # the worker goes on
+    assert [e for e, _ in compat.events("hard")] == ["start"]
+
+
+def test_soft_time_limit(compat: Compat):
+    compat.send("overruns_softly", "soft")
+    assert [e for e, _ in compat.wait("soft", 2)] == ["start", "soft-limit"]
+
+
+def test_worker_signals(compat: Compat):
+    compat.send("signalled", "sig-ok")
+    compat.send("signalled", "sig-fail", True)
+    ok = [e for e, _ in compat.wait("sig-ok", 4)]
+    failed = [e for e, _ in compat.wait("sig-fail", 4)]
+    assert ok == ["task_received", "task_prerun", "task_success", "task_postrun"], ok
+    assert failed == ["task_received", "task_prerun", "task_failure", "task_postrun"], failed
+
+
+def test_beat_fires_the_schedule(compat: Compat, tmp_path):
+    compat.beat(str(tmp_path / "schedule"))
+    events = compat.wait("beat", 3, timeout=20)
+    assert len(events) >= 3
+
+
+def test_canvas_with_results(compat_results: Compat):
+    from celery import chain, chord, group
+
+    c = compat_results
+    add, tsum = (
+        (lambda *a: c.app.signature("compat_tests.app.add", args=a)),
+        (lambda: c.app.signature("compat_tests.app.tsum")),
+    )
+    assert c.send("add", 2, 3).get(timeout=30) == 5
+    assert chain(add(1, 2), add(10)).delay().get(timeout=30) == 13
+    assert group(add(i, i) for i in range(5)).delay().get(timeout=30) == [0, 2, 4, 6, 8]
+    assert chord([add(i, 1) for i in range(5)], tsum()).delay().get(timeout=30) == 15
+    failed = c.send("fails", "boom")
+    try:
+        failed.get(timeout=30)
+    except ValueError as exc:
+        assert str(exc) == "boom"
+    else:  # pragma: no cover - the assertion below reports it
+        raise AssertionError("fails() did not raise")
+    assert failed.state == "FAILURE"

@@ -61,6 +61,24 @@ def _parse_time(value: Any) -> float | None:
     return when.timestamp()
 
 
+def _request_view(message: Message, name: str, body: tuple[Any, Any, Any], hostname: str) -> Any:
+    """What ``task_received`` handlers read of Celery's Request: id, name,
+    args, kwargs, eta, expires, hostname, delivery_info, message."""
+    from celery.app.task import Context
+
+    headers = message.headers
+    return Context(
+        headers,
+        name=name,
+        task_name=name,
+        args=body[0],
+        kwargs=body[1],
+        hostname=hostname,
+        delivery_info=message.delivery_info,
+        message=message,
+    )
+
+
 class Manager(ConsumerMixin):
     """Consumes task messages and runs them on the pool."""
 
@@ -258,7 +276,9 @@ class Manager(ConsumerMixin):
 
     # -- messages ------------------------------------------------------------------
 
-    def on_message(self, message: Message) -> None:
+    def on_message(self, message: Message, held: bool = False) -> None:
+        """A task message arrived (``held``: one this manager held for its ETA
+        or rate limit comes due)."""
         headers = message.headers
         try:
             check_headers(headers)
@@ -273,7 +293,11 @@ class Manager(ConsumerMixin):
         except Refused as exc:
             self._refuse(message, str(exc))
             return
-        logger.debug("Received %s[%s]", name, task_id)
+        if not held:
+            logger.debug("Received %s[%s]", name, task_id)
+            signals.task_received.send(
+                sender=self, request=_request_view(message, name, body, self.hostname)
+            )
         if task_id in self.revoked:
             self._discard_revoked(message, task, task_id, "revoked")
             return
@@ -376,7 +400,7 @@ class Manager(ConsumerMixin):
         while self._eta and self._eta[0][0] <= now:
             _, _, message = heapq.heappop(self._eta)
             released = True
-            self.on_message(message)
+            self.on_message(message, held=True)
         if released:
             self._set_prefetch(self.prefetch_count + len(self._eta))
 
