@@ -276,6 +276,12 @@ def check(app_path: str | None, url: str | None, schema: str | None, as_json: bo
     "(worker_max_memory_per_child).",
 )
 @click.option(
+    "--max-lifetime-per-child",
+    type=click.FloatRange(min=0),
+    help="Replace a child once it is older than this many seconds, after its current "
+    "task (pgnotify_max_lifetime_per_child).",
+)
+@click.option(
     "--time-limit",
     type=click.FloatRange(min=0),
     help="Hard limit, seconds (task_time_limit): SIGUSR1, then SIGKILL after a grace period.",

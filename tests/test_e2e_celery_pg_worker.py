@@ -110,6 +110,21 @@ def test_max_tasks_per_child_replaces_children(e2e: E2E):
     assert len(pids) == 3
 
 
+def test_max_lifetime_per_child_replaces_children(e2e: E2E):
+    e2e.pg_worker("-c", "1", "--max-lifetime-per-child", "1")
+    e2e.send("whoami", "young")
+    e2e.wait_events("young", ["pid"])
+    e2e.send("whoami", "still-young")
+    e2e.wait_events("still-young", ["pid"])
+    time.sleep(1.2)
+    e2e.send("whoami", "old")  # runs in the child that outlived its second
+    e2e.wait_events("old", ["pid"])
+    e2e.send("whoami", "replaced")
+    e2e.wait_events("replaced", ["pid"])
+    pids = [e2e.events(t)[0] for t in ("young", "still-young", "old", "replaced")]
+    assert pids[0] == pids[1] == pids[2] != pids[3], pids
+
+
 def child_running(e2e: E2E, tag: str) -> int:
     with psycopg.connect(e2e.dsn) as conn:
         row = conn.execute(
@@ -254,11 +269,14 @@ def test_task_and_worker_events(e2e: E2E):
 
         capture = receiver.itercapture(limit=None, timeout=20, wakeup=False)
         next(capture)
+        e2e.send("flaky", "evented-retry", 1)
+        e2e.wait_events("evented-retry", ["attempt-0", "attempt-1", "done"])
         e2e.send("record", "evented")
         for _ in capture:
             pass
     types = {e["type"] for e in seen}
     assert {"task-received", "task-started", "task-succeeded", "worker-heartbeat"} <= types
+    assert "task-retried" in types
     succeeded = next(e for e in seen if e["type"] == "task-succeeded")
     assert succeeded["hostname"].startswith("w1@")
     assert succeeded["runtime"] >= 0
@@ -307,3 +325,21 @@ def test_rate_limit(e2e: E2E):
         ).fetchone()
     # 2 per second: five runs take at least about two seconds.
     assert row[0].total_seconds() >= 1.8
+
+
+def test_control_rate_limit_at_runtime(e2e: E2E):
+    e2e.pg_worker()
+    replies = e2e.app.control.rate_limit("tests.e2e_app.record", "2/s", reply=True, timeout=5)
+    assert replies and all(
+        r == {"ok": "new rate limit set successfully"} for reply in replies for r in reply.values()
+    ), replies
+    for _ in range(5):
+        e2e.send("record", "throttled")
+    assert len(e2e.wait_events("throttled", ["run"] * 5, timeout=20)) == 5
+    with psycopg.connect(e2e.dsn) as conn:
+        row = conn.execute(
+            f'SELECT max(at) - min(at) FROM "{e2e.table}" WHERE tag = %s', ("throttled",)
+        ).fetchone()
+    assert row[0].total_seconds() >= 1.8
+    unknown = e2e.app.control.rate_limit("no.such.task", "1/s", reply=True, timeout=5)
+    assert all("error" in r for reply in unknown for r in reply.values())

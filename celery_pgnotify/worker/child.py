@@ -6,9 +6,10 @@ Protocol on the child's pipe (all tuples):
                        ("stop",)              finish and exit
     child -> manager   ("ready", pid)         initialised, can take work
                        ("accepted", task_id, pid, time)
-                       ("done", task_id, failed, runtime, summary)
-                                              summary: result or exception, as text
-                       ("retire", pid)        max tasks reached: exiting
+                       ("done", task_id, failed, runtime, summary, state)
+                                              summary: result or exception, as text;
+                                              state: Celery's (SUCCESS, FAILURE, RETRY...)
+                       ("retire", pid)        max tasks, memory or lifetime reached: exiting
 
 SIGUSR1 cancels the running task (revoke with terminate, hard time limit):
 the handler raises :class:`TaskCancelled` inside it, which Celery's tracer
@@ -76,6 +77,7 @@ def child_main(
     logfile: str | None,
     max_memory_kib: int = 0,
     hostname: str = "",
+    max_lifetime: float = 0.0,
 ) -> None:
     """Entry point of a pool child process."""
     # Shutdown is the manager's decision: it sends ("stop",) or kills.
@@ -101,6 +103,7 @@ def child_main(
     trace = _tracer(app, hostname)
     pid = os.getpid()
     conn.send(("ready", pid))
+    born = time.monotonic()
     done = 0
     try:
         while True:
@@ -109,11 +112,13 @@ def child_main(
                 break
             job: Job = message[1]
             conn.send(("accepted", job.task_id, pid, time.time()))
-            failed, runtime, summary = _run(job, trace)
-            conn.send(("done", job.task_id, failed, runtime, summary))
+            failed, runtime, summary, state = _run(job, trace)
+            conn.send(("done", job.task_id, failed, runtime, summary, state))
             done += 1
-            if (max_tasks and done >= max_tasks) or (
-                max_memory_kib and _rss_kib() > max_memory_kib
+            if (
+                (max_tasks and done >= max_tasks)
+                or (max_memory_kib and _rss_kib() > max_memory_kib)
+                or (max_lifetime and time.monotonic() - born > max_lifetime)
             ):
                 conn.send(("retire", pid))
                 break
@@ -135,7 +140,7 @@ def _tracer(app: Any, hostname: str) -> Any:
     """
     from celery.app.trace import trace_task
 
-    def trace(job: Job) -> tuple[int, Any]:
+    def trace(job: Job) -> tuple[int, Any, str]:
         args, kwargs, embed = job.body
         request = dict(job.request, args=args, kwargs=kwargs, is_eager=False)
         request["hostname"] = hostname or job.request.get("hostname")
@@ -143,27 +148,27 @@ def _tracer(app: Any, hostname: str) -> Any:
         retval, info, _, shown = trace_task(
             app.tasks[job.name], job.task_id, args, kwargs, request, app=app, hostname=hostname
         )
-        return (1, retval) if info else (0, shown)
+        return (1, retval, info.state) if info else (0, shown, "SUCCESS")
 
     return trace
 
 
-def _run(job: Job, trace: Any) -> tuple[bool, float, str]:
+def _run(job: Job, trace: Any) -> tuple[bool, float, str, str]:
     global _running
     started = time.monotonic()
     _running = True
     if job.soft_time_limit:
         signal.setitimer(signal.ITIMER_REAL, job.soft_time_limit)
     try:
-        result = trace(job)
-        failed = bool(result[0])
-        summary = str(result[1] if not failed else getattr(result[1], "exception", result[1]))
+        code, value, state = trace(job)
+        failed = bool(code)
+        summary = str(value if not failed else getattr(value, "exception", value))
     except TaskCancelled as exc:
-        failed, summary = True, repr(exc)
+        failed, summary, state = True, repr(exc), "FAILURE"
     except BaseException as exc:  # the tracer handles task errors; this is its own failure
         logger.exception("Internal error running task %s[%s]", job.name, job.task_id)
-        failed, summary = True, repr(exc)
+        failed, summary, state = True, repr(exc), "FAILURE"
     finally:
         _running = False
         signal.setitimer(signal.ITIMER_REAL, 0)
-    return failed, time.monotonic() - started, summary[:SUMMARY_MAX]
+    return failed, time.monotonic() - started, summary[:SUMMARY_MAX], state

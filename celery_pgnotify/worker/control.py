@@ -108,6 +108,27 @@ def time_limit(
     return {"ok": "time limits set successfully"}
 
 
+@handler
+def rate_limit(
+    state: Manager, task_name: str, rate_limit: Any = None, **kwargs: Any
+) -> dict[str, str]:
+    """``celery control rate_limit TASK RATE``: takes effect for the next message."""
+    from celery.utils.time import rate
+
+    task = state.app.tasks.get(task_name)
+    if task is None:
+        return {"error": f"unknown task {task_name}"}
+    try:
+        rate(rate_limit)
+    except ValueError as exc:
+        return {"error": f"invalid rate limit string: {exc!r}"}
+    task.rate_limit = rate_limit
+    state.reset_rate_limit(task_name)
+    if not rate_limit:
+        return {"ok": "rate limit disabled successfully"}
+    return {"ok": "new rate limit set successfully"}
+
+
 def kill(pid: int, sig: int = signal.SIGKILL) -> None:
     try:
         os.kill(pid, sig)

@@ -25,6 +25,7 @@ class WorkerOptions:
     hostname: str | None = None
     max_tasks_per_child: int | None = None
     max_memory_per_child: int | None = None
+    max_lifetime_per_child: float | None = None
     time_limit: float | None = None
     soft_time_limit: float | None = None
     prefetch_multiplier: int | None = None
@@ -89,6 +90,23 @@ def _prefetch_multiplier(conf: Any) -> int:
     return DEFAULT_PREFETCH_MULTIPLIER
 
 
+def _lifetime(option: float | None, conf: Any) -> float:
+    """Seconds a child may live (``--max-lifetime-per-child``, else the
+    ``pgnotify_max_lifetime_per_child`` setting); 0 for no limit."""
+    if option is not None:
+        return option
+    value = conf.get("pgnotify_max_lifetime_per_child") or 0
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ConfigurationError(
+            "pgnotify_max_lifetime_per_child", f"must be a number of seconds, not {value!r}"
+        ) from None
+    if seconds < 0:
+        raise ConfigurationError("pgnotify_max_lifetime_per_child", "must not be negative")
+    return seconds
+
+
 def run_worker(options: WorkerOptions) -> None:
     """Build the manager for ``options`` and run it until shut down."""
     from celery import platforms
@@ -128,6 +146,7 @@ def run_worker(options: WorkerOptions) -> None:
         concurrency=concurrency,
         max_tasks_per_child=max_tasks,
         max_memory_per_child=max_memory,
+        max_lifetime=_lifetime(options.max_lifetime_per_child, conf),
         start_method=options.start_method,
         loglevel=loglevel,
         logfile=options.logfile,

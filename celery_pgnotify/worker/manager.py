@@ -320,6 +320,10 @@ class Manager(ConsumerMixin):
             return
         self._dispatch(message, task, name, task_id, headers, body)
 
+    def reset_rate_limit(self, task_name: str) -> None:
+        """Forget ``task_name``'s token bucket: its (new) rate_limit applies next."""
+        self._buckets.pop(task_name, None)
+
     def _rate_limited(self, task: Any) -> float:
         """Seconds to wait for ``task``'s rate_limit (0: go now, token taken)."""
         if self.app.conf.worker_disable_rate_limits:
@@ -440,7 +444,12 @@ class Manager(ConsumerMixin):
             elif event.kind == "done":
                 del self._inflight[event.task_id]
                 self._finished(event.task_id, task)
-                if event.failed:
+                retried = event.state == "RETRY"
+                if retried:  # a new message carries the retry
+                    self._event(
+                        "task-retried", uuid=event.task_id, exception=event.summary, traceback=""
+                    )
+                elif event.failed:
                     self._event(
                         "task-failed", uuid=event.task_id, exception=event.summary, traceback=""
                     )
@@ -452,13 +461,15 @@ class Manager(ConsumerMixin):
                         runtime=event.runtime,
                     )
                 if task.acks_late and not message.acknowledged:
-                    failed_unacked = event.failed and not task.acks_on_failure_or_timeout
+                    failed_unacked = (
+                        event.failed and not retried and not task.acks_on_failure_or_timeout
+                    )
                     self._settle(message, "reject" if failed_unacked else "ack")
                 logger.debug(
                     "Finished %s[%s] (%s) in %.4fs",
                     task.name,
                     event.task_id,
-                    "failed" if event.failed else "succeeded",
+                    event.state or ("failed" if event.failed else "succeeded"),
                     event.runtime,
                 )
             elif event.kind == "lost":

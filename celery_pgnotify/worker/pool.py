@@ -36,6 +36,7 @@ class Event:
     runtime: float = 0.0
     exitcode: int | None = None
     summary: str = ""
+    state: str = ""
 
 
 @dataclass
@@ -60,6 +61,8 @@ class PoolSettings:
     logfile: str | None = None
     #: the worker's node name (``name@host``), as tasks see it in ``request.hostname``
     hostname: str = ""
+    #: seconds after which a child is replaced once its current task ends (0: never)
+    max_lifetime: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -99,6 +102,7 @@ class Pool:
                 s.logfile,
                 s.max_memory_per_child,
                 s.hostname,
+                s.max_lifetime,
             ),
             daemon=True,
         )
@@ -302,7 +306,15 @@ class Pool:
                     self._send_stop(child)
                 self._dispatch()
             self._on_event(
-                Event("done", msg[1], pid, failed=msg[2], runtime=msg[3], summary=msg[4])
+                Event(
+                    "done",
+                    msg[1],
+                    pid,
+                    failed=msg[2],
+                    runtime=msg[3],
+                    summary=msg[4],
+                    state=msg[5],
+                )
             )
         elif kind == "retire":
             with self._lock:
