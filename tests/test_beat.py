@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 from celery import Celery
-from celery.schedules import crontab
+from celery.schedules import crontab, solar
 from kombu import Connection, Exchange, Queue
 
 from celery_pgnotify.beat import Scheduler, scheduler_for
@@ -135,6 +135,33 @@ def test_crontab_entry(beats: Beats) -> None:
     schedule, _, due, count = beats.state("cron")
     assert "crontab" in schedule and count == 1
     assert due.second == 0 and due.microsecond == 0  # a minute boundary
+
+
+def test_crontab_in_the_apps_timezone(beats: Beats) -> None:
+    """*/20 in Kathmandu time (UTC+05:45) is minute 15, 35 or 55 in UTC."""
+    entry = {"task": "tests.beat.ping", "schedule": crontab(minute="*/20")}
+    s = beats.start({"cron": entry}, timezone="Asia/Kathmandu")
+    beats.set_last_run("cron", timedelta(minutes=45))
+    s.close()
+    beats.start({"cron": entry}, timezone="Asia/Kathmandu").tick()
+    _, _, due, count = beats.state("cron")
+    assert count == 1
+    assert due.astimezone(timezone.utc).minute in (15, 35, 55), due
+
+
+def test_solar_entry(beats: Beats) -> None:
+    pytest.importorskip("ephem", reason="solar schedules need the ephem package")
+    entry = {"task": "tests.beat.ping", "schedule": solar("sunrise", 48.85, 2.35)}
+    s = beats.start({"sun": entry})
+    beats.set_last_run("sun", timedelta(days=2))
+    s.close()
+    s = beats.start({"sun": entry})
+    s.tick()
+    s.tick()
+    schedule, _, due, count = beats.state("sun")
+    assert "solar" in schedule and count == 1
+    assert datetime.now(timezone.utc) - due < timedelta(days=2)
+    assert len(beats.messages()) == 1
 
 
 def test_entry_options_reach_the_message(beats: Beats) -> None:

@@ -111,3 +111,14 @@ def test_newer_schema_than_the_package_is_refused(pg_dsn, schema):
         conn.execute(f'INSERT INTO "{schema}".schema_version (version) VALUES (9999)')
         with pytest.raises(sql.SchemaError, match="newer"):
             sql.migrate(conn, schema)
+
+
+def test_hostile_url_parameters_stay_values():
+    """Quotes and spaces in a URL cannot add or change connection parameters."""
+    conninfo = conninfo_from_url(
+        "pgnotify://u:p%27w%20host%3Devil@db:5432/app?application_name=a%27%20host%3Devil", None, 10
+    )
+    params = psycopg.conninfo.conninfo_to_dict(conninfo)
+    assert params["host"] == "db" and params["dbname"] == "app"
+    assert params["password"] == "p'w host=evil"
+    assert params["application_name"] == "a' host=evil"

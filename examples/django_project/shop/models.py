@@ -3,7 +3,8 @@ from django.db import models
 
 class Order(models.Model):
     item = models.CharField(max_length=100)
-    receipt_sent = models.BooleanField(default=False)
+    #: how many times the receipt task ran for this order (once, exactly)
+    receipts = models.IntegerField(default=0)
 
 
 class Heartbeat(models.Model):

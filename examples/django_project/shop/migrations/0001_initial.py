@@ -11,7 +11,7 @@ class Migration(migrations.Migration):
             fields=[
                 ("id", models.BigAutoField(primary_key=True, serialize=False)),
                 ("item", models.CharField(max_length=100)),
-                ("receipt_sent", models.BooleanField(default=False)),
+                ("receipts", models.IntegerField(default=0)),
             ],
         ),
         migrations.CreateModel(
