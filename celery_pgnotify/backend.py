@@ -116,7 +116,9 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
             self._channels[channel] = task_id
             try:
                 if self._conn is None or self._conn.closed:
-                    self._open()  # listens to every channel, this one included
+                    # (Re)connecting listens to every channel, this one
+                    # included, and re-reads what may have been missed.
+                    self._connection()
                 else:
                     self._conn.execute(f'LISTEN "{channel}"')
             except psycopg.OperationalError:

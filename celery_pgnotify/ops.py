@@ -142,4 +142,11 @@ def check(conn: psycopg.Connection[Any], schema: str) -> tuple[bool, str]:
             f"celery-pgnotify ({pgsql.LATEST_VERSION}): upgrade the package"
         )
     conn.execute(pgsql.statements(schema).has_queue, {"name": ""}).fetchone()
-    return True, f"schema {schema!r} at version {version}: ok"
+    detail = f"schema {schema!r} at version {version}: ok"
+    row = conn.execute("SHOW autovacuum").fetchone()
+    if row and row[0] != "on":
+        detail += (
+            "; warning: autovacuum is off, so deleted messages are never reclaimed:"
+            " turn it on or VACUUM the schema's tables regularly"
+        )
+    return True, detail
