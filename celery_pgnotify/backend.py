@@ -50,7 +50,13 @@ from celery.exceptions import ImproperlyConfigured
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from celery_pgnotify import sql as pgsql
-from celery_pgnotify.connect import connect, conninfo_from_url, forget_after_fork, mask_url
+from celery_pgnotify.connect import (
+    connect,
+    conninfo_from_url,
+    forget_after_fork,
+    mask_url,
+    received_notifies,
+)
 from celery_pgnotify.errors import ConfigurationError
 from celery_pgnotify.options import TransportOptions
 
@@ -260,15 +266,8 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
     def _read(self, conn: psycopg.Connection[Any]) -> None:
         """Move notifications already received into the inbox (no waiting)."""
         try:
-            pgconn = conn.pgconn
-            pgconn.consume_input()
-            if pgconn.status != psycopg.pq.ConnStatus.OK:
-                raise psycopg.OperationalError("result listener connection lost")
-            while True:
-                n = pgconn.notifies()
-                if n is None:
-                    break
-                self._on_notify(psycopg.Notify(n.relname.decode(), n.extra.decode(), n.be_pid))
+            for channel, payload in received_notifies(conn):
+                self._on_notify(psycopg.Notify(channel, payload, 0))
         except psycopg.OperationalError:
             logger.warning("Result backend: lost the LISTEN connection; reconnecting")
             self._drop()

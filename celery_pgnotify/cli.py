@@ -178,11 +178,18 @@ def _chosen(ids: tuple[int, ...], queue: str | None, everything: bool) -> list[i
     return list(ids) or None
 
 
+def _selection(function: Any) -> Any:
+    """IDS..., --queue, --all: which dead letters a command acts on."""
+    function = click.option("--all", "everything", is_flag=True, help="Every dead letter.")(
+        function
+    )
+    function = click.option("--queue", help="Every dead letter of this queue.")(function)
+    function = _where(function)
+    return click.argument("ids", nargs=-1, type=int)(function)
+
+
 @dead_letters.command("retry")
-@click.argument("ids", nargs=-1, type=int)
-@_where
-@click.option("--queue", help="Every dead letter of this queue.")
-@click.option("--all", "everything", is_flag=True, help="Every dead letter.")
+@_selection
 def dead_letters_retry(
     ids: tuple[int, ...],
     app_path: str | None,
@@ -205,10 +212,7 @@ def dead_letters_retry(
 
 
 @dead_letters.command("drop")
-@click.argument("ids", nargs=-1, type=int)
-@_where
-@click.option("--queue", help="Every dead letter of this queue.")
-@click.option("--all", "everything", is_flag=True, help="Every dead letter.")
+@_selection
 def dead_letters_drop(
     ids: tuple[int, ...],
     app_path: str | None,

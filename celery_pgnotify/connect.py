@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -65,6 +66,20 @@ def mask_url(url: str, mask: str = "**") -> str:
     netloc = parts.netloc.rsplit("@", 1)
     userinfo = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{userinfo}:{mask}@{netloc[1]}"))
+
+
+def received_notifies(conn: psycopg.Connection[Any]) -> Iterator[tuple[str, str]]:
+    """``(channel, payload)`` of the notifications already on ``conn``'s socket
+    (never waits); raises ``OperationalError`` when the session is gone."""
+    pgconn = conn.pgconn
+    pgconn.consume_input()
+    if pgconn.status != psycopg.pq.ConnStatus.OK:
+        raise psycopg.OperationalError("the LISTEN session was closed by the server")
+    while True:
+        n = pgconn.notifies()
+        if n is None:
+            return
+        yield n.relname.decode(), n.extra.decode()
 
 
 def connect(conninfo: str) -> psycopg.Connection[Any]:

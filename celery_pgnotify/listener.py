@@ -35,7 +35,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from celery_pgnotify.connect import connect, forget_after_fork
+from celery_pgnotify.connect import connect, forget_after_fork, received_notifies
 from celery_pgnotify.errors import DatabaseUnavailable
 from celery_pgnotify.options import TransportOptions
 from celery_pgnotify.sql import Statements
@@ -321,15 +321,8 @@ class Listener:
                 next_beat = time.monotonic() + interval
 
     def _read_notifies(self, conn: psycopg.Connection[Any]) -> None:
-        pgconn = conn.pgconn
-        pgconn.consume_input()
-        if pgconn.status != psycopg.pq.ConnStatus.OK:
-            raise psycopg.OperationalError("LISTEN connection closed by the server")
-        while True:
-            n = pgconn.notifies()
-            if n is None:
-                break
+        for channel, _payload in received_notifies(conn):
             with self._lock:
-                queue = self._queues.get(n.relname.decode())
+                queue = self._queues.get(channel)
             if queue is not None:
                 self._wake((queue,))
