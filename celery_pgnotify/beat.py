@@ -203,9 +203,13 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
             if forget_others:
                 conn.execute(self.stmts.beat_forget_others, {"names": names})
             rows = conn.execute(self.stmts.beat_state, {"names": names}).fetchall()
+        tz = self.app.timezone
         for name, _schedule, last_run_at, count in rows:
             entry = self.schedule[name]
-            entry.last_run_at = last_run_at
+            # In the app's timezone, as Celery's own entries are: crontab
+            # reads wall-clock fields off it (before Celery 5.5 without
+            # converting first).
+            entry.last_run_at = last_run_at.astimezone(tz) if last_run_at else None
             entry.total_run_count = count
 
     def _fire_due(self) -> float:
