@@ -133,7 +133,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
             connection = self.__dict__.pop("connection", None)
             if connection is not None:
                 connection.release()
-            self._drop()
+            self._drop(clean=True)
 
     @property
     def info(self) -> str:
@@ -172,8 +172,17 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         self._register(forget_others=True)
         return True
 
-    def _drop(self) -> None:
-        if self.leader:
+    def _drop(self, clean: bool = False) -> None:
+        if self.leader and clean and self._lead_conn is not None:
+            # Hand over now rather than when the server notices the session end.
+            try:
+                self._lead_conn.execute(
+                    self.stmts.beat_give_up_lead, {"ns": self.stmts.lock_namespace}
+                )
+                logger.info("beat: stopped leading")
+            except psycopg.Error:
+                pass
+        elif self.leader:
             logger.warning("beat: no longer leading")
         self.leader = False
         for conn in (self._conn, self._lead_conn):

@@ -504,6 +504,7 @@ TEMPLATES: dict[str, str] = {
         " RETURNING total_run_count"
     ),
     "beat_take_lead": "SELECT pg_try_advisory_lock(%(ns)s, -1)",
+    "beat_give_up_lead": "SELECT pg_advisory_unlock(%(ns)s, -1)",
     "cleanup_results": (
         "WITH r AS (DELETE FROM {s}.results WHERE expires_at <= now() RETURNING 1),"
         " g AS (DELETE FROM {s}.result_groups WHERE expires_at <= now() RETURNING 1),"

@@ -222,7 +222,7 @@ def test_one_leader_and_takeover(beats: Beats) -> None:
     beats.set_last_run("ping", timedelta(minutes=2))
     assert second.tick() == pytest.approx(0.2)  # waits, fires nothing
     assert beats.messages() == []
-    first.close()  # the leader goes away (its session ends)
+    first.close()  # the leader goes away, handing over at once
     second.tick()
     assert second.leader
     assert len(beats.messages()) == 1
