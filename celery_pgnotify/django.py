@@ -19,7 +19,9 @@ The rule: it applies to the pgnotify broker when the Django database
 runs on psycopg 3 (Django 4.2+ with ``psycopg`` installed). Outside an
 atomic block, publishing is unchanged. Unlike ``transaction.on_commit``,
 nothing is lost if the process dies between COMMIT and the publish: there is
-no such moment.
+no such moment. Django's ``TestCase`` wraps each test in a transaction that is
+rolled back, and the tasks sent inside it with it: tests that need a real
+worker to run them use ``TransactionTestCase``.
 """
 
 from __future__ import annotations
