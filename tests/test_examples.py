@@ -24,8 +24,9 @@ def test_quickstart_runs_end_to_end(broker_url):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Quickstart OK" in done.stdout
-    assert "proj.tasks.mul           -> " in done.stdout
-    assert "30" in done.stdout  # the chain: (1 + 2) * 10
+    assert "mul(6, 7), countdown 1 s     -> 42" in done.stdout
+    assert "chain add(1, 2) | mul(10)    -> 30" in done.stdout
+    assert "chord of add(i, i) -> total  -> 20" in done.stdout
 
 
 def test_django_project_runs_end_to_end(broker_url, schema):

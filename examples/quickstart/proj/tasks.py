@@ -18,6 +18,11 @@ def mul(x: int, y: int) -> int:
     return x * y
 
 
+@app.task
+def total(values: list[int]) -> int:
+    return sum(values)
+
+
 @app.task(bind=True, max_retries=3)
 def flaky(self, value: str) -> str:  # type: ignore[no-untyped-def]
     # Fails its first attempt, then succeeds: shows Celery's retry machinery.
