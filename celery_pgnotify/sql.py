@@ -204,7 +204,8 @@ $send_task$;
     (
         5,
         """
-ALTER TABLE {s}.dead_letters ADD COLUMN message_id bigint;
+ALTER TABLE {s}.dead_letters ADD COLUMN message_id bigint,
+    ADD COLUMN rank smallint NOT NULL DEFAULT 0;
 CREATE INDEX dead_letters_queue ON {s}.dead_letters (queue, id);
 CREATE INDEX dead_letters_message ON {s}.dead_letters (message_id);
 """,
@@ -388,14 +389,15 @@ TEMPLATES: dict[str, str] = {
     "take_lock": "SELECT pg_try_advisory_lock(%(ns)s, %(id)s)",
     # -- dead letters --
     "dead_letter": (
-        "WITH m AS (DELETE FROM {s}.messages WHERE id = %(id)s RETURNING id, queue, payload)"
-        " INSERT INTO {s}.dead_letters (message_id, queue, payload, reason)"
-        " SELECT id, queue, payload, %(reason)s FROM m"
+        "WITH m AS (DELETE FROM {s}.messages WHERE id = %(id)s"
+        " RETURNING id, queue, rank, payload)"
+        " INSERT INTO {s}.dead_letters (message_id, queue, rank, payload, reason)"
+        " SELECT id, queue, rank, payload, %(reason)s FROM m"
     ),
     # A message already taken off the table (no_ack consumers).
     "dead_letter_taken": (
-        "INSERT INTO {s}.dead_letters (message_id, queue, payload, reason)"
-        " VALUES (%(id)s, %(queue)s, %(payload)s, %(reason)s)"
+        "INSERT INTO {s}.dead_letters (message_id, queue, rank, payload, reason)"
+        " VALUES (%(id)s, %(queue)s, %(rank)s, %(payload)s, %(reason)s)"
     ),
     "dead_letter_reason": (
         "UPDATE {s}.dead_letters SET reason = %(reason)s WHERE message_id = %(id)s"
@@ -410,9 +412,9 @@ TEMPLATES: dict[str, str] = {
     "dead_letters_retry": (
         "WITH d AS (DELETE FROM {s}.dead_letters"
         " WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)"
-        " AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s)) RETURNING queue, payload),"
-        " m AS (INSERT INTO {s}.messages (queue, payload) SELECT queue, payload FROM d"
-        " RETURNING queue)"
+        " AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s)) RETURNING queue, rank, payload),"
+        " m AS (INSERT INTO {s}.messages (queue, rank, payload)"
+        " SELECT queue, rank, payload FROM d RETURNING queue)"
         " SELECT queue, count(*), " + _NOTIFY + " FROM m GROUP BY queue"
     ),
     "dead_letters_drop": (

@@ -259,7 +259,7 @@ class Channel(virtual.Channel):
             rows = self._execute(self._stmts.claim, params).fetchall()
         rows.sort(key=lambda r: (-r[1], r[0]))
         messages = []
-        for msg_id, _rank, payload, redelivered, size in rows:
+        for msg_id, rank, payload, redelivered, size in rows:
             if payload is None or size > max_size:
                 reason = f"message of {size} bytes exceeds max_message_size ({max_size})"
             else:
@@ -272,7 +272,13 @@ class Channel(virtual.Channel):
             if no_ack:  # already taken off the table
                 self._execute(
                     self._stmts.dead_letter_taken,
-                    {"id": msg_id, "queue": queue, "payload": payload, "reason": reason},
+                    {
+                        "id": msg_id,
+                        "queue": queue,
+                        "rank": rank,
+                        "payload": payload,
+                        "reason": reason,
+                    },
                 )
             else:
                 self.dead_letter(msg_id, reason)

@@ -203,3 +203,19 @@ def test_check_exit_codes(e2e: E2E, broker_url: str) -> None:
     assert missing.returncode == 1 and "celery-pg migrate" in missing.stdout
     down = _cli("check", "--url", "pgnotify://nobody@127.0.0.1:1/none")
     assert down.returncode == 1 and "cannot connect" in down.stdout
+
+
+def test_a_retried_dead_letter_keeps_its_priority(
+    e2e: E2E, db: psycopg.Connection[Any], broker_url: str
+) -> None:
+    schema = e2e.options["schema"]
+    e2e.send("no_such_task", priority=7)
+    worker = e2e.pg_worker()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not _dead(e2e, db):
+        time.sleep(0.1)
+    worker.stop()
+    assert db.execute(f'SELECT rank FROM "{schema}".dead_letters').fetchall() == [(7,)]
+    retried = _cli("dead-letters", "retry", "--url", broker_url, "--schema", schema, "--all")
+    assert "1 message(s) back on 'celery'" in retried.stdout, retried
+    assert db.execute(f'SELECT rank FROM "{schema}".messages').fetchall() == [(7,)]
