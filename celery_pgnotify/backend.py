@@ -51,6 +51,7 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from celery_pgnotify import sql as pgsql
 from celery_pgnotify.connect import (
+    close_with,
     connect,
     conninfo_from_url,
     forget_after_fork,
@@ -205,6 +206,7 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
     def _open(self) -> None:
         self._drop()
         conn = connect(self.backend.conninfo)
+        close_with(self, conn)
         conn.add_notify_handler(self._on_notify)
         if self._wake_r < 0:
             self._wake_r, self._wake_w = os.pipe()
@@ -378,6 +380,7 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
         conn = self._conn
         if conn is None or conn.closed or conn.broken:
             conn = self._conn = connect(self.conninfo)
+            close_with(self, conn)
             pgsql.ensure_schema(conn, self.conninfo, self.opts.schema, self.opts.auto_migrate)
         return conn
 

@@ -87,6 +87,21 @@ def connect(conninfo: str) -> psycopg.Connection[Any]:
     return psycopg.Connection.connect(conninfo, autocommit=True)
 
 
+def close_with(owner: Any, conn: psycopg.Connection[Any]) -> None:
+    """Close ``conn`` when ``owner`` is garbage collected (Celery keeps one
+    result backend per thread, gone with its thread), in this process only:
+    a forked child must never close its parent's connection."""
+    weakref.finalize(owner, _close_in, conn, os.getpid())
+
+
+def _close_in(conn: psycopg.Connection[Any], pid: int) -> None:
+    if os.getpid() == pid and not conn.closed:
+        try:
+            conn.close()
+        except psycopg.Error:
+            pass
+
+
 # --- fork safety ------------------------------------------------------------
 # A child forked after a connection exists (Celery's prefork pool) must never
 # use it, nor close it: closing sends a Terminate message on the socket the

@@ -269,3 +269,27 @@ def test_bad_backend_options_name_the_setting(broker_url: str) -> None:
     assert backend.as_uri() == "pgnotify://app:**@db.example:5432/prod"
     backend.close()
     app.close()
+
+
+def test_results_shared_across_threads(results: Results) -> None:
+    """AsyncResults made in one thread are waited on from several at once:
+    they share one backend (and its LISTEN session) without losing a wake-up."""
+    results.start("celery-pg", concurrency=4)
+    sent = [results.send("sleep_then", 0.05 * (i % 5), i) for i in range(24)]
+    got: dict[int, Any] = {}
+    errors: list[BaseException] = []
+
+    def wait(part: list[Any]) -> None:
+        try:
+            for r in part:
+                got[sent.index(r)] = r.get(timeout=30)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=wait, args=(sent[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert got == {i: i for i in range(24)}
