@@ -103,6 +103,7 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         self._to_unlisten: set[str] = set()
         self._inbox: deque[tuple[str, str]] = deque()  # (task id, payload or "")
         self._wake_r, self._wake_w = -1, -1
+        self._connected_before = False
         forget_after_fork(self)
 
     # -- the interface Celery calls ------------------------------------------
@@ -197,9 +198,12 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
+            reconnecting = self._connected_before
             self._open()
-            # Whatever happened while disconnected is in the table.
-            self._inbox.extend((task_id, "") for task_id in self._channels.values())
+            self._connected_before = True
+            if reconnecting:
+                # Whatever happened while disconnected is in the table.
+                self._inbox.extend((task_id, "") for task_id in self._channels.values())
         assert self._conn is not None
         return self._conn
 
@@ -241,6 +245,7 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         self._to_unlisten = set()
         self._inbox = deque()
         self._wake_r = self._wake_w = -1
+        self._connected_before = False
 
     def _flush_unlisten(self) -> None:
         while self._to_unlisten:

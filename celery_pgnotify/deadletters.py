@@ -52,11 +52,13 @@ def _record_reason(reason: str, message: Any) -> None:
 
 
 def _on_task_unknown(sender: Any = None, message: Any = None, name: Any = None, **_: Any) -> None:
-    _record_reason(f"unregistered task {name!r}", message)
+    if not getattr(sender, "gives_reject_reasons", False):  # celery-pg worker already did
+        _record_reason(f"unregistered task {name!r}", message)
 
 
 def _on_task_rejected(sender: Any = None, message: Any = None, exc: Any = None, **_: Any) -> None:
-    _record_reason(f"invalid task message: {exc!r}" if exc else "unknown message type", message)
+    if not getattr(sender, "gives_reject_reasons", False):
+        _record_reason(f"invalid task message: {exc!r}" if exc else "unknown message type", message)
 
 
 def connect_celery_signals() -> None:

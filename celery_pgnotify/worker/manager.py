@@ -82,6 +82,9 @@ def _request_view(message: Message, name: str, body: tuple[Any, Any, Any], hostn
 class Manager(ConsumerMixin):
     """Consumes task messages and runs them on the pool."""
 
+    #: dead letters it makes already carry their reason (see deadletters.py)
+    gives_reject_reasons = True
+
     def __init__(
         self,
         app: Any,
@@ -285,19 +288,22 @@ class Manager(ConsumerMixin):
             name, task_id = headers["task"], headers["id"]
             task = self.app.tasks.get(name)
             if task is None:
+                self._refuse(message, f"unregistered task {name!r}")
+                # As Celery's worker: the signal follows the reject.
                 signals.task_unknown.send(
                     sender=self, message=message, exc=None, name=name, id=task_id
                 )
-                raise Refused(f"unregistered task {name!r}")
+                return
             body = decode_body(message, self._accept)
         except Refused as exc:
             self._refuse(message, str(exc))
             return
         if not held:
             logger.debug("Received %s[%s]", name, task_id)
-            signals.task_received.send(
-                sender=self, request=_request_view(message, name, body, self.hostname)
-            )
+            if signals.task_received.receivers:  # the request view costs a copy
+                signals.task_received.send(
+                    sender=self, request=_request_view(message, name, body, self.hostname)
+                )
         if task_id in self.revoked:
             self._discard_revoked(message, task, task_id, "revoked")
             return
