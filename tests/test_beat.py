@@ -62,6 +62,16 @@ class Beats:
             (ago, name),
         )
 
+    def restart_overdue(
+        self, schedule: dict[str, Any], name: str, ago: timedelta, **conf: Any
+    ) -> Scheduler:
+        """Register ``schedule``, stop, backdate ``name``'s last run by ``ago``
+        (as if beat had been down), and start again: the restarted scheduler."""
+        first = self.start(schedule, **conf)
+        self.set_last_run(name, ago)
+        first.close()
+        return self.start(schedule, **conf)
+
     def close(self) -> None:
         for scheduler in self.schedulers:
             scheduler.close()
@@ -97,10 +107,7 @@ def test_overdue_entry_fires_once_and_counts_from_now(beats: Beats) -> None:
 
 
 def test_restart_does_not_fire_an_entry_that_is_not_due(beats: Beats) -> None:
-    s = beats.start({"ping": EVERY_MINUTE})
-    beats.set_last_run("ping", timedelta(seconds=61))
-    s.close()
-    s = beats.start({"ping": EVERY_MINUTE})
+    s = beats.restart_overdue({"ping": EVERY_MINUTE}, "ping", timedelta(seconds=61))
     s.tick()
     assert len(beats.messages()) == 1
     s.close()
@@ -125,10 +132,7 @@ def test_interval_cadence_is_kept(beats: Beats) -> None:
 
 def test_crontab_entry(beats: Beats) -> None:
     entry = {"task": "tests.beat.ping", "schedule": crontab(minute="*"), "args": ("c",)}
-    s = beats.start({"cron": entry})
-    beats.set_last_run("cron", timedelta(minutes=3))
-    s.close()
-    s = beats.start({"cron": entry})
+    s = beats.restart_overdue({"cron": entry}, "cron", timedelta(minutes=3))
     s.tick()
     s.tick()
     assert len(beats.messages()) == 1
@@ -140,10 +144,9 @@ def test_crontab_entry(beats: Beats) -> None:
 def test_crontab_in_the_apps_timezone(beats: Beats) -> None:
     """*/20 in Kathmandu time (UTC+05:45) is minute 15, 35 or 55 in UTC."""
     entry = {"task": "tests.beat.ping", "schedule": crontab(minute="*/20")}
-    s = beats.start({"cron": entry}, timezone="Asia/Kathmandu")
-    beats.set_last_run("cron", timedelta(minutes=45))
-    s.close()
-    beats.start({"cron": entry}, timezone="Asia/Kathmandu").tick()
+    beats.restart_overdue(
+        {"cron": entry}, "cron", timedelta(minutes=45), timezone="Asia/Kathmandu"
+    ).tick()
     _, _, due, count = beats.state("cron")
     assert count == 1
     assert due.astimezone(timezone.utc).minute in (15, 35, 55), due
@@ -152,10 +155,7 @@ def test_crontab_in_the_apps_timezone(beats: Beats) -> None:
 def test_solar_entry(beats: Beats) -> None:
     pytest.importorskip("ephem", reason="solar schedules need the ephem package")
     entry = {"task": "tests.beat.ping", "schedule": solar("sunrise", 48.85, 2.35)}
-    s = beats.start({"sun": entry})
-    beats.set_last_run("sun", timedelta(days=2))
-    s.close()
-    s = beats.start({"sun": entry})
+    s = beats.restart_overdue({"sun": entry}, "sun", timedelta(days=2))
     s.tick()
     s.tick()
     schedule, _, due, count = beats.state("sun")
@@ -172,10 +172,7 @@ def test_entry_options_reach_the_message(beats: Beats) -> None:
         "kwargs": {"size": 3},
         "options": {"queue": "reports", "priority": 7, "expires": 30},
     }
-    s = beats.start({"report": entry})
-    beats.set_last_run("report", timedelta(minutes=2))
-    s.close()
-    beats.start({"report": entry}).tick()
+    beats.restart_overdue({"report": entry}, "report", timedelta(minutes=2)).tick()
     (message,) = beats.messages()
     assert message["properties"]["delivery_info"]["routing_key"] == "reports"
     assert message["properties"]["priority"] == 7
@@ -185,10 +182,7 @@ def test_entry_options_reach_the_message(beats: Beats) -> None:
 
 
 def test_changed_schedule_on_restart(beats: Beats) -> None:
-    s = beats.start({"ping": EVERY_MINUTE})
-    beats.set_last_run("ping", timedelta(seconds=90))
-    s.close()
-    s = beats.start({"ping": EVERY_MINUTE})
+    s = beats.restart_overdue({"ping": EVERY_MINUTE}, "ping", timedelta(seconds=90))
     s.tick()
     assert len(beats.messages()) == 1
     s.close()
