@@ -31,6 +31,14 @@ option                      default      meaning
                                          unregistered task, ``Reject(requeue=False)``)
                                          goes to ``dead_letters`` with its reason
                                          instead of vanishing (RabbitMQ's DLX, built in).
+``async_acks``              True         Claims, acks and requeues commit without
+                                         waiting for the WAL flush (``synchronous_commit
+                                         = off`` for those statements only). A server
+                                         crash can undo the last of them (at most
+                                         3 x ``wal_writer_delay``); an undone claim or
+                                         ack only delivers a message again, never loses
+                                         one. Publishes always commit as the server is
+                                         configured. False: every statement waits.
 ==========================  ===========  =============================================
 """
 
@@ -60,6 +68,7 @@ class TransportOptions:
     reconnect_max_delay: float = 5.0
     max_message_size: int = 64 * 1024 * 1024
     dead_letter_rejected: bool = True
+    async_acks: bool = True
 
     @property
     def lock_grace(self) -> float:

@@ -229,6 +229,13 @@ _NOTIFY = "pg_notify(%(prefix)s || md5(queue), '')"
 _WAITED_FOR = "EXISTS (SELECT 1 FROM {s}.consumers c WHERE queue = ANY(c.queues))"
 
 # A row's end of life: ``expires`` seconds from now, or never when NULL/0.
+# Appended to the statements a consumer runs (claim, ack, requeue): they
+# commit without waiting for the WAL flush. A server crash can undo the last
+# of them, and an undone claim or ack only delivers a message again; the
+# message itself was committed by its publish, which always waits. Rendered
+# as ``true`` when the ``async_acks`` transport option is off.
+_NO_FLUSH = "(SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL"
+
 _EXPIRES_AT = "now() + nullif(%(expires)s::float8, 0) * interval '1 second'"
 _LIVE = "(expires_at IS NULL OR expires_at > now())"
 
@@ -256,7 +263,7 @@ TEMPLATES: dict[str, str] = {
         "WITH picked AS ("
         " SELECT id FROM {s}.messages"
         " WHERE queue = %(queue)s AND consumer_id IS NULL"
-        "  AND (expires_at IS NULL OR expires_at > now())"
+        "  AND (expires_at IS NULL OR expires_at > now()) AND {nf}"
         " ORDER BY rank DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
         " UPDATE {s}.messages m SET consumer_id = %(consumer)s, leased_at = now()"
         " FROM picked WHERE m.id = picked.id"
@@ -271,16 +278,16 @@ TEMPLATES: dict[str, str] = {
         "DELETE FROM {s}.messages WHERE id IN ("
         " SELECT id FROM {s}.messages"
         " WHERE queue = %(queue)s AND consumer_id IS NULL"
-        "  AND (expires_at IS NULL OR expires_at > now())"
+        "  AND (expires_at IS NULL OR expires_at > now()) AND {nf}"
         " ORDER BY rank DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
         " RETURNING id, rank, payload, redelivered, octet_length(payload)"
     ),
-    "ack": "DELETE FROM {s}.messages WHERE id = %(id)s",
-    "ack_many": "DELETE FROM {s}.messages WHERE id = ANY(%(ids)s)",
+    "ack": "DELETE FROM {s}.messages WHERE id = %(id)s AND {nf}",
+    "ack_many": "DELETE FROM {s}.messages WHERE id = ANY(%(ids)s) AND {nf}",
     "requeue": (
         "WITH back AS ("
         " UPDATE {s}.messages SET consumer_id = NULL, leased_at = NULL, redelivered = true"
-        " WHERE id = ANY(%(ids)s) AND consumer_id = %(consumer)s RETURNING queue)"
+        " WHERE id = ANY(%(ids)s) AND consumer_id = %(consumer)s AND {nf} RETURNING queue)"
         " SELECT queue, " + _NOTIFY + " FROM (SELECT DISTINCT queue FROM back) AS q"
     ),
     "declare_queue": (
@@ -538,7 +545,13 @@ class Statements:
         # A plain identifier (checked above) quotes safely without a connection.
         ident = f'"{schema}"'
         for name, template in TEMPLATES.items():
-            setattr(self, name, template.replace("{s}", ident))
+            rendered = template.replace("{s}", ident)
+            if "{nf}" in rendered:
+                # ``name``: commits without waiting for the WAL flush;
+                # ``name_flushed``: commits as the server is configured.
+                setattr(self, name + "_flushed", rendered.replace("{nf}", "true"))
+                rendered = rendered.replace("{nf}", _NO_FLUSH)
+            setattr(self, name, rendered)
         digest = hashlib.md5(schema.encode()).digest()
         #: prefix of the NOTIFY channel of every queue: ``prefix || md5(queue)``
         self.channel_prefix = "pgn_" + digest[:4].hex() + "_"

@@ -125,8 +125,16 @@ class Channel(virtual.Channel):
 
     def __init__(self, connection: Transport, **kwargs: Any) -> None:
         super().__init__(connection, **kwargs)
-        self._stmts = connection.stmts
+        self._stmts = stmts = connection.stmts
         self._opts = connection.opts
+        # What a consumer writes (claims, acks, requeues) may commit without
+        # waiting for the WAL flush: see the async_acks transport option.
+        flushed = "" if self._opts.async_acks else "_flushed"
+        self._claim_sql: str = getattr(stmts, "claim" + flushed)
+        self._take_no_ack_sql: str = getattr(stmts, "take_no_ack" + flushed)
+        self._ack_sql: str = getattr(stmts, "ack" + flushed)
+        self._ack_many_sql: str = getattr(stmts, "ack_many" + flushed)
+        self._requeue_sql: str = getattr(stmts, "requeue" + flushed)
         self._declared_exchanges: dict[str, str] = {}
         self._deferred_acks: list[int] = []
         self._no_ack_queues: set[str] = set()
@@ -248,7 +256,7 @@ class Channel(virtual.Channel):
         max_size = self._opts.max_message_size
         if no_ack:
             params: dict[str, Any] = {"queue": queue, "limit": limit}
-            rows = self._execute(self._stmts.take_no_ack, params).fetchall()
+            rows = self._execute(self._take_no_ack_sql, params).fetchall()
         else:
             params = {
                 "queue": queue,
@@ -256,7 +264,7 @@ class Channel(virtual.Channel):
                 "consumer": self.connection.consumer_id(),
                 "max_size": max_size,
             }
-            rows = self._execute(self._stmts.claim, params).fetchall()
+            rows = self._execute(self._claim_sql, params).fetchall()
         rows.sort(key=lambda r: (-r[1], r[0]))
         messages = []
         for msg_id, rank, payload, redelivered, size in rows:
@@ -323,20 +331,20 @@ class Channel(virtual.Channel):
             self._deferred_acks.append(delivery_tag)
             self.connection._ack_channels.add(self)
         else:
-            self._execute(self._stmts.ack, {"id": delivery_tag})
+            self._execute(self._ack_sql, {"id": delivery_tag})
 
     def flush_acks(self) -> None:
         """Write the acks deferred during a delivery batch."""
         tags, self._deferred_acks = self._deferred_acks, []
         if tags:
-            self._execute(self._stmts.ack_many, {"ids": tags})
+            self._execute(self._ack_many_sql, {"ids": tags})
 
     def _db_requeue(self, tags: Iterable[int]) -> None:
         ids = list(tags)
         if not ids:
             return
         self._execute(
-            self._stmts.requeue,
+            self._requeue_sql,
             {
                 "ids": ids,
                 "consumer": self.connection.consumer_id(),

