@@ -7,6 +7,11 @@ ratios of both to each reference are printed. The machines this runs on
 are shared and noisy: compare ratios within one run, not absolute figures
 across runs.
 
+Reference brokers: Redis and RabbitMQ as they run here (neither waits for
+the disk), ``redis-fsync`` (a throwaway ``redis-server`` with ``appendfsync
+always``, started when ``redis-server`` is on PATH: Redis as durable as a
+pgnotify publish) and kombu's ``sqla+postgresql``.
+
 Measured for each broker:
   publish    ``.delay()`` calls per second with no worker running
   drain      tasks per second a freshly started worker executes from that backlog
@@ -22,7 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -45,11 +52,55 @@ class Broker:
     latency_samples: int | None = None  # cap for brokers that poll once a second
 
 
+class DurableRedis:
+    """A throwaway ``redis-server`` that fsyncs every write (``appendfsync
+    always``): Redis with the durability pgnotify's publish has."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.reason = ""
+        self.url = "redis://127.0.0.1:1/0"  # unreachable until started
+        self.dir = ""
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            self.reason = "redis-server is not on PATH"
+            return
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.dir = tempfile.mkdtemp(prefix="bench-redis-")
+        argv = [exe, "--bind", "127.0.0.1", "--port", str(port), "--dir", self.dir]
+        argv += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.reason = "redis-server did not start"
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+DURABLE_REDIS = DurableRedis()
+
+
 def brokers(args: argparse.Namespace) -> list[Broker]:
     schema = f"bench_{uuid.uuid4().hex[:8]}"
     every = [
         Broker("pgnotify", f"pgnotify://{PG}", {"schema": schema}),
         Broker("redis", "redis://127.0.0.1:6379/0"),
+        Broker("redis-fsync", DURABLE_REDIS.url),
         Broker("rabbitmq", "amqp://guest:guest@127.0.0.1:5672//"),
         Broker("sqla+postgresql", f"sqla+postgresql+psycopg://{PG}", {}, args.sqla_tasks, 20),
     ]
@@ -280,8 +331,20 @@ def main() -> None:
     args = parser.parse_args()
 
     rows: dict[str, dict[str, float]] = {}
+    if not args.brokers or "redis-fsync" in args.brokers.split(","):
+        DURABLE_REDIS.start()
+    try:
+        measure_all(args, rows)
+    finally:
+        DURABLE_REDIS.stop()
+    report(rows)
+    backends(args)
+
+
+def measure_all(args: argparse.Namespace, rows: dict[str, dict[str, float]]) -> None:
     for broker in brokers(args):
-        reason = reachable(broker)
+        reason: str | None = DURABLE_REDIS.reason if broker.name == "redis-fsync" else ""
+        reason = reason or reachable(broker)
         if reason:
             print(f"SKIP {broker.name}: not reachable ({reason})", flush=True)
             continue
@@ -295,8 +358,6 @@ def main() -> None:
                 rows[label] = measure(broker, args, queues[-1], kind)
         finally:
             cleanup(broker, queues)
-    report(rows)
-    backends(args)
 
 
 def backends(args: argparse.Namespace) -> None:
