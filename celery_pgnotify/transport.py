@@ -254,9 +254,10 @@ class Channel(virtual.Channel):
         # One statement either way: leased to this consumer, or (no_ack)
         # deleted as it is taken.
         max_size = self._opts.max_message_size
+        conn = self.connection.claim_conn()
         if no_ack:
             params: dict[str, Any] = {"queue": queue, "limit": limit}
-            rows = self._execute(self._take_no_ack_sql, params).fetchall()
+            rows = conn.execute(self._take_no_ack_sql, params).fetchall()
         else:
             params = {
                 "queue": queue,
@@ -264,7 +265,7 @@ class Channel(virtual.Channel):
                 "consumer": self.connection.consumer_id(),
                 "max_size": max_size,
             }
-            rows = self._execute(self._claim_sql, params).fetchall()
+            rows = conn.execute(self._claim_sql, params).fetchall()
         rows.sort(key=lambda r: (-r[1], r[0]))
         messages = []
         for msg_id, rank, payload, redelivered, size in rows:
@@ -549,6 +550,7 @@ class Transport(virtual.Transport):
         self.conninfo = conninfo_from_url(url, self.opts.dsn, self.opts.connect_timeout)
         self.stmts = pgsql.statements(self.opts.schema)
         self._conn: psycopg.Connection[Any] | None = None
+        self._claiming_conn: psycopg.Connection[Any] | None = None
         self._listener: Listener | None = None
         self._pid = os.getpid()
         self._consumers: dict[str, _Channel] = {}
@@ -581,6 +583,18 @@ class Transport(virtual.Transport):
         if conn is None or conn.closed:
             conn = self._conn = connect(self.conninfo)
             pgsql.ensure_schema(conn, self.conninfo, self.opts.schema, self.opts.auto_migrate)
+        return conn
+
+    def claim_conn(self) -> psycopg.Connection[Any]:
+        """The work connection, once set up for claiming (see
+        :data:`celery_pgnotify.sql.CLAIMING_SESSION`)."""
+        conn = self.work_conn()
+        if conn is not self._claiming_conn:
+            # Only consuming processes claim, and they are never behind a
+            # transaction pooler (LISTEN needs a session): the setting stays
+            # with this session and never reaches another client's.
+            conn.execute(pgsql.CLAIMING_SESSION)
+            self._claiming_conn = conn
         return conn
 
     def establish_connection(self) -> Transport:

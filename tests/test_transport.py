@@ -271,6 +271,26 @@ def test_only_consumer_writes_skip_the_wal_flush(make_connection, db, schema, as
     assert count_rows(db, schema) == 0
 
 
+def test_a_claim_reads_the_ready_index_in_order_and_never_sorts_the_backlog(connection, db, schema):
+    # The table was never analysed: the planner's guess alone picks a bitmap
+    # scan and a sort of all 10,000 rows for every claim.
+    with connection:
+        channel = connection.default_channel
+        Queue("plan", Exchange("plan"), routing_key="plan")(channel).declare()
+        db.execute(
+            f'INSERT INTO "{schema}".messages (queue, payload)'
+            " SELECT 'plan', json_build_object('body', repeat('x', 900))"
+            " FROM generate_series(1, 10000)"
+        )
+        params = {"queue": "plan", "limit": 4, "consumer": 0, "max_size": 1 << 20}
+        session = connection.transport.claim_conn()
+        for query in (channel._claim_sql, channel._take_no_ack_sql):
+            plan = "\n".join(r[0] for r in session.execute("EXPLAIN " + query, params))
+            assert "Index Scan using messages_ready" in plan, plan
+            assert "Sort" not in plan, plan
+        assert len(channel.claim("plan", 4)) == 4
+
+
 # -- priorities --------------------------------------------------------------------
 
 
