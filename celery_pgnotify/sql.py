@@ -267,8 +267,11 @@ TEMPLATES: dict[str, str] = {
         "  * interval '1 millisecond' FROM {s}.queues q WHERE q.name = %(queue)s))"
         " RETURNING queue, CASE WHEN " + _WAITED_FOR + " THEN " + _NOTIFY + " END"
     ),
+    # Acks waiting to be written (``acks``, often none) leave with the claim:
+    # one round trip per turn of a consumer's loop instead of two.
     "claim": (
-        "WITH picked AS ("
+        "WITH acked AS (DELETE FROM {s}.messages WHERE id = ANY(%(acks)s::bigint[])),"
+        " picked AS ("
         " SELECT id FROM {s}.messages"
         " WHERE queue = %(queue)s AND consumer_id IS NULL"
         "  AND (expires_at IS NULL OR expires_at > now()) AND {nf}"

@@ -259,13 +259,21 @@ class Channel(virtual.Channel):
             params: dict[str, Any] = {"queue": queue, "limit": limit}
             rows = conn.execute(self._take_no_ack_sql, params).fetchall()
         else:
+            acks: list[int] = []
+            if self.connection.defer_acks_here():  # the thread whose acks wait
+                acks, self._deferred_acks = self._deferred_acks, []
             params = {
                 "queue": queue,
                 "limit": limit,
                 "consumer": self.connection.consumer_id(),
                 "max_size": max_size,
+                "acks": acks,
             }
-            rows = conn.execute(self._claim_sql, params).fetchall()
+            try:
+                rows = conn.execute(self._claim_sql, params).fetchall()
+            except BaseException:
+                self._deferred_acks[:0] = acks  # still to be written
+                raise
         rows.sort(key=lambda r: (-r[1], r[0]))
         messages = []
         for msg_id, rank, payload, redelivered, size in rows:
@@ -326,8 +334,9 @@ class Channel(virtual.Channel):
 
     def _ack(self, delivery_tag: int) -> None:
         # Acks made on the event loop's thread (or inside a delivery batch)
-        # leave together in one statement at the next loop tick, before the
-        # loop blocks again; acks from any other thread are written at once.
+        # leave together at the next loop tick, before the loop blocks again:
+        # with the next claim of this channel if there is one, else in one
+        # statement of their own. Acks from any other thread are written at once.
         if self.connection.defer_acks_here():
             self._deferred_acks.append(delivery_tag)
             self.connection._ack_channels.add(self)
@@ -702,14 +711,17 @@ class Transport(virtual.Transport):
         return bool(messages)
 
     @contextlib.contextmanager
-    def batched_acks(self) -> Iterator[None]:
-        """Acks made by this thread inside the block leave in one statement."""
+    def batched_acks(self, write: bool = True) -> Iterator[None]:
+        """Acks made by this thread inside the block leave in one statement:
+        at its end, or (``write`` false) with the claim of this thread's next
+        :meth:`drain_events`, which writes them before it blocks anyway."""
         previous, self._delivering = self._delivering, threading.get_ident()
         try:
             yield
         finally:
             self._delivering = previous
-            self._flush_acks()
+            if write:
+                self._flush_acks()
 
     def defer_acks_here(self) -> bool:
         """True on the event loop's thread, or inside a delivery batch."""
@@ -777,11 +789,12 @@ class Transport(virtual.Transport):
         self._claim_pending()
 
     def _on_tick(self) -> None:
-        # Runs before the loop blocks: write deferred acks, then resume
-        # claiming if acks have freed prefetch room.
-        self._flush_acks()
+        # Runs before the loop blocks: resume claiming if acks have freed
+        # prefetch room (the acks leave with the claim), and write the acks
+        # no claim took.
         if self._pending:
             self._claim_pending()
+        self._flush_acks()
 
     def _poll_all(self) -> None:
         self._pending |= set(self._consumers)

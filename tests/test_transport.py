@@ -232,6 +232,33 @@ def test_ack_from_another_thread(connection, db, schema):
     assert count_rows(db, schema) == 0
 
 
+def test_deferred_acks_leave_with_the_next_claim_or_before_blocking(connection, db, schema):
+    queue = Queue("defer", Exchange("defer"), routing_key="defer")
+    received: list[Any] = []
+    with connection:
+        producer = Producer(connection)
+        for i in range(2):
+            producer.publish(i, exchange=queue.exchange, routing_key="defer", declare=[queue])
+        consumer = Consumer(
+            connection, [queue], callbacks=[collect(received, ack=False)], prefetch_count=1
+        )
+        with consumer:
+            drain_until(connection, received, 1)
+            transport = connection.transport
+            with transport.batched_acks(write=False):
+                received[0][1].ack()
+            assert count_rows(db, schema) == 2  # not written yet
+            drain_until(connection, received, 2)  # the claim of the second writes it
+            assert count_rows(db, schema) == 1
+            assert count_rows(db, schema, "consumer_id IS NOT NULL") == 1
+            with transport.batched_acks(write=False):
+                received[1][1].ack()
+            with pytest.raises(TimeoutError):  # nothing to claim: written before blocking
+                connection.drain_events(timeout=0.2)
+            assert count_rows(db, schema) == 0
+    assert [body for body, _ in received] == [0, 1]
+
+
 @pytest.mark.parametrize("async_acks", [True, False])
 def test_only_consumer_writes_skip_the_wal_flush(make_connection, db, schema, async_acks):
     # Claims, acks and requeues set synchronous_commit off for their own
@@ -244,7 +271,7 @@ def test_only_consumer_writes_skip_the_wal_flush(make_connection, db, schema, as
         statements = {
             "claim": (
                 channel._claim_sql,
-                {"queue": "flush", "limit": 1, "consumer": 0, "max_size": 1},
+                {"queue": "flush", "limit": 1, "consumer": 0, "max_size": 1, "acks": []},
             ),
             "take_no_ack": (channel._take_no_ack_sql, {"queue": "flush", "limit": 1}),
             "ack": (channel._ack_sql, {"id": -1}),
@@ -282,7 +309,7 @@ def test_a_claim_reads_the_ready_index_in_order_and_never_sorts_the_backlog(conn
             " SELECT 'plan', json_build_object('body', repeat('x', 900))"
             " FROM generate_series(1, 10000)"
         )
-        params = {"queue": "plan", "limit": 4, "consumer": 0, "max_size": 1 << 20}
+        params = {"queue": "plan", "limit": 4, "consumer": 0, "max_size": 1 << 20, "acks": []}
         session = connection.transport.claim_conn()
         for query in (channel._claim_sql, channel._take_no_ack_sql):
             plan = "\n".join(r[0] for r in session.execute("EXPLAIN " + query, params))

@@ -187,7 +187,8 @@ class Manager(ConsumerMixin):
         self._active = None
 
     def on_iteration(self) -> None:
-        self._process_events()
+        # drain_events comes next: the acks leave with its claim.
+        self._process_events(write_acks=False)
         self._release_due_etas()
         self._enforce_limits()
         self._autoscale()
@@ -425,14 +426,14 @@ class Manager(ConsumerMixin):
         self._events.append(event)
         self._wake()
 
-    def _process_events(self) -> None:
+    def _process_events(self, write_acks: bool = True) -> None:
         if not self._events:
             return
         batched = getattr(getattr(self._active, "transport", None), "batched_acks", None)
         if batched is None:
             self._apply_events()
             return
-        with batched():  # every ack of this round in one statement
+        with batched(write_acks):  # every ack of this round in one statement
             self._apply_events()
 
     def _apply_events(self) -> None:
