@@ -49,7 +49,13 @@ LISTENER_APP_NAME = "celery-pgnotify-listener"
 class Listener:
     """A consumer session running on a daemon thread (see module docstring)."""
 
-    def __init__(self, conninfo: str, stmts: Statements, opts: TransportOptions) -> None:
+    def __init__(
+        self,
+        conninfo: str,
+        stmts: Statements,
+        opts: TransportOptions,
+        consumer_id: int | None = None,
+    ) -> None:
         self._conninfo = conninfo
         self._stmts = stmts
         self._opts = opts
@@ -68,8 +74,12 @@ class Listener:
         self._conn: psycopg.Connection[Any] | None = None
         self._pid = os.getpid()
         self._reap_after = 0.0
-        #: The consumer id leases are taken under (set once the first session is up).
-        self.consumer_id: int | None = None
+        #: The consumer id leases are taken under (set once the first session
+        #: is up, or given: a parked consumer's, taken over).
+        self.consumer_id: int | None = consumer_id
+        self._adopting = consumer_id is not None
+        #: True when the consumer taken over still existed, leases and all.
+        self.resumed = False
         self._thread = threading.Thread(
             target=self._run, name="celery-pgnotify-listener", daemon=True
         )
@@ -216,15 +226,26 @@ class Listener:
             row = conn.execute(self._stmts.register_consumer, params).fetchone()
             assert row is not None
             self.consumer_id = int(row[0])
+        elif self._adopting:
+            # A parked consumer, taken over: its leases are intact unless it
+            # was reaped meanwhile (which deletes its row and frees them).
+            found = conn.execute(
+                self._stmts.resume_consumer, {"id": self.consumer_id, **params}
+            ).fetchone()
+            if found is None:
+                conn.execute(self._stmts.heartbeat, {"id": self.consumer_id, **params})
+            self.resumed = found is not None
+            self._adopting = False
         else:
             conn.execute(self._stmts.heartbeat, {"id": self.consumer_id, **params})
-        locked = conn.execute(
-            self._stmts.take_lock,
-            {
-                "ns": self._stmts.lock_namespace,
-                "id": self.consumer_id,
-            },
-        ).fetchone()
+        lock = {"ns": self._stmts.lock_namespace, "id": self.consumer_id}
+        locked = conn.execute(self._stmts.take_lock, lock).fetchone()
+        # A session that just ended (the parked connection's, or this
+        # listener's previous one) may hold the lock a moment longer.
+        patience = time.monotonic() + self._opts.lock_grace / 2
+        while not (locked and locked[0]) and time.monotonic() < patience:
+            time.sleep(0.05)
+            locked = conn.execute(self._stmts.take_lock, lock).fetchone()
         if not (locked and locked[0]):
             # The previous session of this consumer is still on its way out.
             raise psycopg.OperationalError(

@@ -362,6 +362,10 @@ TEMPLATES: dict[str, str] = {
         " VALUES (%(id)s, %(hostname)s, %(pid)s, %(queues)s)"
         " ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), queues = EXCLUDED.queues"
     ),
+    "resume_consumer": (
+        "UPDATE {s}.consumers SET heartbeat_at = now(), hostname = %(hostname)s,"
+        " pid = %(pid)s, queues = %(queues)s WHERE id = %(id)s RETURNING id"
+    ),
     "touch_queues": ("UPDATE {s}.queues SET last_used_at = now() WHERE name = ANY(%(queues)s)"),
     "unregister_consumer": (
         "WITH back AS ("

@@ -75,6 +75,12 @@ def _milliseconds(value: Any, what: str) -> int | None:
     return max(ms, 0)
 
 
+#: Consumer ids of parked connections, and the acks they could not write, by
+#: (pid, conninfo, schema): for this process's next listener on the same
+#: database and schema.
+_parked_consumers: dict[tuple[int, str, str], tuple[int, list[int]]] = {}
+
+
 class QoS(virtual.QoS):
     """Prefetch accounting whose acks and rejects reach the database."""
 
@@ -97,6 +103,10 @@ class QoS(virtual.QoS):
     def restore_unacked(self) -> list[tuple[BaseException, Any]]:
         """Return every unacked message to its queue in one statement."""
         self._flush()
+        if self.channel.connection.parked:
+            # The consumer carries on on its next connection: it keeps them.
+            self._delivered.clear()
+            return []
         tags = [tag for tag in self._delivered if tag not in self._dirty]
         self._delivered.clear()
         if not tags:
@@ -211,6 +221,8 @@ class Channel(virtual.Channel):
         if queue is None or queue in self._active_queues:
             return
         self.connection._cancel(queue)
+        if self.connection.parked:
+            return  # the consumer comes back on its next connection
         try:
             row = self._execute(self._stmts.queue_auto_delete, {"name": queue}).fetchone()
             if row and row[0] and not self._consumed_elsewhere(queue):
@@ -347,7 +359,11 @@ class Channel(virtual.Channel):
         """Write the acks deferred during a delivery batch."""
         tags, self._deferred_acks = self._deferred_acks, []
         if tags:
-            self._execute(self._ack_many_sql, {"ids": tags})
+            try:
+                self._execute(self._ack_many_sql, {"ids": tags})
+            except BaseException:
+                self._deferred_acks[:0] = tags  # still to be written
+                raise
 
     def _db_requeue(self, tags: Iterable[int]) -> None:
         ids = list(tags)
@@ -512,7 +528,11 @@ class Channel(virtual.Channel):
 
     def close(self) -> None:
         if not self.closed:
-            self.flush_acks()
+            if self.connection.parked:  # written by the consumer's next connection
+                self.connection.unwritten_acks += self._deferred_acks
+                self._deferred_acks = []
+            else:
+                self.flush_acks()
         super().close()
 
 
@@ -560,6 +580,10 @@ class Transport(virtual.Transport):
         self.stmts = pgsql.statements(self.opts.schema)
         self._conn: psycopg.Connection[Any] | None = None
         self._claiming_conn: psycopg.Connection[Any] | None = None
+        #: set by :meth:`park`
+        self.parked = False
+        #: acks of closed channels, once parked, for the next connection
+        self.unwritten_acks: list[int] = []
         self._listener: Listener | None = None
         self._pid = os.getpid()
         self._consumers: dict[str, _Channel] = {}
@@ -617,7 +641,12 @@ class Transport(virtual.Transport):
             if os.getpid() == self._pid:
                 listener, self._listener = self._listener, None
                 if listener is not None:
-                    listener.stop()
+                    listener.stop(release=not self.parked)
+                    if self.parked and listener.consumer_id is not None:
+                        # With the acks this connection could not write.
+                        acks = self.unwritten_acks
+                        acks += [tag for ch in self.channels for tag in ch._deferred_acks]
+                        _parked_consumers[self._parking_key()] = (listener.consumer_id, acks)
                 conn, self._conn = self._conn, None
                 if conn is not None:
                     conn.close()
@@ -634,10 +663,35 @@ class Transport(virtual.Transport):
     def listener(self) -> Listener:
         """The consumer session, started on first need."""
         if self._listener is None:
-            listener = Listener(self.conninfo, self.stmts, self.opts)
+            adopted, acks = _parked_consumers.pop(self._parking_key(), (None, []))
+            listener = Listener(self.conninfo, self.stmts, self.opts, consumer_id=adopted)
             listener.start()
             self._listener = listener
+            if acks and listener.resumed:
+                self.work_conn().execute(self.stmts.ack_many, {"ids": acks})
         return self._listener
+
+    def park(self) -> None:
+        """This connection is lost, not closed: its consumer carries on on the
+        process's next connection to the same database and schema.
+
+        Closing it then keeps the leases (nothing goes back to the queues)
+        and hands the consumer id to the next listener this process starts,
+        which takes the consumer's session lock again. Whoever calls this must
+        go on consuming and settle every message it holds (see
+        :attr:`resumed`); if it does not come back, the leases run out as a
+        dead consumer's do.
+        """
+        self.parked = True
+
+    @property
+    def resumed(self) -> bool:
+        """True when this connection's consumer is a parked one taken over
+        with its leases intact (not reaped in between)."""
+        return self._listener is not None and self._listener.resumed
+
+    def _parking_key(self) -> tuple[int, str, str]:
+        return (os.getpid(), self.conninfo, self.opts.schema)
 
     def consumer_id(self) -> int:
         """The id this process's leases are taken under."""
@@ -659,7 +713,12 @@ class Transport(virtual.Transport):
         listener = self._listener
         if listener is None:
             return
-        if self._consumers or self._holds_messages() or self._loop_thread is not None:
+        if (
+            self._consumers
+            or self._holds_messages()
+            or self._loop_thread is not None
+            or self.parked
+        ):
             listener.set_queues(self._consumers)
             return
         # Nothing consumed and nothing held (e.g. the reply consumer of

@@ -11,9 +11,9 @@ import time
 from typing import Any
 
 import psycopg
-from kombu import Consumer, Exchange, Producer, Queue
+from kombu import Consumer, Exchange, Queue
 
-from tests.test_transport import collect, count_rows, drain_until
+from tests.test_transport import collect, count_rows, drain_until, publish
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,14 +47,6 @@ def stop(proc: subprocess.Popen[str]) -> None:
     proc.wait()
     if proc.stdout is not None:
         proc.stdout.close()
-
-
-def publish(conn: Any, queue: Queue, *bodies: Any) -> None:
-    producer = Producer(conn)
-    for body in bodies:
-        producer.publish(
-            body, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue]
-        )
 
 
 def test_sigkilled_consumer_messages_return_within_10s_with_defaults(
@@ -152,6 +144,53 @@ def test_listener_survives_pg_terminate_backend(make_connection, db, schema):
             publish(other, queue, "after")
         drain_until(conn, received, 1, timeout=10)
     assert received[0][0] == "after"
+
+
+def _park_holding_one(make_connection: Any, db: Any, schema: str, queue: Queue) -> tuple[Any, int]:
+    """A consumer holding one unacked message whose connection is then lost
+    (parked); returns that message and the consumer's id."""
+    first = make_connection()
+    received: list[Any] = []
+    publish(first, queue, "held")
+    consumer = Consumer(first, [queue], callbacks=[collect(received, ack=False)])
+    consumer.__enter__()
+    drain_until(first, received, 1)
+    consumer_id = first.transport.consumer_id()
+    first.transport.park()
+    first.release()  # as after a lost connection: closed, the lease kept
+    assert count_rows(db, schema, f"consumer_id = {consumer_id}") == 1
+    return received[0][1], consumer_id
+
+
+def test_a_lost_connections_consumer_is_taken_over_with_its_leases(make_connection, db, schema):
+    queue = Queue("park", Exchange("park"), routing_key="park")
+    message, consumer_id = _park_holding_one(make_connection, db, schema, queue)
+    second = make_connection()
+    with second, Consumer(second, [queue], callbacks=[collect([])]):
+        assert second.transport.consumer_id() == consumer_id
+        assert second.transport.resumed
+        assert count_rows(db, schema, f"consumer_id = {consumer_id}") == 1  # still ours
+        message.channel = second.default_channel
+        message.ack()
+    assert count_rows(db, schema) == 0
+
+
+def test_a_parked_consumer_reaped_meanwhile_starts_afresh(make_connection, db, schema):
+    queue = Queue("reaped", Exchange("reaped"), routing_key="reaped")
+    _, consumer_id = _park_holding_one(make_connection, db, schema, queue)
+    # What the reaper does to a consumer gone too long: row deleted, leases freed.
+    db.execute(
+        f'WITH gone AS (DELETE FROM "{schema}".consumers WHERE id = %s)'
+        f' UPDATE "{schema}".messages SET consumer_id = NULL, redelivered = true',
+        (consumer_id,),
+    )
+    received: list[Any] = []
+    second = make_connection()
+    with second, Consumer(second, [queue], callbacks=[collect(received)]):
+        drain_until(second, received, 1)
+        assert not second.transport.resumed
+    assert received[0][1].delivery_info["redelivered"] is True
+    assert count_rows(db, schema) == 0
 
 
 def test_lost_notification_is_caught_by_the_fallback_poll(make_connection, db, schema):

@@ -36,11 +36,13 @@ def collect(received: list[Any], ack: bool = True) -> Any:
     return on_message
 
 
-def publish_numbers(conn: Any, queue: Queue, count: int) -> None:
-    """Publish 0..count-1 to ``queue`` (declared on the way)."""
+def publish(conn: Any, queue: Queue, *bodies: Any) -> None:
+    """Publish each of ``bodies`` to ``queue`` (declared on the way)."""
     producer = Producer(conn)
-    for i in range(count):
-        producer.publish(i, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue])
+    for body in bodies:
+        producer.publish(
+            body, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue]
+        )
 
 
 def count_rows(db: psycopg.Connection[Any], schema: str, where: str = "true") -> int:
@@ -137,7 +139,7 @@ def test_claim_is_batched_up_to_prefetch_and_leased(connection, db, schema):
     queue = Queue("batch", Exchange("batch"), routing_key="batch")
     received: list[Any] = []
     with connection:
-        publish_numbers(connection, queue, 10)
+        publish(connection, queue, *range(10))
         consumer = Consumer(connection, [queue], callbacks=[collect(received, ack=False)])
         consumer.qos(prefetch_count=4)
         with consumer:
@@ -206,7 +208,7 @@ def test_basic_get_and_queue_length_and_purge(connection):
     queue = Queue("getq", Exchange("getq"), routing_key="getq")
     with connection:
         channel = connection.default_channel
-        publish_numbers(channel, queue, 3)
+        publish(channel, queue, *range(3))
         bound = queue(channel)
         assert bound.queue_declare(passive=True).message_count == 3
         message = bound.get(no_ack=False)
@@ -222,7 +224,7 @@ def test_ack_from_another_thread(connection, db, schema):
     queue = Queue("threads", Exchange("threads"), routing_key="threads")
     received: list[Any] = []
     with connection:
-        publish_numbers(connection, queue, 20)
+        publish(connection, queue, *range(20))
         with Consumer(connection, [queue], callbacks=[collect(received, ack=False)]):
             drain_until(connection, received, 20)
             threads = [threading.Thread(target=m.ack) for _, m in received]
@@ -237,7 +239,7 @@ def test_deferred_acks_leave_with_the_next_claim_or_before_blocking(connection, 
     queue = Queue("defer", Exchange("defer"), routing_key="defer")
     received: list[Any] = []
     with connection:
-        publish_numbers(connection, queue, 2)
+        publish(connection, queue, *range(2))
         consumer = Consumer(
             connection, [queue], callbacks=[collect(received, ack=False)], prefetch_count=1
         )

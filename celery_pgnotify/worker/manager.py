@@ -12,12 +12,13 @@ and ``reject_on_worker_lost`` is set.
 from __future__ import annotations
 
 import collections
+import contextlib
 import heapq
 import itertools
 import logging
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -105,6 +106,7 @@ class Manager(ConsumerMixin):
         self._events: collections.deque[Event] = collections.deque()
         self._inflight: dict[str, tuple[Message, Any]] = {}  # task id -> (message, task)
         self._eta: list[tuple[float, int, Message]] = []
+        self._lost = False  # the last connection was lost, not closed
         self._eta_seq = itertools.count()
         self._consumer: Consumer | None = None
         self._active: Any = None  # the connection consumed on (the mixin clones ours)
@@ -155,9 +157,26 @@ class Manager(ConsumerMixin):
             )
         return consumers
 
+    @contextlib.contextmanager
+    def extra_context(self, connection: Any, channel: Any) -> Iterator[None]:
+        try:
+            yield
+        except connection.connection_errors + connection.channel_errors:
+            # Lost, not closed: this manager goes on as the same consumer on
+            # its next connection (see _carry_over), so closing this one must
+            # not send the messages it holds back to their queues.
+            park = getattr(connection.transport, "park", None)
+            if park is not None:
+                park()
+            self._lost = True
+            raise
+
     def on_consume_ready(
         self, connection: Any, channel: Any, consumers: Any, **kwargs: Any
     ) -> None:
+        if self._lost:
+            self._lost = False
+            self._carry_over(connection, channel)
         self._active = connection
         if self.send_events:
             self._eventer = self.app.events.Dispatcher(
@@ -196,17 +215,33 @@ class Manager(ConsumerMixin):
             self._next_heartbeat = time.monotonic() + HEARTBEAT_FREQ
             self._event("worker-heartbeat", **self._worker_info())
 
-    def on_connection_revived(self) -> None:
-        # After a lost connection, messages not yet started belong to the old
-        # connection, which returned them to their queues (or their lease
-        # does): running them too would run them twice.
+    def _carry_over(self, connection: Any, channel: Any) -> None:
+        """After a lost connection: settle what this manager holds through the
+        new one, or let go of what the old one gave back."""
+        if getattr(connection.transport, "resumed", False):
+            # The same consumer, its leases intact: waiting, running and held
+            # messages carry on; those not acked yet are settled on the new
+            # channel (acks the old one could not write, the new one wrote).
+            held = [message for message, _ in self._inflight.values()]
+            held += [message for _, _, message in self._eta]
+            held = [message for message in held if not message.acknowledged]
+            for message in held:
+                message.channel = channel
+                channel.qos.append(message, message.delivery_tag)
+            self._set_prefetch(self.prefetch_count + len(self._eta))
+            logger.warning(
+                "Reconnected as the same consumer: %d message(s) in hand carry on", len(held)
+            )
+            return
+        # A new consumer: the old one's leases were released (or run out), so
+        # messages not started are back in their queues; running them too
+        # would run them twice.
         waiting = self.pool.waiting()
         for job in waiting:
             self._inflight.pop(job.task_id, None)
         dropped = len(waiting) + len(self._eta)
         self._eta.clear()
-        if dropped:
-            logger.warning("Reconnected: %d waiting message(s) left to their queues", dropped)
+        logger.warning("Reconnected: %d waiting message(s) left to their queues", dropped)
 
     def on_connection_error(self, exc: BaseException, interval: float) -> None:
         logger.warning("Broker connection error: %s; retrying in %.1fs", exc, interval)
