@@ -147,6 +147,7 @@ class Channel(virtual.Channel):
         self._requeue_sql: str = getattr(stmts, "requeue" + flushed)
         self._declared_exchanges: dict[str, str] = {}
         self._deferred_acks: list[int] = []
+        self._acks_thread: int | None = None  # the thread that deferred them
         self._no_ack_queues: set[str] = set()
         self._reject_reasons: dict[int, str] = {}
 
@@ -272,7 +273,7 @@ class Channel(virtual.Channel):
             rows = conn.execute(self._take_no_ack_sql, params).fetchall()
         else:
             acks: list[int] = []
-            if self.connection.defer_acks_here():  # the thread whose acks wait
+            if self._acks_thread == threading.get_ident():  # the thread whose acks wait
                 acks, self._deferred_acks = self._deferred_acks, []
             params = {
                 "queue": queue,
@@ -351,6 +352,7 @@ class Channel(virtual.Channel):
         # statement of their own. Acks from any other thread are written at once.
         if self.connection.defer_acks_here():
             self._deferred_acks.append(delivery_tag)
+            self._acks_thread = threading.get_ident()
             self.connection._ack_channels.add(self)
         else:
             self._execute(self._ack_sql, {"id": delivery_tag})

@@ -235,7 +235,9 @@ def test_ack_from_another_thread(connection, db, schema):
     assert count_rows(db, schema) == 0
 
 
-def test_deferred_acks_leave_with_the_next_claim_or_before_blocking(connection, db, schema):
+def test_deferred_acks_leave_with_the_next_claim_or_before_blocking(
+    connection, db, schema, monkeypatch
+):
     queue = Queue("defer", Exchange("defer"), routing_key="defer")
     received: list[Any] = []
     with connection:
@@ -246,10 +248,22 @@ def test_deferred_acks_leave_with_the_next_claim_or_before_blocking(connection, 
         with consumer:
             drain_until(connection, received, 1)
             transport = connection.transport
+            channel = connection.default_channel
+            session = transport.claim_conn()
+            statements: list[str] = []
+            execute = session.execute
+
+            def spy(query: Any, *args: Any, **kwargs: Any) -> Any:
+                statements.append(query)
+                return execute(query, *args, **kwargs)
+
+            monkeypatch.setattr(session, "execute", spy)
             with transport.batched_acks(write=False):
                 received[0][1].ack()
             assert count_rows(db, schema) == 2  # not written yet
             drain_until(connection, received, 2)  # the claim of the second writes it
+            assert channel._claim_sql in statements
+            assert channel._ack_many_sql not in statements  # no statement of its own
             assert count_rows(db, schema) == 1
             assert count_rows(db, schema, "consumer_id IS NOT NULL") == 1
             with transport.batched_acks(write=False):
