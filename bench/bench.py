@@ -296,8 +296,19 @@ def result_roundtrips(broker: Broker, backend: str, samples: int) -> dict[str, f
 
 
 def cleanup(broker: Broker, queues: list[str]) -> None:
-    """Leave nothing behind in the shared database."""
+    """Leave nothing behind in the shared database (or Redis)."""
     import psycopg
+
+    if broker.name.startswith("redis") and queues:
+        from kombu import Connection
+
+        with Connection(broker.url) as conn:
+            conn.default_channel.client.delete(
+                *queues,
+                *(f"_kombu.binding.{q}" for q in queues),
+                *(f"_kombu.binding_permanent.{q}" for q in queues),
+            )
+        return
 
     with psycopg.connect(f"postgresql://{PG}", autocommit=True) as conn:
         schema = broker.options.get("schema")

@@ -20,6 +20,8 @@ app.conf.task_default_queue = os.environ.get("BENCH_QUEUE", "bench")
 app.conf.task_ignore_result = True
 if os.environ.get("BENCH_BACKEND"):
     app.conf.result_backend = os.environ["BENCH_BACKEND"]
+    # Read back at once: not kept in the shared reference Redis for a day.
+    app.conf.result_expires = 600
 app.conf.worker_hijack_root_logger = False
 app.conf.broker_connection_retry_on_startup = True
 

@@ -79,6 +79,8 @@ if os.environ.get("COMPAT_RESULT_BACKEND"):
     app.conf.result_backend_transport_options = json.loads(
         os.environ.get("COMPAT_RESULT_OPTIONS", "{}")
     )
+    # Read back at once: not kept in the shared reference Redis for a day.
+    app.conf.result_expires = 600
 
 
 @app.task(ignore_result=False)

@@ -203,6 +203,15 @@ class Compat:
                     Queue(name, no_declare=True)(conn.default_channel).delete()
                 except Exception:  # noqa: BLE001 - cleanup is best effort
                     pass
+            if self.broker.name == "redis":
+                # Deleting a queue leaves kombu's binding sets (keyed by the
+                # exchange, named after the queue here) behind, and a message
+                # sent meanwhile (by beat) may have re-created the queue.
+                client = conn.default_channel.client
+                keys = [*client.scan_iter(f"{self.prefix}*")]
+                for name in self.queues:
+                    keys += [f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}"]
+                client.delete(*keys)
         # Not force_close_all(): Celery's producer pools are shared, process-wide,
         # by every app on the same broker URL.
         self.app.close()
