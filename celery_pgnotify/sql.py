@@ -228,7 +228,6 @@ _NOTIFY = "pg_notify(%(prefix)s || md5(queue), '')"
 # committing transactions, and a publish nobody waits for should not pay it.
 _WAITED_FOR = "EXISTS (SELECT 1 FROM {s}.consumers c WHERE queue = ANY(c.queues))"
 
-# A row's end of life: ``expires`` seconds from now, or never when NULL/0.
 # Appended to the statements a consumer runs (claim, ack, requeue): they
 # commit without waiting for the WAL flush. A server crash can undo the last
 # of them, and an undone claim or ack only delivers a message again; the
@@ -244,6 +243,7 @@ _NO_FLUSH = "(SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL"
 # statements, none of which needs a sort, so sorting is off for them.
 CLAIMING_SESSION = "SET enable_sort = off"
 
+# A row's end of life: ``expires`` seconds from now, or never when NULL/0.
 _EXPIRES_AT = "now() + nullif(%(expires)s::float8, 0) * interval '1 second'"
 _LIVE = "(expires_at IS NULL OR expires_at > now())"
 
