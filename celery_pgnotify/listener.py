@@ -17,7 +17,9 @@ mode). It
 - reaps dead consumers: their leased messages return to their queues
   (see ``sql.TEMPLATES['reap']`` for the rule);
 - reconnects with capped exponential backoff, and after any gap marks every
-  queue as notified so the consumer re-reads the tables.
+  queue as notified so the consumer re-reads the tables;
+- can take over a consumer whose connection was lost (given its id, see
+  ``Transport.park``): its leases stay its own unless it was reaped meanwhile.
 """
 
 from __future__ import annotations

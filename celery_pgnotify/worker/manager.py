@@ -6,7 +6,9 @@ pool's results thread reports what children do; the main thread acts on it
 (acks, requeues) between two ``drain_events`` calls, woken at once through
 the transport. Ack rules are Celery's: early by default (when a child takes
 the task), after the task with ``acks_late``, requeued when a child is lost
-and ``reject_on_worker_lost`` is set.
+and ``reject_on_worker_lost`` is set. A lost broker connection is not a
+closed one: the manager goes on as the same consumer on the next, keeping
+the messages it holds (see :meth:`Manager._carry_over`).
 """
 
 from __future__ import annotations
