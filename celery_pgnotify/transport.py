@@ -670,7 +670,10 @@ class Transport(virtual.Transport):
             listener.start()
             self._listener = listener
             if acks and listener.resumed:
-                self.work_conn().execute(self.stmts.ack_many, {"ids": acks})
+                ack_many = (
+                    self.stmts.ack_many if self.opts.async_acks else self.stmts.ack_many_flushed
+                )
+                self.work_conn().execute(ack_many, {"ids": acks})
         return self._listener
 
     def park(self) -> None:
