@@ -21,12 +21,13 @@ Waiting
 =======
 Storing a result and announcing it is one statement: the row is upserted and
 ``pg_notify`` runs in its ``RETURNING``, on a channel derived from the task id.
-A JSON result small enough for a notification travels in it, so a waiter needs
-no further query; a larger (or binary) one is read from the table on the
-notification. A process starts listening for a task before it publishes it
+The notification carries nothing: any role that can connect may NOTIFY any
+channel, so a notification only wakes the waiter, which reads the result from
+the table. A process starts listening for a task before it publishes it
 (:meth:`PgNotifyBackend.on_task_call`), and a waiter reads the table once after
-it starts listening, so no result can slip between the two. Nothing sleeps
-and polls.
+it starts listening, so no result can slip between the two; while it waits it
+re-reads the table every :data:`REREAD_INTERVAL` seconds in case a
+notification was lost.
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ from celery_pgnotify.options import TransportOptions
 
 logger = logging.getLogger(__name__)
 
-#: NOTIFY payloads are limited to 8000 bytes; leave room for the rest.
-MAX_INLINE_PAYLOAD = 7800
+#: Seconds between re-reads of the results still awaited, should a
+#: notification have been lost.
+REREAD_INTERVAL = 5.0
 _SETTINGS = ("result_backend", "result_backend_transport_options")
 _BACKEND_OPTIONS = ("schema", "dsn", "connect_timeout", "auto_migrate")
 
@@ -101,7 +103,8 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         self._conn: psycopg.Connection[Any] | None = None
         self._channels: dict[str, str] = {}  # channel -> task id
         self._to_unlisten: set[str] = set()
-        self._inbox: deque[tuple[str, str]] = deque()  # (task id, payload or "")
+        self._inbox: deque[str] = deque()  # ids of tasks announced, to read
+        self._next_reread = time.monotonic() + REREAD_INTERVAL
         self._wake_r, self._wake_w = -1, -1
         self._connected_before = False
         forget_after_fork(self)
@@ -175,6 +178,14 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
                 self._read(conn)
             if not self._inbox:
                 self._wait(conn, wait)
+            if not self._inbox and time.monotonic() >= self._next_reread:
+                # A notification can be lost (a LISTEN session cut between
+                # two reads): what is awaited is read again now and then.
+                with self._locked(wait) as locked:
+                    if locked:
+                        self._inbox.extend(self._channels.values())
+        if self._inbox:
+            self._next_reread = time.monotonic() + REREAD_INTERVAL
         with self._locked(wait) as locked:
             if locked:
                 self._handle_inbox()
@@ -203,7 +214,7 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
             self._connected_before = True
             if reconnecting:
                 # Whatever happened while disconnected is in the table.
-                self._inbox.extend((task_id, "") for task_id in self._channels.values())
+                self._inbox.extend(self._channels.values())
         assert self._conn is not None
         return self._conn
 
@@ -260,10 +271,11 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
     # -- notifications -------------------------------------------------------
 
     def _on_notify(self, notify: psycopg.Notify) -> None:
+        # A wake-up, never data: its payload is ignored (anyone may NOTIFY).
         task_id = self._channels.get(notify.channel)
         if task_id is None:
             return
-        self._inbox.append((task_id, notify.payload))
+        self._inbox.append(task_id)
         if self._wake_w >= 0:
             try:
                 os.write(self._wake_w, b"x")
@@ -297,15 +309,9 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
                     self._read(conn)
 
     def _handle_inbox(self) -> None:
-        to_fetch: list[str] = []
-        while self._inbox:
-            task_id, payload = self._inbox.popleft()
-            if payload:
-                meta = self.backend.decode_result(payload)
-                meta.setdefault("task_id", task_id)
-                self.on_state_change(meta, None)
-            else:
-                to_fetch.append(task_id)
+        to_fetch: dict[str, None] = {}
+        while self._inbox:  # other threads may append meanwhile
+            to_fetch[self._inbox.popleft()] = None
         if to_fetch:
             for meta in self.backend.fetch_metas(to_fetch):
                 self.on_state_change(meta, None)
@@ -355,6 +361,7 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
         self.stmts = pgsql.statements(self.opts.schema)
         self._conn: psycopg.Connection[Any] | None = None
         self._pid = os.getpid()
+        self._chord_part = threading.local()
         self.result_consumer = self.ResultConsumer(
             self, self.app, self.accept, self._pending_results, self._pending_messages
         )
@@ -511,9 +518,6 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
         meta["task_id"] = _text(task_id)
         encoded = self.encode(meta)
         data = encoded.encode("utf-8") if isinstance(encoded, str) else bytes(encoded)
-        inline = (
-            isinstance(encoded, str) and len(data) <= MAX_INLINE_PAYLOAD and "\x00" not in encoded
-        )
         retries = meta.get("retries")
         params = {
             "id": meta["task_id"],
@@ -529,7 +533,6 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
             "ready": state in states.READY_STATES,
             "expires": self.expires or None,
             "channel": self.stmts.result_channel(meta["task_id"]),
-            "payload": encoded if inline else "",
         }
         self._execute(self.stmts.store_result, params)
         return result
@@ -577,15 +580,30 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
         kind, ident = self._split_key(key)
         self._execute(getattr(self.stmts, f"delete_{kind}"), {"id": ident})
 
+    def on_chord_part_return(self, request: Any, state: Any, result: Any, **kwargs: Any) -> None:
+        # Celery's chord logic calls incr() with the counter's key only: say
+        # which header task is counting, so that it counts once.
+        self._chord_part.id = getattr(request, "id", None)
+        try:
+            super().on_chord_part_return(request, state, result, **kwargs)
+        finally:
+            self._chord_part.id = None
+
     def incr(self, key: Any) -> int:
+        """Count a finished chord header task; the same task counts once
+        (the statement is retried after a lost connection, and a task can be
+        redelivered)."""
         _, ident = self._split_key(key)
-        row = self._execute(
-            # chord_expires (result_chord_expires) exists from Celery 5.5 on.
-            self.stmts.chord_incr,
-            {"id": ident, "expires": getattr(self, "chord_expires", self.expires) or None},
-        ).fetchone()
-        assert row is not None
-        return int(row[0])
+        part = getattr(self._chord_part, "id", None)
+        # chord_expires (result_chord_expires) exists from Celery 5.5 on.
+        params = {
+            "id": ident,
+            "part": part,
+            "expires": getattr(self, "chord_expires", self.expires) or None,
+        }
+        statement = self.stmts.chord_incr if part is None else self.stmts.chord_incr_once
+        row = self._execute(statement, params).fetchone()
+        return int(row[0]) if row else 0  # 0: a repeat after the counter was deleted
 
     def expire(self, key: Any, value: Any) -> None:
         kind, ident = self._split_key(key)

@@ -6,7 +6,7 @@ import os
 import weakref
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -56,16 +56,28 @@ def conninfo_from_url(
     return make_conninfo("", **params)
 
 
+#: libpq parameters holding secrets, masked wherever a URL is shown.
+_SECRET_PARAMETERS = frozenset(("password", "sslpassword"))
+
+
 def mask_url(url: str, mask: str = "**") -> str:
-    """``url`` with its password replaced by ``mask``."""
+    """``url`` with its password (in the user info or as a ``password`` or
+    ``sslpassword`` query parameter) replaced by ``mask``."""
     if "://" not in url:
         return url
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    userinfo = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{userinfo}:{mask}@{netloc[1]}"))
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)
+        parts = parts._replace(netloc=f"{parts.username or ''}:{mask}@{netloc[1]}")
+    if parts.query:
+        fields = []
+        for field in parts.query.split("&"):
+            key = unquote_plus(field.split("=", 1)[0]).strip().lower()
+            fields.append(
+                f"{field.split('=', 1)[0]}={mask}" if key in _SECRET_PARAMETERS else field
+            )
+        parts = parts._replace(query="&".join(fields))
+    return urlunsplit(parts)
 
 
 def received_notifies(conn: psycopg.Connection[Any]) -> Iterator[tuple[str, str]]:

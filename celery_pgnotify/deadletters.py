@@ -3,8 +3,10 @@
 A message lands in ``<schema>.dead_letters`` when
 
 * its stored text is not a kombu message (written by hand, or by SQL gone
-  wrong), or it is larger than ``max_message_size``: the transport moves it
-  as it claims it, before any consumer sees it;
+  wrong; see :mod:`celery_pgnotify.envelope`), or it is larger than
+  ``max_message_size``: the transport moves it as it claims it, before any
+  consumer sees it;
+* a consumer's callback raised on it: it costs that message, not the worker;
 * a consumer rejects it without requeue (``dead_letter_rejected``, on by
   default): ``celery-pg worker`` says why (unregistered task, a content type
   the app does not accept, a malformed body, an invalid header); the stock

@@ -18,6 +18,15 @@ whose schema the transport has created (it does so on first use, or with
 ``celery-pg migrate``). Only publishing moves to ``conn``; queue declarations
 and everything else keep using the transport's own connection. Other brokers
 ignore the block.
+
+Which publishes join: the application's own (``.delay()``, ``apply_async``,
+``send_task``, canvas calls). Never the messages Celery sends for the task
+running in this thread: its retry (``self.retry()``, ``autoretry_for``: the
+same task id) and its replacement (``self.replace()``). A retry raised inside
+the block leaves it by exception, which rolls the transaction back; were its
+message in that transaction, the task would be acked and its retry gone.
+(Chains, callbacks and chord callbacks are published by Celery after the task
+body returned, so outside any block of the task's own.)
 """
 
 from __future__ import annotations
@@ -57,8 +66,30 @@ def add_provider(provider: Callable[[], psycopg.Connection[Any] | None]) -> None
         _providers.append(provider)
 
 
-def current_connection() -> psycopg.Connection[Any] | None:
-    """The connection publishes go through in this context, if any."""
+def _sent_by_celery(headers: Any) -> bool:
+    """True for the retry or replacement of the task running in this thread."""
+    if not isinstance(headers, dict) or "id" not in headers:
+        return False
+    from celery import current_task
+
+    if not current_task:
+        return False
+    request = current_task.request
+    if request.called_directly or request.is_eager:
+        return False
+    if headers.get("id") == request.id:  # self.retry() resends the same id
+        return True
+    nesting = headers.get("replaced_task_nesting") or 0
+    return isinstance(nesting, int) and nesting > (
+        getattr(request, "replaced_task_nesting", 0) or 0
+    )
+
+
+def current_connection(headers: Any = None) -> psycopg.Connection[Any] | None:
+    """The connection a message with ``headers`` is published through in
+    this context, if any (see the module docstring for which join)."""
+    if _sent_by_celery(headers):
+        return None
     conn = _connection.get()
     if conn is None:
         for provider in _providers:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kombu.exceptions import ChannelError
+
 
 class PgNotifyError(Exception):
     """Root of every error raised by celery-pgnotify."""
@@ -30,3 +32,8 @@ class InvalidName(PgNotifyError, ValueError):
 
 class MessageTooLarge(PgNotifyError, ValueError):
     """A message is larger than the ``max_message_size`` transport option."""
+
+
+class PreconditionFailed(PgNotifyError, ChannelError):  # type: ignore[misc]
+    """A queue was declared again with settings other than its own (as
+    RabbitMQ's 406 PRECONDITION_FAILED): nothing was changed."""

@@ -210,6 +210,25 @@ CREATE INDEX dead_letters_queue ON {s}.dead_letters (queue, id);
 CREATE INDEX dead_letters_message ON {s}.dead_letters (message_id);
 """,
     ),
+    (
+        6,
+        """
+-- Each chord header task counts once, however often its increment is
+-- retried (a lost connection after COMMIT) or the task is redelivered.
+CREATE TABLE {s}.chord_parts (
+    group_id    text NOT NULL,
+    task_id     text NOT NULL,
+    expires_at  timestamptz,
+    PRIMARY KEY (group_id, task_id)
+);
+CREATE INDEX chord_parts_expiring ON {s}.chord_parts (expires_at) WHERE expires_at IS NOT NULL;
+-- A SECURITY INVOKER function still resolves unqualified names through the
+-- caller's search_path: fix it, so no schema of the caller's can shadow a
+-- built-in the function calls.
+ALTER FUNCTION {s}.send_task(text, jsonb, jsonb, text, double precision, integer)
+    SET search_path = pg_catalog, pg_temp;
+""",
+    ),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]
@@ -235,6 +254,14 @@ _WAITED_FOR = "EXISTS (SELECT 1 FROM {s}.consumers c WHERE queue = ANY(c.queues)
 # as ``true`` when the ``async_acks`` transport option is off.
 _NO_FLUSH = "(SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL"
 
+# Prepended to a publish's conditions: the message's COMMIT waits for the
+# WAL flush even when the server, database or role runs with
+# synchronous_commit off (a stronger setting, such as remote_apply, stays).
+_DURABLE = (
+    "(SELECT set_config('synchronous_commit', CASE current_setting('synchronous_commit')"
+    " WHEN 'off' THEN 'on' ELSE current_setting('synchronous_commit') END, true)) IS NOT NULL"
+)
+
 # A queue table's statistics are seldom right: analysed while a queue was
 # short (or never, with autovacuum off), the planner expects a few rows and
 # picks a bitmap scan plus a sort of the whole backlog for every claim, so a
@@ -255,7 +282,7 @@ TEMPLATES: dict[str, str] = {
         " SELECT DISTINCT b.queue, %(rank)s, %(payload)s, "
         + _EXPIRY.format(q="q")
         + " FROM {s}.bindings b LEFT JOIN {s}.queues q ON q.name = b.queue"
-        " WHERE b.exchange = %(exchange)s AND (b.type = 'fanout'"
+        " WHERE " + _DURABLE + " AND b.exchange = %(exchange)s AND (b.type = 'fanout'"
         "  OR (b.type = 'direct' AND b.routing_key = %(rk)s)"
         "  OR (b.type = 'topic' AND ('.' || %(rk)s) ~ b.pattern))"
         " RETURNING queue, CASE WHEN " + _WAITED_FOR + " THEN " + _NOTIFY + " END"
@@ -265,7 +292,13 @@ TEMPLATES: dict[str, str] = {
         " SELECT %(queue)s, %(rank)s, %(payload)s, LEAST(now() + %(ttl)s::bigint"
         "  * interval '1 millisecond', (SELECT now() + q.message_ttl_ms"
         "  * interval '1 millisecond' FROM {s}.queues q WHERE q.name = %(queue)s))"
-        " RETURNING queue, CASE WHEN " + _WAITED_FOR + " THEN " + _NOTIFY + " END"
+        " WHERE "
+        + _DURABLE
+        + " RETURNING queue, CASE WHEN "
+        + _WAITED_FOR
+        + " THEN "
+        + _NOTIFY
+        + " END"
     ),
     # Acks waiting to be written (``acks``, often none) leave with the claim:
     # one round trip per turn of a consumer's loop instead of two.
@@ -301,12 +334,13 @@ TEMPLATES: dict[str, str] = {
         " WHERE id = ANY(%(ids)s) AND consumer_id = %(consumer)s AND {nf} RETURNING queue)"
         " SELECT queue, " + _NOTIFY + " FROM (SELECT DISTINCT queue FROM back) AS q"
     ),
+    # A queue keeps the settings of its first declaration; the row returned
+    # tells the declarer whether its own settings agree.
     "declare_queue": (
         "INSERT INTO {s}.queues AS q (name, durable, auto_delete, expires_ms, message_ttl_ms)"
         " VALUES (%(name)s, %(durable)s, %(auto_delete)s, %(expires)s, %(ttl)s)"
-        " ON CONFLICT (name) DO UPDATE SET last_used_at = now(),"
-        " durable = EXCLUDED.durable, auto_delete = EXCLUDED.auto_delete,"
-        " expires_ms = EXCLUDED.expires_ms, message_ttl_ms = EXCLUDED.message_ttl_ms"
+        " ON CONFLICT (name) DO UPDATE SET last_used_at = now()"
+        " RETURNING durable, auto_delete, expires_ms, message_ttl_ms"
     ),
     "has_queue": "SELECT EXISTS (SELECT 1 FROM {s}.queues WHERE name = %(name)s)",
     "queue_size": (
@@ -485,7 +519,7 @@ TEMPLATES: dict[str, str] = {
         " queue = coalesce(EXCLUDED.queue, r.queue), traceback = EXCLUDED.traceback,"
         " date_done = EXCLUDED.date_done, expires_at = EXCLUDED.expires_at"
         " WHERE r.status <> 'SUCCESS' OR r.expires_at <= now()"
-        " RETURNING pg_notify(%(channel)s, %(payload)s)"
+        " RETURNING pg_notify(%(channel)s, '')"
     ),
     "get_result": "SELECT meta FROM {s}.results WHERE task_id = %(id)s AND " + _LIVE,
     "get_results": (
@@ -499,6 +533,18 @@ TEMPLATES: dict[str, str] = {
     ),
     "get_group": "SELECT meta FROM {s}.result_groups WHERE group_id = %(id)s AND " + _LIVE,
     # Atomic: concurrent header tasks each see a distinct count.
+    # Once per header task (``part``): a repeated increment reads the count.
+    "chord_incr_once": (
+        "WITH part AS (INSERT INTO {s}.chord_parts (group_id, task_id, expires_at)"
+        " VALUES (%(id)s, %(part)s, " + _EXPIRES_AT + ")"
+        " ON CONFLICT DO NOTHING RETURNING group_id),"
+        " bumped AS (INSERT INTO {s}.chord_counters AS c (group_id, counter, expires_at)"
+        " SELECT group_id, 1, " + _EXPIRES_AT + " FROM part"
+        " ON CONFLICT (group_id) DO UPDATE SET counter = c.counter + 1,"
+        " expires_at = EXCLUDED.expires_at RETURNING counter)"
+        " SELECT counter FROM bumped UNION ALL SELECT counter FROM {s}.chord_counters"
+        " WHERE group_id = %(id)s AND NOT EXISTS (SELECT 1 FROM part)"
+    ),
     "chord_incr": (
         "INSERT INTO {s}.chord_counters AS c (group_id, counter, expires_at)"
         " VALUES (%(id)s, 1, " + _EXPIRES_AT + ")"
@@ -532,7 +578,8 @@ TEMPLATES: dict[str, str] = {
     "cleanup_results": (
         "WITH r AS (DELETE FROM {s}.results WHERE expires_at <= now() RETURNING 1),"
         " g AS (DELETE FROM {s}.result_groups WHERE expires_at <= now() RETURNING 1),"
-        " c AS (DELETE FROM {s}.chord_counters WHERE expires_at <= now() RETURNING 1)"
+        " c AS (DELETE FROM {s}.chord_counters WHERE expires_at <= now() RETURNING 1),"
+        " p AS (DELETE FROM {s}.chord_parts WHERE expires_at <= now())"
         " SELECT (SELECT count(*) FROM r), (SELECT count(*) FROM g), (SELECT count(*) FROM c)"
     ),
 }

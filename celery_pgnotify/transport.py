@@ -41,11 +41,18 @@ from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.transport.virtual.base import BrokerState
 
+from celery_pgnotify import envelope
 from celery_pgnotify import sql as pgsql
 from celery_pgnotify.connect import connect, conninfo_from_url, forget_after_fork, mask_url
 from celery_pgnotify.deadletters import REJECTED, connect_celery_signals
 from celery_pgnotify.enqueue import current_connection
-from celery_pgnotify.errors import DatabaseUnavailable, InvalidName, MessageTooLarge
+from celery_pgnotify.envelope import Refused
+from celery_pgnotify.errors import (
+    DatabaseUnavailable,
+    InvalidName,
+    MessageTooLarge,
+    PreconditionFailed,
+)
 from celery_pgnotify.listener import Listener
 from celery_pgnotify.options import TransportOptions
 from celery_pgnotify.routing import topic_pattern
@@ -73,6 +80,43 @@ def _milliseconds(value: Any, what: str) -> int | None:
     except (TypeError, ValueError):
         raise InvalidName(f"{what} must be a number of milliseconds, not {value!r}") from None
     return max(ms, 0)
+
+
+#: Message properties kombu itself sets; other keyword arguments of
+#: ``Producer.publish`` land among the properties too.
+_KNOWN_PROPERTIES = frozenset(
+    (
+        "body_encoding",
+        "delivery_info",
+        "delivery_mode",
+        "priority",
+        "correlation_id",
+        "reply_to",
+        "expiration",
+        "message_id",
+        "timestamp",
+        "type",
+        "user_id",
+        "app_id",
+    )
+)
+
+
+def _dumps(message: dict[str, Any]) -> str:
+    """The stored text of ``message``. An extra property JSON cannot carry
+    (``publish(body, **kwargs)`` forwarding anything) is left out, as AMQP
+    clients send only the properties they know; the rest must encode."""
+    try:
+        return json.dumps(message, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError):
+        props = message["properties"]
+        for key in [k for k in props if k not in _KNOWN_PROPERTIES]:
+            try:
+                json.dumps(props[key], allow_nan=False)
+            except (TypeError, ValueError):
+                logger.debug("Property %r cannot be stored as JSON; left out", key)
+                del props[key]
+        return json.dumps(message, separators=(",", ":"), allow_nan=False)
 
 
 #: Consumer ids of parked connections, and the acks they could not write, by
@@ -150,6 +194,7 @@ class Channel(virtual.Channel):
         self._acks_thread: int | None = None  # the thread that deferred them
         self._no_ack_queues: set[str] = set()
         self._reject_reasons: dict[int, str] = {}
+        self._refused = 0  # rows of the last claim dead-lettered as they were taken
 
     # -- helpers -------------------------------------------------------------
 
@@ -179,26 +224,31 @@ class Channel(virtual.Channel):
         """Route, store and notify in one statement (one round trip)."""
         self._inplace_augment_message(message, exchange, routing_key)
         props = message["properties"]
-        payload = json.dumps(message, separators=(",", ":"))
+        payload = _dumps(message)
         if len(payload) > self._opts.max_message_size:
             raise MessageTooLarge(
                 f"message of {len(payload)} characters exceeds the max_message_size "
                 f"transport option ({self._opts.max_message_size} bytes)"
             )
+        # A Celery task's ``expires`` is also its message's expiration; the
+        # task must reach a worker all the same, which marks it REVOKED
+        # (instead of leaving its caller waiting on a result that never comes).
+        headers = message.get("headers")
+        expiration = None if headers and "expires" in headers else props.get("expiration")
         params = {
             "rank": self._rank(props.get("priority")),
             "payload": payload,
-            "ttl": _milliseconds(props.get("expiration"), "expiration"),
+            "ttl": _milliseconds(expiration, "expiration"),
             "prefix": self._stmts.channel_prefix,
         }
         # Inside enqueue_in(conn): the row is written in the caller's transaction.
-        through = current_connection()
+        through = current_connection(headers)
         execute = through.execute if through is not None else self._execute
         if exchange:
             params.update(exchange=exchange, rk=routing_key or "")
             rows = execute(self._stmts.publish_routed, params).fetchall()
             if not rows:
-                logger.debug(
+                logger.warning(
                     "Message to exchange %r key %r matched no queue; dropped", exchange, routing_key
                 )
         else:
@@ -288,6 +338,7 @@ class Channel(virtual.Channel):
                 self._deferred_acks[:0] = acks  # still to be written
                 raise
         rows.sort(key=lambda r: (-r[1], r[0]))
+        self._refused = 0
         messages = []
         for msg_id, rank, payload, redelivered, size in rows:
             if payload is None or size > max_size:
@@ -296,9 +347,12 @@ class Channel(virtual.Channel):
                 try:
                     messages.append(self._payload(msg_id, payload, redelivered))
                     continue
-                except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                except Refused as exc:
+                    reason = f"malformed message: {exc}"
+                except Exception as exc:  # noqa: BLE001 - whatever it is, it costs this row only
                     reason = f"malformed message: {exc!r}"
             logger.error("Dead-lettering message %s of queue %r: %s", msg_id, queue, reason)
+            self._refused += 1
             if no_ack:  # already taken off the table
                 self._execute(
                     self._stmts.dead_letter_taken,
@@ -314,16 +368,11 @@ class Channel(virtual.Channel):
                 self.dead_letter(msg_id, reason)
         return messages
 
-    @staticmethod
-    def _payload(msg_id: int, payload: str, redelivered: bool) -> dict[str, Any]:
-        message: dict[str, Any] = json.loads(payload)
-        if not isinstance(message, dict) or "body" not in message:
-            raise ValueError("not a kombu message (no body)")
-        props = message.setdefault("properties", {})
-        if not isinstance(props, dict):
-            raise ValueError("properties is not an object")
+    def _payload(self, msg_id: int, payload: str, redelivered: bool) -> dict[str, Any]:
+        message = envelope.parse(payload, self.codecs)
+        props = message["properties"]
         props["delivery_tag"] = msg_id
-        props.setdefault("delivery_info", {})["redelivered"] = bool(redelivered)
+        props["delivery_info"]["redelivered"] = bool(redelivered)
         message["redelivered"] = bool(redelivered)
         return message
 
@@ -331,13 +380,25 @@ class Channel(virtual.Channel):
         """Move a taken message to ``dead_letters`` with ``reason``."""
         self._execute(self._stmts.dead_letter, {"id": delivery_tag, "reason": reason[:2000]})
 
+    def consumer_failed(self, delivery_tag: int, exc: BaseException) -> None:
+        """The consumer's callback raised on a message: dead-letter it (if it
+        is still held), so it costs that message, never the consumer."""
+        reason = f"the consumer failed on this message: {exc!r}"
+        logger.error("Dead-lettering message %s: %s", delivery_tag, reason, exc_info=exc)
+        self.dead_letter(delivery_tag, reason)
+        self.qos._quick_ack(delivery_tag)  # its prefetch slot is free again
+
     def note_reject_reason(self, delivery_tag: int, reason: str) -> None:
         """Say why the next ``reject(requeue=False)`` of ``delivery_tag`` happens."""
         self._reject_reasons[delivery_tag] = reason
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
-        """Take one message synchronously (``None`` when the queue is empty)."""
+        """Take one message synchronously (``None`` when the queue is empty).
+
+        Rows refused on the way (dead-lettered) do not end the search."""
         taken = self._take(queue, 1, no_ack)
+        while not taken and self._refused:
+            taken = self._take(queue, 1, no_ack)
         if not taken:
             return None
         message = self.Message(taken[0], channel=self)
@@ -493,16 +554,30 @@ class Channel(virtual.Channel):
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
         _check_name("queue", queue)
         args = kwargs.get("arguments") or {}
-        self._execute(
-            self._stmts.declare_queue,
-            {
-                "name": queue,
-                "durable": bool(kwargs.get("durable", True)),
-                "auto_delete": bool(kwargs.get("auto_delete", False)),
-                "expires": _milliseconds(args.get("x-expires"), "x-expires"),
-                "ttl": _milliseconds(args.get("x-message-ttl"), "x-message-ttl"),
-            },
+        wanted = (
+            bool(kwargs.get("durable", True)),
+            bool(kwargs.get("auto_delete", False)),
+            _milliseconds(args.get("x-expires"), "x-expires"),
+            _milliseconds(args.get("x-message-ttl"), "x-message-ttl"),
         )
+        names = ("name", "durable", "auto_delete", "expires", "ttl")
+        row = self._execute(
+            self._stmts.declare_queue, dict(zip(names, (queue, *wanted), strict=True))
+        ).fetchone()
+        if row is not None and tuple(row) != wanted:
+            # Never reconfigure a shared queue behind its other users' backs.
+            labels = ("durable", "auto_delete", "x-expires", "x-message-ttl")
+            diff = ", ".join(
+                f"{label} {had!r} (declared {new!r})"
+                for label, had, new in zip(labels, row, wanted, strict=True)
+                if had != new
+            )
+            raise PreconditionFailed(
+                f"PRECONDITION_FAILED - queue {queue!r} exists with other settings: {diff}",
+                (50, 10),
+                "Channel.queue_declare",
+                "406",
+            )
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
         row = self._execute(self._stmts.has_queue, {"name": queue}).fetchone()
@@ -751,7 +826,7 @@ class Transport(virtual.Transport):
                 if not limit:
                     continue  # prefetch full: stays pending until acks free room
                 messages = channel.claim(queue, limit)
-                if len(messages) < limit:
+                if len(messages) + channel._refused < limit:  # the queue is drained
                     self._pending.discard(queue)
                 if self._deliver_batch(queue, channel, messages):
                     delivered = True
@@ -768,6 +843,10 @@ class Transport(virtual.Transport):
             for i, message in enumerate(messages):
                 try:
                     callback(message)
+                except self.connection_errors:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - costs this message, never the batch
+                    channel.consumer_failed(message["properties"]["delivery_tag"], exc)
                 except BaseException:
                     # Claimed but never handed over: back to the queue at once.
                     channel._db_requeue(m["properties"]["delivery_tag"] for m in messages[i + 1 :])

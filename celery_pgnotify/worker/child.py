@@ -6,9 +6,11 @@ Protocol on the child's pipe (all tuples):
                        ("stop",)              finish and exit
     child -> manager   ("ready", pid)         initialised, can take work
                        ("accepted", task_id, pid, time)
-                       ("done", task_id, failed, runtime, summary, state)
+                       ("done", task_id, runtime, summary, outcome, requeue)
                                               summary: result or exception, as text;
-                                              state: Celery's (SUCCESS, FAILURE, RETRY...)
+                                              outcome: see :mod:`.outcomes` (success,
+                                              failure, retry, reject, ignore);
+                                              requeue: the Reject exception's flag
                        ("retire", pid)        max tasks, memory or lifetime reached: exiting
 
 SIGUSR1 cancels the running task (revoke with terminate, hard time limit):
@@ -28,6 +30,8 @@ from multiprocessing.connection import Connection
 from types import FrameType
 from typing import Any
 
+from celery import states
+
 logger = logging.getLogger(__name__)
 
 
@@ -45,6 +49,11 @@ class Job:
     #: ``(args, kwargs, embed)``, decoded (and checked) by the manager
     body: tuple[Any, Any, Any]
     soft_time_limit: float | None = None
+    #: the message's delivery tag: what the manager knows the job by (task
+    #: ids repeat: retries, redeliveries and user-chosen ids)
+    tag: int = 0
+    #: UNIX time after which the task must not start (its ``expires``)
+    expires: float | None = None
 
 
 #: True while a task runs: a signal that arrives between tasks is ignored.
@@ -112,8 +121,7 @@ def child_main(
                 break
             job: Job = message[1]
             conn.send(("accepted", job.task_id, pid, time.time()))
-            failed, runtime, summary, state = _run(job, trace)
-            conn.send(("done", job.task_id, failed, runtime, summary, state))
+            conn.send(("done", job.task_id, *_run(job, trace)))
             done += 1
             if (
                 (max_tasks and done >= max_tasks)
@@ -140,35 +148,58 @@ def _tracer(app: Any, hostname: str) -> Any:
     """
     from celery.app.trace import trace_task
 
-    def trace(job: Job) -> tuple[int, Any, str]:
+    def trace(job: Job) -> tuple[str, str, bool]:
+        """``(outcome, summary, requeue)`` of running ``job``."""
         args, kwargs, embed = job.body
         request = dict(job.request, args=args, kwargs=kwargs, is_eager=False)
         request["hostname"] = hostname or job.request.get("hostname")
         request.update(embed or {})
+        task = app.tasks[job.name]
         retval, info, _, shown = trace_task(
-            app.tasks[job.name], job.task_id, args, kwargs, request, app=app, hostname=hostname
+            task, job.task_id, args, kwargs, request, app=app, hostname=hostname
         )
-        return (1, retval, info.state) if info else (0, shown, "SUCCESS")
+        if not info:
+            return "success", str(shown), False
+        exc = getattr(retval, "exception", retval)
+        outcome = _OUTCOMES.get(info.state, "failure")
+        requeue = bool(getattr(info.retval, "requeue", False))
+        if outcome == "reject" and not requeue:
+            # Never runs again: a terminal FAILURE, not PENDING forever (as
+            # Celery's worker records it since 5.7).
+            store = not task.ignore_result or task.store_errors_even_if_ignored
+            task.backend.mark_as_failure(job.task_id, info.retval, store_result=store)
+        elif outcome == "retry":
+            exc = getattr(exc, "exc", None) or exc
+        return outcome, str(exc), requeue
 
     return trace
 
 
-def _run(job: Job, trace: Any) -> tuple[bool, float, str, str]:
+#: Celery's state of an ended task -> its outcome (see :mod:`.outcomes`).
+_OUTCOMES = {
+    states.SUCCESS: "success",
+    states.FAILURE: "failure",
+    states.RETRY: "retry",
+    states.REJECTED: "reject",
+    states.IGNORED: "ignore",
+}
+
+
+def _run(job: Job, trace: Any) -> tuple[float, str, str, bool]:
+    """``(runtime, summary, outcome, requeue)`` of ``job``."""
     global _running
     started = time.monotonic()
     _running = True
     if job.soft_time_limit:
         signal.setitimer(signal.ITIMER_REAL, job.soft_time_limit)
     try:
-        code, value, state = trace(job)
-        failed = bool(code)
-        summary = str(value if not failed else getattr(value, "exception", value))
+        outcome, summary, requeue = trace(job)
     except TaskCancelled as exc:
-        failed, summary, state = True, repr(exc), "FAILURE"
+        outcome, summary, requeue = "failure", repr(exc), False
     except BaseException as exc:  # the tracer handles task errors; this is its own failure
         logger.exception("Internal error running task %s[%s]", job.name, job.task_id)
-        failed, summary, state = True, repr(exc), "FAILURE"
+        outcome, summary, requeue = "failure", repr(exc), False
     finally:
         _running = False
         signal.setitimer(signal.ITIMER_REAL, 0)
-    return failed, time.monotonic() - started, summary[:SUMMARY_MAX], state
+    return time.monotonic() - started, summary[:SUMMARY_MAX], outcome, requeue

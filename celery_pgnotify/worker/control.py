@@ -36,14 +36,13 @@ def ping(state: Manager, **kwargs: Any) -> dict[str, str]:
 @handler
 def active(state: Manager, safe: bool = False, **kwargs: Any) -> list[dict[str, Any]]:
     return [
-        state.task_info(task_id, pid, started)
-        for task_id, (pid, started, _job) in state.pool.running().items()
+        state.task_info(job, pid, started) for pid, started, job in state.pool.running().values()
     ]
 
 
 @handler
 def reserved(state: Manager, **kwargs: Any) -> list[dict[str, Any]]:
-    return [state.task_info(job.task_id) for job in state.pool.queued()]
+    return [state.task_info(job) for job in state.pool.queued()]
 
 
 @handler

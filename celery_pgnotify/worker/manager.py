@@ -34,10 +34,11 @@ from kombu.serialization import prepare_accept_content
 from kombu.utils.limits import TokenBucket
 
 from celery_pgnotify.deadletters import reject_with_reason
-from celery_pgnotify.worker import control
+from celery_pgnotify.envelope import parse_time
+from celery_pgnotify.worker import control, outcomes
 from celery_pgnotify.worker.child import Job
 from celery_pgnotify.worker.pool import Event, Pool, PoolSettings
-from celery_pgnotify.worker.validate import Refused, check_headers, decode_body
+from celery_pgnotify.worker.validate import Refused, check_task_headers, decode_body
 
 logger = logging.getLogger(__name__)
 
@@ -47,21 +48,6 @@ AUTOSCALE_KEEPALIVE = 30.0
 
 #: Seconds between worker-heartbeat events (Celery's default frequency).
 HEARTBEAT_FREQ = 2.0
-
-
-def _parse_time(value: Any) -> float | None:
-    """An ETA/expires header (ISO 8601 or a timestamp) as a UNIX time."""
-    if value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    try:
-        when = datetime.fromisoformat(str(value))
-    except ValueError:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return when.timestamp()
 
 
 def _request_view(message: Message, name: str, body: tuple[Any, Any, Any], hostname: str) -> Any:
@@ -106,8 +92,12 @@ class Manager(ConsumerMixin):
         self.prefetch_count = prefetch_count
         self.pool = Pool(pool_settings, self._on_pool_event)
         self._events: collections.deque[Event] = collections.deque()
-        self._inflight: dict[str, tuple[Message, Any]] = {}  # task id -> (message, task)
-        self._eta: list[tuple[float, int, Message]] = []
+        #: delivery tag -> (message, task) of every job given to the pool
+        self._inflight: dict[int, tuple[Message, Any]] = {}
+        #: messages held until a time: (when, seq, message, is_eta); rate-limited
+        #: ones wait here too, but only ETA ones widen the prefetch window
+        self._eta: list[tuple[float, int, Message, bool]] = []
+        self._eta_held = 0
         self._lost = False  # the last connection was lost, not closed
         self._eta_seq = itertools.count()
         self._consumer: Consumer | None = None
@@ -116,9 +106,9 @@ class Manager(ConsumerMixin):
         self._stop_requested = 0
         #: ids revoked by broadcast (Celery's own bounded, expiring set)
         self.revoked = LimitedSet(maxlen=50_000, expires=3 * 3600)
-        #: task id -> (why, monotonic time to SIGKILL if still running)
-        self._cancelling: dict[str, tuple[str, float]] = {}
-        self._started: dict[str, float] = {}  # task id -> monotonic start
+        #: delivery tag -> (why, monotonic time to SIGKILL if still running)
+        self._cancelling: dict[int, tuple[str, float]] = {}
+        self._started: dict[int, float] = {}  # delivery tag -> monotonic start
         self._total: collections.Counter[str] = collections.Counter()
         self._born = time.time()
         self.node: Any = None
@@ -211,8 +201,12 @@ class Manager(ConsumerMixin):
         # drain_events comes next: the acks leave with its claim.
         self._process_events(write_acks=False)
         self._release_due_etas()
-        self._enforce_limits()
-        self._autoscale()
+        # Neither may cost the pool: a failure is logged and retried next turn.
+        for step in (self._enforce_limits, self._autoscale):
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - logged; the loop goes on
+                logger.exception("celery-pg worker: %s failed", step.__name__)
         if self._eventer is not None and time.monotonic() >= self._next_heartbeat:
             self._next_heartbeat = time.monotonic() + HEARTBEAT_FREQ
             self._event("worker-heartbeat", **self._worker_info())
@@ -225,12 +219,12 @@ class Manager(ConsumerMixin):
             # messages carry on; those not acked yet are settled on the new
             # channel (acks the old one could not write, the new one wrote).
             held = [message for message, _ in self._inflight.values()]
-            held += [message for _, _, message in self._eta]
+            held += [message for _, _, message, _ in self._eta]
             held = [message for message in held if not message.acknowledged]
             for message in held:
                 message.channel = channel
                 channel.qos.append(message, message.delivery_tag)
-            self._set_prefetch(self.prefetch_count + len(self._eta))
+            self._set_prefetch(self.prefetch_count + self._eta_held)
             logger.warning(
                 "Reconnected as the same consumer: %d message(s) in hand carry on", len(held)
             )
@@ -240,9 +234,10 @@ class Manager(ConsumerMixin):
         # would run them twice.
         waiting = self.pool.waiting()
         for job in waiting:
-            self._inflight.pop(job.task_id, None)
+            self._inflight.pop(job.tag, None)
         dropped = len(waiting) + len(self._eta)
         self._eta.clear()
+        self._eta_held = 0
         logger.warning("Reconnected: %d waiting message(s) left to their queues", dropped)
 
     def on_connection_error(self, exc: BaseException, interval: float) -> None:
@@ -282,15 +277,17 @@ class Manager(ConsumerMixin):
     def _return_unstarted(self) -> None:
         """Jobs no child started, and ETA tasks held here, go back at once."""
         for job in self.pool.waiting():
-            entry = self._inflight.pop(job.task_id, None)
+            entry = self._inflight.pop(job.tag, None)
             if entry is not None:
                 self._settle(entry[0], "requeue")
-        for _, _, message in self._eta:
+        for _, _, message, _ in self._eta:
             self._settle(message, "requeue")
         self._eta.clear()
+        self._eta_held = 0
 
-    def _settle(self, message: Message, action: str) -> None:
-        """ack/requeue/reject, tolerating a connection lost meanwhile.
+    def _settle(self, message: Message, action: str, reason: str = "") -> None:
+        """ack/requeue/reject (dead-letter, saying ``reason``), tolerating a
+        connection lost meanwhile.
 
         A message of a lost connection was returned to its queue when that
         connection closed (or comes back when its lease runs out).
@@ -300,6 +297,8 @@ class Manager(ConsumerMixin):
                 message.ack()
             elif action == "requeue":
                 message.requeue()
+            elif reason:
+                reject_with_reason(message, reason)
             else:
                 message.reject(requeue=False)
         except Exception as exc:  # noqa: BLE001 - logged; the lease covers the message
@@ -319,10 +318,22 @@ class Manager(ConsumerMixin):
 
     def on_message(self, message: Message, held: bool = False) -> None:
         """A task message arrived (``held``: one this manager held for its ETA
-        or rate limit comes due)."""
+        or rate limit comes due).
+
+        Whatever goes wrong here costs this message only: it is dead-lettered
+        with the reason, and the worker goes on.
+        """
+        try:
+            self._receive(message, held)
+        except Exception as exc:  # noqa: BLE001 - one message, never the pool
+            logger.exception("celery-pg worker failed on message %s", message.delivery_tag)
+            if not message.acknowledged:
+                self._refuse(message, f"celery-pg worker failed on this message: {exc!r}")
+
+    def _receive(self, message: Message, held: bool) -> None:
         headers = message.headers
         try:
-            check_headers(headers)
+            check_task_headers(headers)
             name, task_id = headers["task"], headers["id"]
             task = self.app.tasks.get(name)
             if task is None:
@@ -345,24 +356,29 @@ class Manager(ConsumerMixin):
         if task_id in self.revoked:
             self._discard_revoked(message, task, task_id, "revoked")
             return
-        expires = _parse_time(headers.get("expires"))
+        expires = parse_time(headers.get("expires"))
         if expires is not None and expires < time.time():
             self._discard_revoked(message, task, task_id, "expired")
             return
-        eta = _parse_time(headers.get("eta"))
+        eta = parse_time(headers.get("eta"))
         if eta is not None and eta > time.time():
             # Held here, unacked: the lease keeps it safe however long; the
             # prefetch window grows so held tasks do not starve the pool.
-            heapq.heappush(self._eta, (eta, next(self._eta_seq), message))
-            self._set_prefetch(self.prefetch_count + len(self._eta))
+            self._hold(eta, message, is_eta=True)
             return
         wait = self._rate_limited(task)
         if wait:
-            # Over the task's rate_limit: held here until a token is due.
-            heapq.heappush(self._eta, (time.time() + wait, next(self._eta_seq), message))
-            self._set_prefetch(self.prefetch_count + len(self._eta))
+            # Over the task's rate_limit: held here until a token is due,
+            # within the prefetch window (as Celery's worker does).
+            self._hold(time.time() + wait, message, is_eta=False)
             return
-        self._dispatch(message, task, name, task_id, headers, body)
+        self._dispatch(message, task, name, task_id, headers, body, expires)
+
+    def _hold(self, when: float, message: Message, is_eta: bool) -> None:
+        heapq.heappush(self._eta, (when, next(self._eta_seq), message, is_eta))
+        if is_eta:
+            self._eta_held += 1
+            self._set_prefetch(self.prefetch_count + self._eta_held)
 
     def reset_rate_limit(self, task_name: str) -> None:
         """Forget ``task_name``'s token bucket: its (new) rate_limit applies next."""
@@ -403,6 +419,7 @@ class Manager(ConsumerMixin):
         task_id: str,
         headers: dict[str, Any],
         body: tuple[Any, Any, Any],
+        expires: float | None,
     ) -> None:
         props = message.properties
         info = message.delivery_info
@@ -426,8 +443,10 @@ class Manager(ConsumerMixin):
             request,
             body,  # decoded once, here; the child does not decode again
             soft_time_limit=soft or task.soft_time_limit or self.app.conf.task_soft_time_limit,
+            tag=message.delivery_tag,
+            expires=expires,
         )
-        self._inflight[task_id] = (message, task)
+        self._inflight[message.delivery_tag] = (message, task)
         self._event(
             "task-received",
             uuid=task_id,
@@ -446,11 +465,13 @@ class Manager(ConsumerMixin):
         now = time.time()
         released = False
         while self._eta and self._eta[0][0] <= now:
-            _, _, message = heapq.heappop(self._eta)
-            released = True
+            _, _, message, is_eta = heapq.heappop(self._eta)
+            if is_eta:
+                self._eta_held -= 1
+                released = True
             self.on_message(message, held=True)
         if released:
-            self._set_prefetch(self.prefetch_count + len(self._eta))
+            self._set_prefetch(self.prefetch_count + self._eta_held)
 
     def _set_prefetch(self, count: int) -> None:
         if self._consumer is not None:
@@ -476,60 +497,63 @@ class Manager(ConsumerMixin):
     def _apply_events(self) -> None:
         while self._events:
             event = self._events.popleft()
-            entry = self._inflight.get(event.task_id)
+            entry = self._inflight.get(event.tag)
             if entry is None:
                 continue
-            message, task = entry
-            if event.kind == "accepted":
-                self._started[event.task_id] = time.monotonic()
-                self._event("task-started", uuid=event.task_id)
-                if not task.acks_late:
-                    self._settle(message, "ack")
-            elif event.kind == "done":
-                del self._inflight[event.task_id]
-                self._finished(event.task_id, task)
-                retried = event.state == "RETRY"
-                if retried:  # a new message carries the retry
-                    self._event(
-                        "task-retried", uuid=event.task_id, exception=event.summary, traceback=""
-                    )
-                elif event.failed:
-                    self._event(
-                        "task-failed", uuid=event.task_id, exception=event.summary, traceback=""
-                    )
-                else:
-                    self._event(
-                        "task-succeeded",
-                        uuid=event.task_id,
-                        result=event.summary,
-                        runtime=event.runtime,
-                    )
-                if task.acks_late and not message.acknowledged:
-                    failed_unacked = (
-                        event.failed and not retried and not task.acks_on_failure_or_timeout
-                    )
-                    self._settle(message, "reject" if failed_unacked else "ack")
-                logger.debug(
-                    "Finished %s[%s] (%s) in %.4fs",
-                    task.name,
-                    event.task_id,
-                    event.state or ("failed" if event.failed else "succeeded"),
-                    event.runtime,
-                )
-            elif event.kind == "lost":
-                del self._inflight[event.task_id]
-                started = event.task_id in self._started
-                why = self._finished(event.task_id, task)
-                if why is None:
-                    self._on_lost(message, task, event, started)
-                else:  # we killed it: revoked or out of time, never rerun
-                    self._settle(message, "ack")
+            try:
+                self._apply_event(event, *entry)
+            except Exception as exc:  # noqa: BLE001 - one message, never the pool
+                logger.exception("celery-pg worker failed on %s of %s", event.kind, event.task_id)
+                self._inflight.pop(event.tag, None)
+                if not entry[0].acknowledged:
+                    self._refuse(entry[0], f"celery-pg worker failed on this message: {exc!r}")
 
-    def _finished(self, task_id: str, task: Any) -> str | None:
+    def _apply_event(self, event: Event, message: Message, task: Any) -> None:
+        tag = event.tag
+        if event.kind == "accepted":
+            self._started[tag] = time.monotonic()
+            self._event("task-started", uuid=event.task_id)
+            if not task.acks_late:
+                self._settle(message, "ack")
+            return
+        del self._inflight[tag]
+        if event.kind == "expired":
+            self._discard_revoked(message, task, event.task_id, "expired")
+            return
+        started = tag in self._started
+        why = self._finished(tag, event.task_id, task)
+        if event.kind == "lost" and why is None:
+            self._on_lost(message, task, event, started)
+            return
+        outcome = event.outcome or "failure"
+        if why is not None:  # we cancelled it: revoked, or out of time
+            outcome = "revoked" if why == "revoked" else "timeout"
+        self._task_ended_event(event, outcome)
+        action = outcomes.settle(outcome, outcomes.AckRules.of(task), requeue=event.requeue)
+        if not message.acknowledged:
+            self._settle(message, action, f"task {outcome}: {event.summary or why}"[:2000])
+        logger.debug(
+            "Finished %s[%s] (%s) in %.4fs", task.name, event.task_id, outcome, event.runtime
+        )
+
+    def _task_ended_event(self, event: Event, outcome: str) -> None:
+        uuid = event.task_id
+        if outcome == "success":
+            self._event("task-succeeded", uuid=uuid, result=event.summary, runtime=event.runtime)
+        elif outcome == "retry":  # a new message carries the retry
+            self._event("task-retried", uuid=uuid, exception=event.summary, traceback="")
+        elif outcome == "reject":
+            self._event("task-rejected", uuid=uuid, requeue=event.requeue)
+            if not event.requeue:
+                self._event("task-failed", uuid=uuid, exception=event.summary, traceback="")
+        elif outcome in ("failure", "timeout"):
+            self._event("task-failed", uuid=uuid, exception=event.summary, traceback="")
+
+    def _finished(self, tag: int, task_id: str, task: Any) -> str | None:
         """Bookkeeping of an ended task; returns why it was cancelled, if it was."""
-        self._started.pop(task_id, None)
+        self._started.pop(tag, None)
         self._total[task.name] += 1
-        cancelled = self._cancelling.pop(task_id, None)
+        cancelled = self._cancelling.pop(tag, None)
         if cancelled is None:
             return None
         why = cancelled[0]
@@ -560,33 +584,36 @@ class Manager(ConsumerMixin):
         """Revoke ``task_id``: never start it; with ``terminate``, cancel it if running."""
         self.revoked.add(task_id)
         for job in self.pool.queued():
-            if job.task_id == task_id and self.pool.unqueue(task_id):
-                message, task = self._inflight.pop(task_id)
+            if job.task_id == task_id and self.pool.unqueue(job.tag):
+                message, task = self._inflight.pop(job.tag)
                 self._discard_revoked(message, task, task_id, "revoked")
-        if terminate and task_id in self.pool.running():
-            self._cancel(task_id, "revoked")
+        if terminate:
+            for tag, (_pid, _started, job) in self.pool.running().items():
+                if job.task_id == task_id:
+                    self._cancel(tag, task_id, "revoked")
 
-    def _cancel(self, task_id: str, why: str) -> None:
-        if task_id in self._cancelling:
+    def _cancel(self, tag: int, task_id: str, why: str) -> None:
+        if tag in self._cancelling:
             return
         logger.warning("Cancelling %s (%s): SIGUSR1 to its child", task_id, why)
         grace = float(self.app.conf.get("pgnotify_cancel_grace", 5.0))
-        self._cancelling[task_id] = (why, time.monotonic() + grace)
-        self.pool.cancel(task_id, signal.SIGUSR1)
+        self._cancelling[tag] = (why, time.monotonic() + grace)
+        self.pool.cancel(tag, signal.SIGUSR1)
 
     def _enforce_limits(self) -> None:
         now = time.monotonic()
-        for task_id, (_why, kill_at) in list(self._cancelling.items()):
-            if now >= kill_at and task_id in self.pool.running():
-                logger.error("Task %s ignored SIGUSR1; killing its child", task_id)
-                self.pool.cancel(task_id, signal.SIGKILL)
-        for task_id, started in list(self._started.items()):
-            entry = self._inflight.get(task_id)
+        running = self.pool.running()
+        for tag, (_why, kill_at) in list(self._cancelling.items()):
+            if now >= kill_at and tag in running:
+                logger.error("Task %s ignored SIGUSR1; killing its child", running[tag][2].task_id)
+                self.pool.cancel(tag, signal.SIGKILL)
+        for tag, started in list(self._started.items()):
+            entry = self._inflight.get(tag)
             if entry is None:
                 continue
             limit = self._hard_limit(entry)
             if limit and now - started > limit:
-                self._cancel(task_id, f"hard time limit ({limit}s) exceeded")
+                self._cancel(tag, entry[0].headers["id"], f"hard time limit ({limit}s) exceeded")
 
     def _autoscale(self) -> None:
         """Grow while jobs wait for a child; shrink one idle child at a time."""
@@ -646,12 +673,12 @@ class Manager(ConsumerMixin):
         self._wake()
 
     def task_info(
-        self, task_id: str, pid: int | None = None, started: float | None = None
+        self, job: Job, pid: int | None = None, started: float | None = None
     ) -> dict[str, Any]:
-        entry = self._inflight.get(task_id)
+        entry = self._inflight.get(job.tag)
         headers = (entry[0].headers or {}) if entry else {}
         return {
-            "id": task_id,
+            "id": job.task_id,
             "name": headers.get("task"),
             "args": headers.get("argsrepr"),
             "kwargs": headers.get("kwargsrepr"),
@@ -665,7 +692,7 @@ class Manager(ConsumerMixin):
 
     def scheduled_info(self) -> list[dict[str, Any]]:
         out = []
-        for eta, _, message in sorted(self._eta):
+        for eta, _, message, _ in sorted(self._eta, key=lambda held: held[:2]):
             headers = message.headers or {}
             out.append(
                 {
@@ -706,15 +733,11 @@ class Manager(ConsumerMixin):
         exc = WorkerLostError(
             f"Worker exited prematurely: exitcode {event.exitcode} Job: {event.task_id}."
         )
-        if message.acknowledged:
-            requeued = False
-        elif not started or (task.acks_late and task.reject_on_worker_lost):
-            # A task its child never started is simply given back.
-            self._settle(message, "requeue")
-            requeued = True
-        else:
-            self._settle(message, "ack")
-            requeued = False
+        action = outcomes.settle("lost", outcomes.AckRules.of(task), started=started)
+        requeued = action == outcomes.REQUEUE and not message.acknowledged
+        if not message.acknowledged:
+            self._settle(message, action, f"task lost: {exc}")
+        self._event("task-failed", uuid=event.task_id, exception=repr(exc), traceback="")
         if not requeued and not task.ignore_result:
             task.backend.mark_as_failure(event.task_id, exc, request=None)
         logger.error(

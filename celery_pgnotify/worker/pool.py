@@ -29,14 +29,18 @@ logger = logging.getLogger(__name__)
 class Event:
     """Something the main thread must act on."""
 
-    kind: str  # "accepted" | "done" | "lost"
+    kind: str  # "accepted" | "done" | "lost" | "expired"
     task_id: str
     pid: int
-    failed: bool = False
+    #: the job's delivery tag
+    tag: int = 0
     runtime: float = 0.0
     exitcode: int | None = None
     summary: str = ""
-    state: str = ""
+    #: how the task ended ("done"): see :mod:`.outcomes`
+    outcome: str = ""
+    #: a ``Reject`` asked for the message to be requeued
+    requeue: bool = False
 
 
 @dataclass
@@ -167,11 +171,11 @@ class Pool:
         with self._lock:
             return list(self._queue)
 
-    def unqueue(self, task_id: str) -> bool:
-        """Remove a job no child has started; False if it already started."""
+    def unqueue(self, tag: int) -> bool:
+        """Remove the job of delivery ``tag`` if no child started it yet."""
         with self._lock:
             for job in self._queue:
-                if job.task_id == task_id:
+                if job.tag == tag:
                     self._queue.remove(job)
                     return True
         return False
@@ -209,11 +213,11 @@ class Pool:
         for _ in range(missing):
             self._spawn()
 
-    def running(self) -> dict[str, tuple[int, float, Job]]:
-        """task id -> (pid, started_at, job) of the jobs children are running."""
+    def running(self) -> dict[int, tuple[int, float, Job]]:
+        """delivery tag -> (pid, started_at, job) of the jobs children are running."""
         with self._lock:
             return {
-                c.job.task_id: (pid, c.started_at, c.job)
+                c.job.tag: (pid, c.started_at, c.job)
                 for pid, c in self._children.items()
                 if c.job is not None
             }
@@ -222,17 +226,34 @@ class Pool:
         with self._lock:
             return bool(self._queue) or any(c.job for c in self._children.values())
 
-    def cancel(self, task_id: str, sig: int = signal.SIGUSR1) -> bool:
-        """Signal the child running ``task_id``."""
+    def cancel(self, tag: int, sig: int = signal.SIGUSR1) -> bool:
+        """Signal the child running the job of delivery ``tag``.
+
+        The child is retired once the job ends: the task was interrupted at
+        an arbitrary point (inside a database driver's protocol, a lock, a
+        half-written file), so the process is not trusted with another.
+        """
         with self._lock:
             for pid, child in self._children.items():
-                if child.job is not None and child.job.task_id == task_id:
+                if child.job is not None and child.job.tag == tag:
+                    child.retiring = True
                     try:
                         os.kill(pid, sig)
                     except ProcessLookupError:
                         return False
                     return True
         return False
+
+    def _next_job(self) -> Job | None:
+        # Called with the lock held. A job whose expiry passed while it
+        # waited is never started: the manager marks it revoked.
+        now = time.time()
+        while self._queue:
+            job = self._queue.popleft()
+            if job.expires is None or job.expires > now:
+                return job
+            self._on_event(Event("expired", job.task_id, 0, tag=job.tag))
+        return None
 
     def _dispatch(self) -> None:
         # Called with the lock held: hand queued jobs to idle children.
@@ -242,7 +263,9 @@ class Pool:
             if not self._queue:
                 return
             if child.ready and child.job is None and not child.retiring:
-                job = self._queue.popleft()
+                job = self._next_job()
+                if job is None:
+                    return
                 child.job = job
                 child.started_at = time.time()
                 try:
@@ -298,22 +321,25 @@ class Pool:
                 child.ready = True
                 self._dispatch()
         elif kind == "accepted":
-            self._on_event(Event("accepted", msg[1], pid))
+            job = child.job
+            self._on_event(Event("accepted", msg[1], pid, tag=job.tag if job else 0))
         elif kind == "done":
             with self._lock:
-                child.job = None
+                job, child.job = child.job, None
                 if child.retiring:
                     self._send_stop(child)
                 self._dispatch()
+            _, task_id, runtime, summary, outcome, requeue = msg
             self._on_event(
                 Event(
                     "done",
-                    msg[1],
+                    task_id,
                     pid,
-                    failed=msg[2],
-                    runtime=msg[3],
-                    summary=msg[4],
-                    state=msg[5],
+                    tag=job.tag if job else 0,
+                    runtime=runtime,
+                    summary=summary,
+                    outcome=outcome,
+                    requeue=requeue,
                 )
             )
         elif kind == "retire":
@@ -338,7 +364,7 @@ class Pool:
                 job.task_id,
             )
             self._on_event(
-                Event("lost", job.task_id, pid, failed=True, exitcode=child.process.exitcode)
+                Event("lost", job.task_id, pid, tag=job.tag, exitcode=child.process.exitcode)
             )
         elif unexpected:
             logger.warning(

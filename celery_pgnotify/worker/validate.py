@@ -1,70 +1,18 @@
 """What makes a task message acceptable to ``celery-pg worker``.
 
-Each check returns the reason a message is refused, in words an operator
-can act on; the manager dead-letters the message with that reason.
+The transport already refused what no consumer can read (see
+:mod:`celery_pgnotify.envelope`); here the body is decoded and checked
+against the app's ``accept_content``. A refusal says why, in words an
+operator can act on; the manager dead-letters the message with that reason.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
-from numbers import Real
 from typing import Any
 
-MAX_NAME = 1000
+from celery_pgnotify.envelope import Refused, check_task_headers
 
-
-class Refused(Exception):
-    """The message cannot be run; ``str(exc)`` says why."""
-
-
-def _text(headers: dict[str, Any], key: str, required: bool = False) -> None:
-    value = headers.get(key)
-    if value is None:
-        if required:
-            raise Refused(f"not a Celery task message: no {key!r} header")
-        return
-    if not isinstance(value, str) or not value or len(value) > MAX_NAME or "\x00" in value:
-        raise Refused(f"invalid header {key!r}: {value!r:.100}")
-
-
-def _time(headers: dict[str, Any], key: str) -> None:
-    value = headers.get(key)
-    if value is None or (isinstance(value, Real) and not isinstance(value, bool)):
-        return
-    if isinstance(value, str):
-        try:
-            datetime.fromisoformat(value)
-            return
-        except ValueError:
-            pass
-    raise Refused(f"invalid header {key!r}: {value!r:.100} is not an ISO 8601 time")
-
-
-def check_headers(headers: Any) -> None:
-    """Raise :class:`Refused` unless ``headers`` are a usable Celery (protocol 2) set."""
-    if not isinstance(headers, dict):
-        raise Refused("not a Celery task message: no headers")
-    _text(headers, "task", required=True)
-    _text(headers, "id", required=True)
-    for key in ("root_id", "parent_id", "group", "shadow"):
-        _text(headers, key)
-    _time(headers, "eta")
-    _time(headers, "expires")
-    retries = headers.get("retries")
-    if retries is not None and (
-        not isinstance(retries, int) or isinstance(retries, bool) or retries < 0
-    ):
-        raise Refused(f"invalid header 'retries': {retries!r:.100}")
-    limits = headers.get("timelimit")
-    if limits is not None and (
-        not isinstance(limits, (list, tuple))
-        or len(limits) != 2
-        or any(
-            x is not None and (not isinstance(x, Real) or isinstance(x, bool) or x < 0)
-            for x in limits
-        )
-    ):
-        raise Refused(f"invalid header 'timelimit': {limits!r:.100}")
+__all__ = ["Refused", "check_task_headers", "decode_body"]
 
 
 def decode_body(message: Any, accept: set[str]) -> tuple[Any, Any, Any]:
