@@ -159,3 +159,15 @@ if os.environ.get("PGNOTIFY_SEMANTICS_BAD_RATE"):
     @app.task(rate_limit="often")
     def badly_limited(tag: str) -> None:
         _run(tag)
+
+
+@app.task(time_limit=1)
+def hard_limit_early(tag: str) -> None:
+    _run(tag)
+    time.sleep(30)
+
+
+@app.task(acks_late=True)
+def revoked_while_running(tag: str) -> None:
+    _run(tag)
+    time.sleep(30)

@@ -40,6 +40,8 @@ EXPECTED: dict[str, tuple[int, str, str]] = {
     "lost_requeued": (2, "gone", "SUCCESS"),
     "lost_late": (1, "gone", "FAILURE"),
     "retry_in_transaction": (2, "gone", "SUCCESS"),
+    "hard_limit_early": (1, "gone", "FAILURE"),
+    "revoked_while_running": (1, "gone", "REVOKED"),
 }
 
 
@@ -78,6 +80,9 @@ def _run_all(e2e: E2E, db: psycopg.Connection[Any], kind: str) -> dict[str, Any]
         # The task id doubles as the log tag: runs are counted by it.
         e2e.app.send_task(f"{APP}.{name}", args=(task_id,), task_id=task_id, ignore_result=False)
         sent[name] = task_id
+    revoked = sent["revoked_while_running"]
+    assert e2e.wait_events(revoked, ["run"]) == ["run"]
+    e2e.app.control.revoke(revoked, terminate=True)
     ended = _ended(e2e, db, sent)
     worker.stop()
     return ended

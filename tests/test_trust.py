@@ -179,3 +179,14 @@ def test_send_task_ignores_the_callers_search_path(
         assert len(ids) == 2, "the caller's functions never replace the built-ins"
     finally:
         db.execute(f'DROP SCHEMA "{evil}" CASCADE')
+
+
+def test_an_unroutable_publish_is_logged_as_a_warning(
+    connection: Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    exchange = Exchange("nowhere", type="direct")
+    producer = Producer(connection.default_channel, exchange=exchange)
+    exchange(connection.default_channel).declare()
+    with caplog.at_level("WARNING", logger="celery_pgnotify.transport"):
+        producer.publish({"lost": True}, routing_key="no-queue-bound")
+    assert any("matched no queue" in r.getMessage() for r in caplog.records)

@@ -737,9 +737,10 @@ class Manager(ConsumerMixin):
         requeued = action == outcomes.REQUEUE and not message.acknowledged
         if not message.acknowledged:
             self._settle(message, action, f"task lost: {exc}")
-        self._event("task-failed", uuid=event.task_id, exception=repr(exc), traceback="")
-        if not requeued and not task.ignore_result:
-            task.backend.mark_as_failure(event.task_id, exc, request=None)
+        if not requeued:  # as Celery: a requeued task has not failed
+            self._event("task-failed", uuid=event.task_id, exception=repr(exc), traceback="")
+            if not task.ignore_result:
+                task.backend.mark_as_failure(event.task_id, exc, request=None)
         logger.error(
             "Task %s[%s] lost with its child (pid %s); %s",
             task.name,
