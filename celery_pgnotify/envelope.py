@@ -38,9 +38,12 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+
+
 def _loads(payload: str) -> Any:
     try:
-        return json.loads(payload, parse_constant=_no_constant)
+        return _DECODER.decode(payload)
     except RecursionError:
         raise Refused("not JSON: nested too deeply") from None
     except ValueError as exc:  # includes integers longer than Python converts
