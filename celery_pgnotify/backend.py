@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import select
 import threading
 import time
 from collections import deque
@@ -58,6 +57,7 @@ from celery_pgnotify.connect import (
     forget_after_fork,
     mask_url,
     received_notifies,
+    wait_readable,
 )
 from celery_pgnotify.errors import ConfigurationError
 from celery_pgnotify.options import TransportOptions
@@ -296,7 +296,7 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
             fds = [conn.fileno(), self._wake_r]
         except psycopg.Error:
             return
-        readable, _, _ = select.select(fds, [], [], timeout)
+        readable = wait_readable(fds, timeout)
         if self._wake_r in readable:
             try:
                 while os.read(self._wake_r, 4096):

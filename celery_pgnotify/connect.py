@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -13,12 +14,28 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from celery_pgnotify.errors import ConfigurationError
 
-#: Dead peers are noticed by TCP keepalives unless the DSN says otherwise.
+#: Dead peers are noticed by TCP keepalives unless the DSN says otherwise
+#: (about 25 s of silence), and data left unacknowledged for 30 s drops the
+#: connection (``tcp_user_timeout``): a silent network drop never blocks a
+#: statement for the kernel's ~15 minutes of retransmissions.
 _KEEPALIVE_DEFAULTS = {
     "keepalives": "1",
     "keepalives_idle": "10",
     "keepalives_interval": "5",
     "keepalives_count": "3",
+}
+if psycopg.pq.version() >= 120000:  # libpq 12 knows tcp_user_timeout
+    _KEEPALIVE_DEFAULTS["tcp_user_timeout"] = "30000"
+
+#: The same on the server's side of a session whose liveness matters (a
+#: consumer's session lock, beat's leader lock): the server ends it, and
+#: releases its locks, about 25 s after the client's host went silent,
+#: instead of after the server's default of about two hours.
+SERVER_KEEPALIVES = {
+    "tcp_keepalives_idle": "10",
+    "tcp_keepalives_interval": "5",
+    "tcp_keepalives_count": "3",
+    "tcp_user_timeout": "30000",
 }
 _SCHEMES = ("pgnotify", "postgresql", "postgres")
 
@@ -60,6 +77,14 @@ def conninfo_from_url(
 _SECRET_PARAMETERS = frozenset(("password", "sslpassword"))
 
 
+def session_options(conninfo: str, settings: dict[str, Any]) -> str:
+    """The libpq ``options`` of ``conninfo`` with ``-c name=value`` for each
+    of ``settings`` added (settings already in the DSN's own options win)."""
+    options = str(conninfo_to_dict(conninfo).get("options") or "")
+    extra = [f"-c {name}={value}" for name, value in settings.items() if name not in options]
+    return " ".join([options, *extra]).strip()
+
+
 def mask_url(url: str, mask: str = "**") -> str:
     """``url`` with its password (in the user info or as a ``password`` or
     ``sslpassword`` query parameter) replaced by ``mask``."""
@@ -92,6 +117,20 @@ def received_notifies(conn: psycopg.Connection[Any]) -> Iterator[tuple[str, str]
         if n is None:
             return
         yield n.relname.decode(), n.extra.decode()
+
+
+def wait_readable(fds: list[int], timeout: float | None) -> list[int]:
+    """The descriptors of ``fds`` readable within ``timeout`` seconds.
+
+    ``poll()``, not ``select()``: a process with many open files (a large
+    pool, many sockets) has descriptors above 1024, which ``select()``
+    refuses.
+    """
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+    ms = None if timeout is None else max(0, int(timeout * 1000))
+    return [fd for fd, _ in poller.poll(ms)]
 
 
 def connect(conninfo: str) -> psycopg.Connection[Any]:

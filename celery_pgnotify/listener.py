@@ -15,7 +15,11 @@ mode). It
   blocks the main thread (``-P solo``) or runs for hours never loses its
   lease;
 - reaps dead consumers: their leased messages return to their queues
-  (see ``sql.TEMPLATES['reap']`` for the rule);
+  (see ``sql.TEMPLATES['reap']`` for the rule). A stall is not a death: its
+  statements give up on a lock after ``heartbeat_interval`` (``lock_timeout``)
+  and are bounded by ``statement_timeout``, and after a gap in its own
+  heartbeats (the database, a lock or this process was slow) it judges
+  nobody for ``lease_timeout``: the others were most likely held up too;
 - reconnects with capped exponential backoff, and after any gap marks every
   queue as notified so the consumer re-reads the tables;
 - can take over a consumer whose connection was lost (given its id, see
@@ -26,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import socket
 import threading
 import time
@@ -37,7 +40,14 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from celery_pgnotify.connect import connect, forget_after_fork, received_notifies
+from celery_pgnotify.connect import (
+    SERVER_KEEPALIVES,
+    connect,
+    forget_after_fork,
+    received_notifies,
+    session_options,
+    wait_readable,
+)
 from celery_pgnotify.errors import DatabaseUnavailable
 from celery_pgnotify.options import TransportOptions
 from celery_pgnotify.sql import Statements
@@ -46,6 +56,12 @@ logger = logging.getLogger(__name__)
 
 #: ``application_name`` of listener sessions (visible in pg_stat_activity).
 LISTENER_APP_NAME = "celery-pgnotify-listener"
+
+#: Every how many reaps the (rare, costly) search for orphaned leases runs.
+ORPHANS_EVERY = 150
+
+#: What a statement that waited too long raises (lock_timeout, statement_timeout).
+_STALLED = (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled)
 
 
 class Listener:
@@ -76,6 +92,8 @@ class Listener:
         self._conn: psycopg.Connection[Any] | None = None
         self._pid = os.getpid()
         self._reap_after = 0.0
+        self._last_beat = 0.0  # monotonic time of the last heartbeat that committed
+        self._reaps = 0
         #: The consumer id leases are taken under (set once the first session
         #: is up, or given: a parked consumer's, taken over).
         self.consumer_id: int | None = consumer_id
@@ -108,6 +126,11 @@ class Listener:
             raise self._first_error
         assert self.consumer_id is not None
         return self.consumer_id
+
+    def is_alive(self) -> bool:
+        """False once the thread has ended (it only ends when stopped, or
+        when the very first session could not be opened)."""
+        return self._thread.is_alive()
 
     def set_queues(self, queues: Iterable[str]) -> None:
         """LISTEN on exactly these queues (and advertise them for routing/expiry)."""
@@ -201,12 +224,15 @@ class Listener:
                 self._drop_session()
                 self._stopping.wait(delay)
                 delay = min(delay * 2, self._opts.reconnect_max_delay)
-            except BaseException as exc:  # never die silently
-                logger.exception("Listener thread failed")
+            except Exception as exc:  # a bug must not end liveness: start over
+                logger.exception("Listener thread failed; starting a new session")
                 if not self._first_session.is_set():
                     self._first_error = exc
                     self._first_session.set()
-                return
+                    return
+                self._drop_session()
+                self._stopping.wait(delay)
+                delay = min(delay * 2, self._opts.reconnect_max_delay)
 
     def _drop_session(self) -> None:
         conn, self._conn = self._conn, None
@@ -218,7 +244,21 @@ class Listener:
                 pass
 
     def _open_session(self) -> None:
-        conn = connect(make_conninfo(self._conninfo, application_name=LISTENER_APP_NAME))
+        # Statements here must never hang: a lock is given up after one
+        # heartbeat interval, any statement after lease_timeout, and the
+        # server drops the session (and its lock) once this host is silent.
+        timeouts = {
+            "lock_timeout": int(self._opts.heartbeat_interval * 1000),
+            "statement_timeout": int(self._opts.lease_timeout * 1000),
+            **SERVER_KEEPALIVES,
+        }
+        conn = connect(
+            make_conninfo(
+                self._conninfo,
+                application_name=LISTENER_APP_NAME,
+                options=session_options(self._conninfo, timeouts),
+            )
+        )
         conn.add_notify_handler(self._on_notify)
         self._conn = conn
         with self._lock:
@@ -257,6 +297,7 @@ class Listener:
         # Give every other consumer the time to come back before judging them
         # (after a server restart all session locks vanish at once).
         self._reap_after = time.monotonic() + self._opts.lease_timeout
+        self._last_beat = time.monotonic()
         logger.info("Consumer %s listening (pid %s)", self.consumer_id, os.getpid())
         self._first_session.set()
         # After any gap notifications may have been missed: re-read everything.
@@ -283,35 +324,60 @@ class Listener:
         if queue is not None:
             self._wake((queue,))
 
-    def _heartbeat(self) -> None:
+    def _heartbeat(self) -> bool:
+        """Prove this consumer alive; False when a lock or a slow database
+        held the statement up past its timeout (tried again next beat)."""
         assert self._conn is not None and self.consumer_id is not None
         with self._lock:
             queues = list(self._queues.values())
-        self._conn.execute(
-            self._stmts.heartbeat,
-            {
-                "id": self.consumer_id,
-                "hostname": self._hostname,
-                "pid": os.getpid(),
-                "queues": queues,
-            },
-        )
+        params = {
+            "id": self.consumer_id,
+            "hostname": self._hostname,
+            "pid": os.getpid(),
+            "queues": queues,
+        }
+        try:
+            self._conn.execute(self._stmts.heartbeat, params)
+        except _STALLED as exc:
+            logger.warning("Heartbeat held up (%s); trying again", exc)
+            return False
+        now = time.monotonic()
+        if now - self._last_beat > 2 * self._opts.heartbeat_interval:
+            # A gap of our own: whatever held us up most likely held the
+            # others too. Let them beat again before judging anyone.
+            logger.warning(
+                "No heartbeat for %.1fs; judging no other consumer for %.1fs",
+                now - self._last_beat,
+                self._opts.lease_timeout,
+            )
+            self._reap_after = max(self._reap_after, now + self._opts.lease_timeout)
+        self._last_beat = now
         if queues:
-            self._conn.execute(self._stmts.touch_queues, {"queues": queues})
+            try:
+                self._conn.execute(self._stmts.touch_queues, {"queues": queues})
+            except _STALLED as exc:
+                logger.debug("Queues not touched this beat (%s)", exc)
+        return True
 
     def _reap(self) -> None:
         assert self._conn is not None
         if time.monotonic() < self._reap_after:
             return
-        rows = self._conn.execute(
-            self._stmts.reap,
-            {
-                "lease_timeout": self._opts.lease_timeout,
-                "lock_grace": self._opts.lock_grace,
-                "ns": self._stmts.lock_namespace,
-                "prefix": self._stmts.channel_prefix,
-            },
-        ).fetchall()
+        params = {
+            "lease_timeout": self._opts.lease_timeout,
+            "lock_grace": self._opts.lock_grace,
+            "ns": self._stmts.lock_namespace,
+            "prefix": self._stmts.channel_prefix,
+        }
+        self._reaps += 1
+        try:
+            rows = self._conn.execute(self._stmts.reap, params).fetchall()
+            if self._reaps % ORPHANS_EVERY == 0:
+                rows += self._conn.execute(self._stmts.reap_orphans, params).fetchall()
+        except _STALLED as exc:
+            # Another reaper is at it, or the tables are locked: next beat.
+            logger.warning("Reaping held up (%s); trying again", exc)
+            return
         if rows:
             logger.warning(
                 "Returned leased messages of dead consumers to queues: %s",
@@ -326,7 +392,7 @@ class Listener:
         next_beat = time.monotonic() + interval
         while not self._stopping.is_set():
             timeout = max(0.0, next_beat - time.monotonic())
-            readable, _, _ = select.select([sock, self._ctrl_r], [], [], timeout)
+            readable = wait_readable([sock, self._ctrl_r], timeout)
             if self._ctrl_r in readable:
                 try:
                     while os.read(self._ctrl_r, 4096):
@@ -339,8 +405,8 @@ class Listener:
             if sock in readable:
                 self._read_notifies(conn)
             if time.monotonic() >= next_beat:
-                self._heartbeat()
-                self._reap()
+                if self._heartbeat():
+                    self._reap()
                 next_beat = time.monotonic() + interval
 
     def _read_notifies(self, conn: psycopg.Connection[Any]) -> None:

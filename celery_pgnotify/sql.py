@@ -400,6 +400,14 @@ TEMPLATES: dict[str, str] = {
         "UPDATE {s}.consumers SET heartbeat_at = now(), hostname = %(hostname)s,"
         " pid = %(pid)s, queues = %(queues)s WHERE id = %(id)s RETURNING id"
     ),
+    # A resumed consumer gives back what is leased to it but not in hand.
+    "release_unheld": (
+        "WITH back AS ("
+        " UPDATE {s}.messages SET consumer_id = NULL, leased_at = NULL, redelivered = true"
+        " WHERE consumer_id = %(consumer)s AND NOT (id = ANY(%(held)s::bigint[]))"
+        " RETURNING queue)"
+        " SELECT queue, count(*), " + _NOTIFY + " FROM back GROUP BY queue"
+    ),
     "touch_queues": ("UPDATE {s}.queues SET last_used_at = now() WHERE name = ANY(%(queues)s)"),
     "unregister_consumer": (
         "WITH back AS ("
@@ -410,27 +418,28 @@ TEMPLATES: dict[str, str] = {
     ),
     # A consumer is dead when it has been silent for lease_timeout, or when
     # its session lock is gone and it missed its heartbeats for lock_grace.
+    # The lock is probed by trying to take it for this transaction (free
+    # means its session is gone), for the few consumers late enough to be
+    # suspects only: no scan of pg_locks. One reaper at a time (``gate``, a
+    # transaction lock): the others skip their turn instead of waiting. The
+    # dead consumers' messages are found through messages_leased, so the
+    # cost follows the number of dead consumers, not of leased messages.
     "reap": (
-        "WITH dead AS ("
-        " DELETE FROM {s}.consumers c"
-        " WHERE c.heartbeat_at < now() - %(lease_timeout)s * interval '1 second'"
-        "  OR (c.heartbeat_at < now() - %(lock_grace)s * interval '1 second'"
-        "   AND NOT EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory'"
-        "    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        "    AND l.classid = %(ns)s AND l.objid = c.id AND l.objsubid = 2 AND l.granted))"
+        "WITH gate AS (SELECT pg_try_advisory_xact_lock(%(ns)s, -2) AS open),"
+        " dead AS ("
+        " DELETE FROM {s}.consumers c USING gate WHERE gate.open"
+        "  AND (c.heartbeat_at < now() - %(lease_timeout)s * interval '1 second'"
+        "   OR CASE WHEN c.heartbeat_at < now() - %(lock_grace)s * interval '1 second'"
+        "    THEN pg_try_advisory_xact_lock(%(ns)s, c.id) ELSE false END)"
         " RETURNING c.id),"
         " back AS ("
         " UPDATE {s}.messages m SET consumer_id = NULL, leased_at = NULL, redelivered = true"
         " WHERE m.consumer_id IN (SELECT id FROM dead) RETURNING m.queue),"
-        " orphans AS ("
-        " UPDATE {s}.messages m SET consumer_id = NULL, leased_at = NULL, redelivered = true"
-        " WHERE m.consumer_id IS NOT NULL AND m.leased_at < now() - %(lease_timeout)s"
-        "  * interval '1 second' AND NOT EXISTS"
-        "  (SELECT 1 FROM {s}.consumers c WHERE c.id = m.consumer_id) RETURNING m.queue),"
         " expired AS ("
-        " DELETE FROM {s}.messages WHERE expires_at < now() AND consumer_id IS NULL),"
+        " DELETE FROM {s}.messages WHERE (SELECT open FROM gate)"
+        "  AND expires_at < now() AND consumer_id IS NULL),"
         " stale_queues AS ("
-        " DELETE FROM {s}.queues q WHERE q.expires_ms IS NOT NULL"
+        " DELETE FROM {s}.queues q WHERE (SELECT open FROM gate) AND q.expires_ms IS NOT NULL"
         "  AND q.last_used_at < now() - q.expires_ms * interval '1 millisecond'"
         "  AND NOT EXISTS (SELECT 1 FROM {s}.consumers c WHERE q.name = ANY(c.queues))"
         " RETURNING q.name),"
@@ -438,9 +447,18 @@ TEMPLATES: dict[str, str] = {
         "  (SELECT name FROM stale_queues)),"
         " stale_messages AS (DELETE FROM {s}.messages WHERE queue IN"
         "  (SELECT name FROM stale_queues))"
-        " SELECT queue, "
-        + _NOTIFY
-        + " FROM (SELECT queue FROM back UNION SELECT queue FROM orphans) AS q"
+        " SELECT queue, " + _NOTIFY + " FROM (SELECT DISTINCT queue FROM back) AS q"
+    ),
+    # Leases of consumers that no longer exist (a row deleted by hand): a
+    # scan of every leased message, so run seldom (see Listener).
+    "reap_orphans": (
+        "WITH orphans AS ("
+        " UPDATE {s}.messages m SET consumer_id = NULL, leased_at = NULL, redelivered = true"
+        " WHERE (SELECT pg_try_advisory_xact_lock(%(ns)s, -2))"
+        "  AND m.consumer_id IS NOT NULL AND m.leased_at < now() - %(lease_timeout)s"
+        "  * interval '1 second' AND NOT EXISTS"
+        "  (SELECT 1 FROM {s}.consumers c WHERE c.id = m.consumer_id) RETURNING m.queue)"
+        " SELECT queue, " + _NOTIFY + " FROM (SELECT DISTINCT queue FROM orphans) AS q"
     ),
     "take_lock": "SELECT pg_try_advisory_lock(%(ns)s, %(id)s)",
     # -- dead letters --

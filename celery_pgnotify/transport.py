@@ -29,7 +29,6 @@ import contextlib
 import json
 import logging
 import os
-import select
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -43,7 +42,13 @@ from kombu.transport.virtual.base import BrokerState
 
 from celery_pgnotify import envelope
 from celery_pgnotify import sql as pgsql
-from celery_pgnotify.connect import connect, conninfo_from_url, forget_after_fork, mask_url
+from celery_pgnotify.connect import (
+    connect,
+    conninfo_from_url,
+    forget_after_fork,
+    mask_url,
+    wait_readable,
+)
 from celery_pgnotify.deadletters import REJECTED, connect_celery_signals
 from celery_pgnotify.enqueue import current_connection
 from celery_pgnotify.envelope import Refused
@@ -738,18 +743,45 @@ class Transport(virtual.Transport):
         self._pid = os.getpid()
 
     def listener(self) -> Listener:
-        """The consumer session, started on first need."""
+        """The consumer session, started on first need.
+
+        Raises a connection error when its thread has ended: without it this
+        process is no live consumer, and must reconnect before claiming more.
+        """
         if self._listener is None:
             adopted, acks = _parked_consumers.pop(self._parking_key(), (None, []))
             listener = Listener(self.conninfo, self.stmts, self.opts, consumer_id=adopted)
             listener.start()
             self._listener = listener
-            if acks and listener.resumed:
+            if acks:
+                # Written whether or not the consumer survived: these tasks
+                # ran, and a message given back meanwhile must not run again.
                 ack_many = (
                     self.stmts.ack_many if self.opts.async_acks else self.stmts.ack_many_flushed
                 )
                 self.work_conn().execute(ack_many, {"ids": acks})
+        elif not self._listener.is_alive():
+            raise DatabaseUnavailable("the consumer's LISTEN session has stopped")
         return self._listener
+
+    def reconcile(self, held: Iterable[int]) -> int:
+        """After taking over a parked consumer: give back what is leased to
+        it but not held by this process (a claim whose reply was lost, a
+        batch that failed half-way, an ack undone by a crash); returns how
+        many went back."""
+        rows = (
+            self.work_conn()
+            .execute(
+                self.stmts.release_unheld,
+                {
+                    "consumer": self.consumer_id(),
+                    "held": list(held),
+                    "prefix": self.stmts.channel_prefix,
+                },
+            )
+            .fetchall()
+        )
+        return sum(int(r[1]) for r in rows)
 
     def park(self) -> None:
         """This connection is lost, not closed: its consumer carries on on the
@@ -898,7 +930,7 @@ class Transport(virtual.Transport):
             wait = self._next_poll - now
             if deadline is not None:
                 wait = min(wait, deadline - now)
-            select.select([listener.wake_fd], [], [], max(wait, 0.0))
+            wait_readable([listener.wake_fd], wait)
 
     def wakeup(self) -> None:
         """Make a blocked :meth:`drain_events` return (thread-safe)."""
@@ -935,6 +967,8 @@ class Transport(virtual.Transport):
         # Runs before the loop blocks: resume claiming if acks have freed
         # prefetch room (the acks leave with the claim), and write the acks
         # no claim took.
+        if self._listener is not None and not self._listener.is_alive():
+            raise DatabaseUnavailable("the consumer's LISTEN session has stopped")
         if self._pending:
             self._claim_pending()
         self._flush_acks()

@@ -224,6 +224,13 @@ class Manager(ConsumerMixin):
             for message in held:
                 message.channel = channel
                 channel.qos.append(message, message.delivery_tag)
+            # The table, not this process's memory, says what is leased to
+            # it: whatever it does not hold goes back to its queue.
+            tags = [message.delivery_tag for message, _ in self._inflight.values()]
+            tags += [message.delivery_tag for _, _, message, _ in self._eta]
+            returned = connection.transport.reconcile(tags)
+            if returned:
+                logger.warning("Reconnected: %d message(s) leased but not held went back", returned)
             self._set_prefetch(self.prefetch_count + self._eta_held)
             logger.warning(
                 "Reconnected as the same consumer: %d message(s) in hand carry on", len(held)
