@@ -15,15 +15,23 @@ last run, the last due time and the run count. The broker must be
 
 Several beat processes
 ======================
-Any number may run. Each holds a dedicated session; the one that gets the
-session-level advisory lock leads and fires, the others retry every
-``pgnotify_beat_retry`` seconds (default 1.0). A leader that dies, even by
-SIGKILL, loses its session and so the lock: another takes over within that
-interval. Whatever happens to leadership, a firing is one transaction: a
-compare-and-set of the entry's ``last_run_at`` from the value the firing
-was computed from, and the task's message, inserted through that same
-transaction. Two processes that both believe they lead still publish each
-firing once; a crash before COMMIT publishes nothing and leaves the entry due.
+Any number may run. Leadership is a lease in ``<schema>.beat_leader``,
+``pgnotify_beat_retry`` seconds long (default 1.0), renewed by the leader
+three times per lease; the others try to take it every half lease, and do
+once it has run out. Nothing ties it to a session or a socket: a leader
+SIGKILLed, frozen, cut off by the network, or whose forked children still
+hold its sockets, stops renewing, and another fires within twice that
+interval, by the database's clock only. Every change of holder raises the
+lease's ``term``, and every firing is fenced by it: a firing is one
+transaction holding the lease row (shared) and checking that this process
+holds the current term, with a compare-and-set of the entry's
+``last_run_at`` from the value the firing was computed from, and the task's
+message, inserted through that same transaction. A process that lost the
+lease without knowing it fires nothing; two that both believe they lead
+still publish each firing once; a crash before COMMIT publishes nothing and
+leaves the entry due, and so does a publish that failed in the database
+(it is fired again at the next tick). Any database error ends the process's
+leadership until it has reconnected.
 
 Catch-up rule (Celery's)
 ========================
@@ -37,7 +45,10 @@ applies from the entry's recorded last run; an entry removed from
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -54,7 +65,8 @@ from celery_pgnotify.options import TransportOptions
 
 logger = logging.getLogger(__name__)
 
-#: How often a follower tries to take the lead, and a leader checks it still has it.
+#: The lease's length in seconds (``pgnotify_beat_retry``): a leader renews
+#: it three times per lease, a follower tries to take it every half lease.
 DEFAULT_RETRY = 1.0
 
 
@@ -66,8 +78,10 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
 
     def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
         self._conn: psycopg.Connection[Any] | None = None
-        self._lead_conn: psycopg.Connection[Any] | None = None
-        self._lead_checked = 0.0
+        #: who this scheduler is in the lease table (one per scheduler)
+        self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self._term: int | None = None
+        self._renew_at = 0.0  # monotonic time of the next renewal
         self.leader = False
         self._configure(app)
         super().__init__(app, *args, **kwargs)
@@ -113,10 +127,13 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         """Fire what is due if leading; returns the seconds to sleep."""
         try:
             if not self._lead():
-                return self.retry
-            return self._fire_due()
-        except psycopg.OperationalError as exc:
-            logger.warning("beat: lost PostgreSQL (%s); reconnecting", exc)
+                return self.retry / 2
+            sleep = self._fire_due()
+            return max(min(sleep, self._renew_at - time.monotonic()), 0.0)
+        except psycopg.Error as exc:
+            # Any database error, not only a lost connection: start over (the
+            # lease runs out unrenewed if this process cannot get back).
+            logger.warning("beat: database error (%s); reconnecting", exc)
             self._drop()
             return self.retry
 
@@ -149,49 +166,45 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         return self._conn
 
     def _lead(self) -> bool:
+        """Take or renew the lease when it is time to; True while leading."""
         now = time.monotonic()
-        if self.leader:
-            if now - self._lead_checked < self.retry:
-                return True
-            assert self._lead_conn is not None
-            # The lock lives as long as this session: prove it still does.
-            self._lead_conn.execute("SELECT 1")
-            self._lead_checked = now
+        if self.leader and now < self._renew_at:
             return True
-        if self._lead_conn is None or self._lead_conn.closed:
-            self._lead_conn = connect(self.conninfo)
-        row = self._lead_conn.execute(
-            self.stmts.beat_take_lead, {"ns": self.stmts.lock_namespace}
-        ).fetchone()
-        if not row or not row[0]:
+        row = (
+            self._state_conn()
+            .execute(self.stmts.beat_lead, {"holder": self._holder, "lease": self.retry})
+            .fetchone()
+        )
+        if row is None:
+            if self.leader:
+                logger.warning("beat: the lease went to another process")
+            self.leader, self._term = False, None
             return False
-        self.leader = True
-        self._lead_checked = now
-        logger.info("beat: this process leads (schema %s)", self.opts.schema)
-        # Another leader may have fired while this one waited.
-        self._register(forget_others=True)
+        was_leader, self.leader, self._term = self.leader, True, int(row[0])
+        self._renew_at = now + self.retry / 3
+        if not was_leader:
+            logger.info("beat: this process leads (schema %s, term %s)", self.opts.schema, row[0])
+            # Another leader may have fired while this one waited.
+            self._register(forget_others=True)
         return True
 
     def _drop(self, clean: bool = False) -> None:
-        if self.leader and clean and self._lead_conn is not None:
-            # Hand over now rather than when the server notices the session end.
+        conn, self._conn = self._conn, None
+        if self.leader and clean and conn is not None:
+            # Hand over now rather than when the lease runs out.
             try:
-                self._lead_conn.execute(
-                    self.stmts.beat_give_up_lead, {"ns": self.stmts.lock_namespace}
-                )
+                conn.execute(self.stmts.beat_resign, {"holder": self._holder})
                 logger.info("beat: stopped leading")
             except psycopg.Error:
                 pass
         elif self.leader:
             logger.warning("beat: no longer leading")
-        self.leader = False
-        for conn in (self._conn, self._lead_conn):
-            if conn is not None:
-                try:
-                    conn.close()
-                except psycopg.Error:
-                    pass
-        self._conn = self._lead_conn = None
+        self.leader, self._term = False, None
+        if conn is not None:
+            try:
+                conn.close()
+            except psycopg.Error:
+                pass
 
     # -- state -----------------------------------------------------------------
 
@@ -242,31 +255,41 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
             behind = _seconds(entry.schedule.remaining_estimate(due_at)) <= timedelta(0)
         new = now if behind else due_at
         conn = self._state_conn()
+        advance = {
+            "name": entry.name,
+            "old": old,
+            "new": _aware(new),
+            "due": _aware(due_at),
+            "holder": self._holder,
+            "term": self._term,
+        }
         logger.info("Scheduler: Sending due task %s (%s)", entry.name, entry.task)
         try:
             with conn.transaction():
-                row = conn.execute(
-                    self.stmts.beat_advance,
-                    {"name": entry.name, "old": old, "new": _aware(new), "due": _aware(due_at)},
-                ).fetchone()
+                row = conn.execute(self.stmts.beat_advance, advance).fetchone()
                 if row is None:
                     raise _AlreadyFired
                 with enqueue_in(conn):
                     result = self.apply_async(entry, producer=self.producer, advance=False)
         except _AlreadyFired:
-            logger.info("beat: %s was fired by another process; reloading", entry.name)
+            logger.info(
+                "beat: %s was fired elsewhere, or the lease was lost; reloading", entry.name
+            )
+            self._renew_at = 0.0  # check the lease at once
             self._register()
             return
-        except psycopg.OperationalError:
+        except psycopg.Error:
             raise  # tick() reconnects; the entry is still due
         except Exception as exc:  # noqa: BLE001 - as Celery's apply_entry: log, keep beating
+            failure = _database_failure(exc)
+            if failure is not None:
+                # Celery wraps a failed publish in SchedulingError: the
+                # transaction rolled back, the entry is still due.
+                raise failure from exc
             # Like Celery, a firing that cannot be published (bad arguments,
             # unknown route) counts as run, so it is not retried in a loop.
             logger.error("Message Error: %s (entry %s)", exc, entry.name, exc_info=True)
-            row = conn.execute(
-                self.stmts.beat_advance,
-                {"name": entry.name, "old": old, "new": _aware(new), "due": _aware(due_at)},
-            ).fetchone()
+            row = conn.execute(self.stmts.beat_advance, advance).fetchone()
             if row is None:
                 self._register()
                 return
@@ -296,7 +319,20 @@ def scheduler_for(app: Any, requested: str | None = None) -> str:
 
 
 class _AlreadyFired(Exception):
-    """The compare-and-set lost: the firing is another process's."""
+    """The compare-and-set lost: the firing is another process's (or this
+    process no longer holds the lease)."""
+
+
+def _database_failure(exc: BaseException) -> psycopg.Error | None:
+    """The database error behind ``exc`` (Celery wraps publish errors), if any."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, psycopg.Error):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 @contextmanager

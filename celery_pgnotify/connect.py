@@ -135,7 +135,9 @@ def wait_readable(fds: list[int], timeout: float | None) -> list[int]:
 
 def connect(conninfo: str) -> psycopg.Connection[Any]:
     """An autocommit connection; every hot-path statement is a single statement."""
-    return psycopg.Connection.connect(conninfo, autocommit=True)
+    conn = psycopg.Connection.connect(conninfo, autocommit=True)
+    _connections.add(conn)
+    return conn
 
 
 def close_with(owner: Any, conn: psycopg.Connection[Any]) -> None:
@@ -156,9 +158,13 @@ def _close_in(conn: psycopg.Connection[Any], pid: int) -> None:
 # --- fork safety ------------------------------------------------------------
 # A child forked after a connection exists (Celery's prefork pool) must never
 # use it, nor close it: closing sends a Terminate message on the socket the
-# parent still uses. After a fork each registered owner drops its references.
+# parent still uses. After a fork each registered owner drops its references,
+# and the child closes its copies of the sockets' descriptors (a bare close,
+# nothing sent): otherwise a child would keep the parent's sessions, and the
+# advisory locks that prove a consumer alive, open after the parent died.
 
 _owners: weakref.WeakSet[Any] = weakref.WeakSet()
+_connections: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
 
 
 def forget_after_fork(owner: Any) -> None:
@@ -169,6 +175,17 @@ def forget_after_fork(owner: Any) -> None:
 def _after_fork_in_child() -> None:
     for owner in list(_owners):
         owner._forget_after_fork()
+    for conn in list(_connections):
+        try:
+            fd = conn.pgconn.socket
+        except psycopg.Error:
+            continue  # closed already
+        # psycopg finishes a connection only in the process that opened it.
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _connections.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

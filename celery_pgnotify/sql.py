@@ -229,6 +229,19 @@ ALTER FUNCTION {s}.send_task(text, jsonb, jsonb, text, double precision, integer
     SET search_path = pg_catalog, pg_temp;
 """,
     ),
+    (
+        7,
+        """
+-- Beat leadership is a lease, renewed by the leader, taken over once it runs
+-- out; ``term`` grows with every change of holder and fences every firing.
+CREATE TABLE {s}.beat_leader (
+    id          integer PRIMARY KEY CHECK (id = 1),
+    holder      text NOT NULL,
+    term        bigint NOT NULL,
+    expires_at  timestamptz NOT NULL
+);
+""",
+    ),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]
@@ -584,15 +597,31 @@ TEMPLATES: dict[str, str] = {
         " updated_at = now() WHERE e.schedule <> EXCLUDED.schedule"
     ),
     "beat_forget_others": "DELETE FROM {s}.beat_entries WHERE NOT (name = ANY(%(names)s))",
-    # The firing itself: succeeds for exactly one process per (entry, last run).
+    # The firing itself: succeeds for exactly one process per (entry, last
+    # run), and only for the holder of the current lease (the fence: the
+    # lease row is share-locked, so no takeover commits before the firing).
     "beat_advance": (
-        "UPDATE {s}.beat_entries SET last_run_at = %(new)s, last_due_at = %(due)s,"
+        "WITH lead AS (SELECT 1 FROM {s}.beat_leader WHERE id = 1 AND holder = %(holder)s"
+        " AND term = %(term)s AND expires_at > now() FOR SHARE)"
+        " UPDATE {s}.beat_entries SET last_run_at = %(new)s, last_due_at = %(due)s,"
         " total_run_count = total_run_count + 1, updated_at = now()"
         " WHERE name = %(name)s AND last_run_at IS NOT DISTINCT FROM %(old)s"
-        " RETURNING total_run_count"
+        " AND EXISTS (SELECT 1 FROM lead) RETURNING total_run_count"
     ),
-    "beat_take_lead": "SELECT pg_try_advisory_lock(%(ns)s, -1)",
-    "beat_give_up_lead": "SELECT pg_advisory_unlock(%(ns)s, -1)",
+    # Take the lease if it ran out, or renew it if it is ours: the term of
+    # the lease held, or no row.
+    "beat_lead": (
+        "INSERT INTO {s}.beat_leader AS l (id, holder, term, expires_at)"
+        " VALUES (1, %(holder)s, 1, now() + %(lease)s * interval '1 second')"
+        " ON CONFLICT (id) DO UPDATE SET holder = EXCLUDED.holder,"
+        " expires_at = EXCLUDED.expires_at,"
+        " term = CASE WHEN l.holder = EXCLUDED.holder THEN l.term ELSE l.term + 1 END"
+        " WHERE l.holder = EXCLUDED.holder OR l.expires_at <= now()"
+        " RETURNING term"
+    ),
+    "beat_resign": (
+        "UPDATE {s}.beat_leader SET expires_at = now() WHERE id = 1 AND holder = %(holder)s"
+    ),
     "cleanup_results": (
         "WITH r AS (DELETE FROM {s}.results WHERE expires_at <= now() RETURNING 1),"
         " g AS (DELETE FROM {s}.result_groups WHERE expires_at <= now() RETURNING 1),"

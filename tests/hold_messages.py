@@ -2,10 +2,14 @@
 
 Usage: python -m tests.hold_messages BROKER_URL SCHEMA QUEUE COUNT [OPTION=VALUE...]
 Prints "held <n>" once it holds COUNT messages, then sleeps until killed.
+With ``fork=1`` among the options it then forks a child that sleeps (as a
+pool child forked after the connection exists would), and prints
+"held <n> child <pid>".
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -15,9 +19,13 @@ from kombu import Connection, Consumer, Exchange, Queue
 def main() -> None:
     url, schema, queue_name, count = sys.argv[1:5]
     options: dict[str, object] = {"schema": schema}
+    fork = False
     for arg in sys.argv[5:]:
         key, _, value = arg.partition("=")
-        options[key] = float(value)
+        if key == "fork":
+            fork = value == "1"
+        else:
+            options[key] = float(value)
     held = []
     queue = Queue(queue_name, Exchange(queue_name), routing_key=queue_name)
     with Connection(url, transport_options=options) as conn:
@@ -27,7 +35,14 @@ def main() -> None:
                     conn.drain_events(timeout=1)
                 except TimeoutError:
                     pass
-            print(f"held {len(held)}", flush=True)
+            if fork:
+                child = os.fork()
+                if child == 0:
+                    time.sleep(60)
+                    os._exit(0)
+                print(f"held {len(held)} child {child}", flush=True)
+            else:
+                print(f"held {len(held)}", flush=True)
             while True:
                 time.sleep(0.5)
                 try:

@@ -214,7 +214,7 @@ def test_one_leader_and_takeover(beats: Beats) -> None:
     second.tick()
     assert first.leader and not second.leader
     beats.set_last_run("ping", timedelta(minutes=2))
-    assert second.tick() == pytest.approx(0.2)  # waits, fires nothing
+    assert second.tick() == pytest.approx(0.1)  # waits half a lease, fires nothing
     assert beats.messages() == []
     first.close()  # the leader goes away, handing over at once
     second.tick()
@@ -230,8 +230,8 @@ def test_two_leaders_cannot_fire_the_same_run_twice(beats: Beats) -> None:
     beats.set_last_run("ping", timedelta(minutes=2))
     a._register()
     b._register()  # both loaded the same overdue state
-    b.leader = True  # split brain
-    b._lead_checked = time.monotonic() + 3600
+    b.leader = True  # split brain: b believes it leads, and will not check soon
+    b._renew_at = time.monotonic() + 3600
     a.tick()
     b.tick()
     assert len(beats.messages()) == 1
@@ -252,3 +252,60 @@ def test_needs_the_pgnotify_broker() -> None:
     with pytest.raises(ConfigurationError, match="pgnotify_beat_retry"):
         Scheduler(app=app)
     app.close()
+
+
+def test_a_frozen_leader_is_replaced_within_twice_the_lease(beats: Beats) -> None:
+    """Leadership is a lease, not a session: a leader that stops renewing
+    (frozen, partitioned, or SIGKILLed with children holding its sockets)
+    is replaced, and the replacement fires, within 2 x pgnotify_beat_retry."""
+    first = beats.start({"ping": EVERY_MINUTE}, pgnotify_beat_retry=0.5)
+    second = beats.start({"ping": EVERY_MINUTE}, pgnotify_beat_retry=0.5)
+    first.tick()
+    assert first.leader
+    beats.set_last_run("ping", timedelta(minutes=2))
+    frozen_at = time.monotonic()  # first never ticks again
+    while not beats.messages() and time.monotonic() - frozen_at < 5:
+        time.sleep(second.tick())
+    assert second.leader and len(beats.messages()) == 1
+    assert time.monotonic() - frozen_at <= 2 * 0.5 + 0.2
+
+
+def test_a_leader_that_lost_its_lease_fires_nothing(beats: Beats) -> None:
+    """The fence: a process still believing it leads after its lease went to
+    another (its term is old) cannot fire, even an overdue entry."""
+    first = beats.start({"ping": EVERY_MINUTE}, pgnotify_beat_retry=0.3)
+    second = beats.start({"ping": EVERY_MINUTE}, pgnotify_beat_retry=0.3)
+    first.tick()
+    time.sleep(0.4)  # first's lease runs out unrenewed
+    second.tick()
+    assert second.leader
+    beats.set_last_run("ping", timedelta(minutes=2))
+    first._register()
+    first._renew_at = time.monotonic() + 3600  # it will not check the lease soon
+    first.tick()
+    assert beats.messages() == []
+    second._register()
+    second.tick()
+    assert len(beats.messages()) == 1
+
+
+def test_a_publish_that_failed_in_the_database_is_fired_again(beats: Beats) -> None:
+    """Celery wraps the failed publish in SchedulingError; the firing's
+    transaction rolled back, so the entry is still due and fires next tick."""
+    scheduler = beats.start({"ping": EVERY_MINUTE})
+    scheduler.tick()
+    s = beats.schema
+    beats.db.execute(
+        f'CREATE SEQUENCE "{s}".fail_once;'
+        f'CREATE FUNCTION "{s}".fail_once() RETURNS trigger LANGUAGE plpgsql AS $$'
+        " BEGIN IF nextval(" + f"'\"{s}\".fail_once'" + ") = 1 THEN"
+        " RAISE EXCEPTION 'no space left on device'; END IF; RETURN NEW; END $$;"
+        f'CREATE TRIGGER fail_once BEFORE INSERT ON "{s}".messages'
+        f' FOR EACH ROW EXECUTE FUNCTION "{s}".fail_once()'
+    )
+    beats.set_last_run("ping", timedelta(minutes=2))
+    scheduler._register()
+    scheduler.tick()  # the publish fails: nothing recorded as fired
+    assert beats.messages() == [] and beats.state("ping")[3] == 0
+    scheduler.tick()
+    assert len(beats.messages()) == 1 and beats.state("ping")[3] == 1

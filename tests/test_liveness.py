@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -10,7 +13,8 @@ from typing import Any
 import psycopg
 from kombu import Consumer, Exchange, Queue
 
-from tests.test_leases import _park_holding_one
+from celery_pgnotify.sql import statements
+from tests.test_leases import ROOT, _park_holding_one
 from tests.test_transport import collect, count_rows, drain_until, publish
 
 FAST = {"heartbeat_interval": 0.2, "lease_timeout": 1.0}
@@ -93,3 +97,48 @@ def test_a_resumed_consumer_gives_back_what_it_does_not_hold(
         assert count_rows(db, schema, "consumer_id IS NULL AND redelivered") == 1
         message.channel = second.default_channel
         message.ack()
+
+
+def test_a_forked_child_does_not_keep_a_dead_parents_session(
+    broker_url: str, db: psycopg.Connection[Any], schema: str
+) -> None:
+    """A child forked after the LISTEN session exists (a pool child, a
+    replaced one) closes its copy of the socket: when the parent is
+    SIGKILLed, its session and the lock proving it alive end with it (so its
+    messages come back within the lock grace, not after lease_timeout)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "tests.hold_messages", broker_url, schema, "forked", "0"]
+        + ["heartbeat_interval=0.2", "fork=1"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None
+    line = holder.stdout.readline()
+    assert line.startswith("held 0 child"), line
+    child = int(line.split()[-1])
+    try:
+        row = db.execute(
+            f'SELECT id FROM "{schema}".consumers WHERE pid = %s', (holder.pid,)
+        ).fetchone()
+        assert row is not None
+        lock = (
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND classid = %s AND objid = %s AND objsubid = 2"
+        )
+        key = (statements(schema).lock_namespace, row[0])
+        assert db.execute(lock, key).fetchone() == (1,)
+        holder.kill()
+        holder.wait()
+        deadline = time.monotonic() + 10
+        while db.execute(lock, key).fetchone() != (0,) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert db.execute(lock, key).fetchone() == (0,), "the child kept the session alive"
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
