@@ -233,3 +233,30 @@ def test_notifications_never_arriving(
         assert len(counts) == 300
     finally:
         s.close()
+
+
+def test_tables_locked_three_leases_long_run_nothing_twice(
+    stream: Stream, pg_dsn: str, figures: list[str]
+) -> None:
+    """Two workers of each kind (two children each) run acks_late tasks of
+    3 s while another session holds ``consumers`` and ``messages`` locked
+    for three times lease_timeout. Every consumer is stalled, none is dead:
+    no lease may be taken from anyone, so no task runs twice."""
+    for kind in ("celery", "celery-pg"):
+        for n in (1, 2):
+            stream.worker(kind, "-c", "2", name=f"{kind}-{n}")
+    stream.produce(16, seconds=3.0).join()
+    time.sleep(1.0)  # every child is busy, the rest are leased and waiting
+    schema = stream.options["schema"]
+    held = 3 * FAST["lease_timeout"]
+    with psycopg.connect(pg_dsn) as locker, locker.transaction():
+        locker.execute(
+            f'LOCK TABLE "{schema}".consumers, "{schema}".messages IN ACCESS EXCLUSIVE MODE'
+        )
+        time.sleep(held)
+    stream.account(
+        f"consumers and messages locked {held:.0f} s (3 x lease_timeout), "
+        "2 workers of each kind, acks_late tasks of 3 s",
+        figures,
+        False,
+    )
