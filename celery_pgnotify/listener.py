@@ -60,6 +60,11 @@ LISTENER_APP_NAME = "celery-pgnotify-listener"
 #: Every how many reaps the (rare, costly) search for orphaned leases runs.
 ORPHANS_EVERY = 150
 
+
+class _Reaped(Exception):
+    """Ends the thread: the consumer was declared dead (see _declared_dead)."""
+
+
 #: What a statement that waited too long raises (lock_timeout, statement_timeout).
 _STALLED = (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled)
 
@@ -100,6 +105,9 @@ class Listener:
         self._adopting = consumer_id is not None
         #: True when the consumer taken over still existed, leases and all.
         self.resumed = False
+        #: True once this consumer found it was declared dead by another
+        #: (reaped): the session ends, and the consuming side must reconnect.
+        self.reaped = False
         self._thread = threading.Thread(
             target=self._run, name="celery-pgnotify-listener", daemon=True
         )
@@ -126,6 +134,11 @@ class Listener:
             raise self._first_error
         assert self.consumer_id is not None
         return self.consumer_id
+
+    def heartbeat_age(self) -> float:
+        """Seconds since this consumer last proved itself alive (0 before
+        its first session)."""
+        return time.monotonic() - self._last_beat if self._last_beat else 0.0
 
     def is_alive(self) -> bool:
         """False once the thread has ended (it only ends when stopped, or
@@ -213,6 +226,10 @@ class Listener:
                 self._open_session()
                 delay = 0.1
                 self._serve()
+            except _Reaped:
+                if not self._first_session.is_set():
+                    self._first_session.set()
+                return
             except psycopg.Error as exc:
                 if not self._first_session.is_set():
                     self._first_error = exc
@@ -268,18 +285,21 @@ class Listener:
             row = conn.execute(self._stmts.register_consumer, params).fetchone()
             assert row is not None
             self.consumer_id = int(row[0])
-        elif self._adopting:
-            # A parked consumer, taken over: its leases are intact unless it
-            # was reaped meanwhile (which deletes its row and frees them).
+        else:
+            # Reconnecting, or a parked consumer taken over: its leases are
+            # intact unless it was reaped meanwhile (which deletes its row).
             found = conn.execute(
                 self._stmts.resume_consumer, {"id": self.consumer_id, **params}
             ).fetchone()
+            if found is None and not self._adopting:
+                self._declared_dead()
             if found is None:
-                conn.execute(self._stmts.heartbeat, {"id": self.consumer_id, **params})
+                conn.execute(
+                    self._stmts.reregister_consumer,
+                    {"id": self.consumer_id, "prefix": self._stmts.channel_prefix, **params},
+                )
             self.resumed = found is not None
             self._adopting = False
-        else:
-            conn.execute(self._stmts.heartbeat, {"id": self.consumer_id, **params})
         lock = {"ns": self._stmts.lock_namespace, "id": self.consumer_id}
         locked = conn.execute(self._stmts.take_lock, lock).fetchone()
         # A session that just ended (the parked connection's, or this
@@ -337,10 +357,12 @@ class Listener:
             "queues": queues,
         }
         try:
-            self._conn.execute(self._stmts.heartbeat, params)
+            alive = self._conn.execute(self._stmts.heartbeat, params).fetchone()
         except _STALLED as exc:
             logger.warning("Heartbeat held up (%s); trying again", exc)
             return False
+        if alive is None:
+            self._declared_dead()
         now = time.monotonic()
         if now - self._last_beat > 2 * self._opts.heartbeat_interval:
             # A gap of our own: whatever held us up most likely held the
@@ -358,6 +380,22 @@ class Listener:
             except _STALLED as exc:
                 logger.debug("Queues not touched this beat (%s)", exc)
         return True
+
+    def _declared_dead(self) -> None:
+        """This consumer was reaped while it lived (a stall or a partition
+        longer than lease_timeout): its messages went back to their queues
+        and may be running elsewhere. It must not go on as if nothing
+        happened: the session ends, and the consuming side reconnects,
+        dropping what it had not started yet."""
+        logger.error(
+            "Consumer %s was declared dead while it lived (silent for lease_timeout); "
+            "its messages went back to their queues: reconnecting",
+            self.consumer_id,
+        )
+        self.reaped = True
+        self._stopping.set()
+        self.wake()  # the consuming side finds out now, not at its next poll
+        raise _Reaped
 
     def _reap(self) -> None:
         assert self._conn is not None

@@ -402,12 +402,21 @@ TEMPLATES: dict[str, str] = {
         "INSERT INTO {s}.consumers (hostname, pid, queues)"
         " VALUES (%(hostname)s, %(pid)s, %(queues)s) RETURNING id"
     ),
-    # Upsert: a consumer presumed dead (e.g. after a long network stall) comes
-    # back under its own id; its old leases were already released.
+    # No row: the consumer was declared dead (reaped) and must not go on as
+    # if nothing happened (see Listener._declared_dead).
     "heartbeat": (
-        "INSERT INTO {s}.consumers (id, hostname, pid, queues)"
+        "UPDATE {s}.consumers SET heartbeat_at = now(), queues = %(queues)s"
+        " WHERE id = %(id)s RETURNING id"
+    ),
+    # A consumer declared dead comes back under its own id, with nothing
+    # leased: whatever it claimed after it was reaped goes back.
+    "reregister_consumer": (
+        "WITH me AS (INSERT INTO {s}.consumers (id, hostname, pid, queues)"
         " VALUES (%(id)s, %(hostname)s, %(pid)s, %(queues)s)"
-        " ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), queues = EXCLUDED.queues"
+        " ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), queues = EXCLUDED.queues),"
+        " back AS (UPDATE {s}.messages SET consumer_id = NULL, leased_at = NULL,"
+        " redelivered = true WHERE consumer_id = %(id)s RETURNING queue)"
+        " SELECT queue, " + _NOTIFY + " FROM (SELECT DISTINCT queue FROM back) AS q"
     ),
     "resume_consumer": (
         "UPDATE {s}.consumers SET heartbeat_at = now(), hostname = %(hostname)s,"

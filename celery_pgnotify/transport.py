@@ -760,9 +760,29 @@ class Transport(virtual.Transport):
                     self.stmts.ack_many if self.opts.async_acks else self.stmts.ack_many_flushed
                 )
                 self.work_conn().execute(ack_many, {"ids": acks})
-        elif not self._listener.is_alive():
-            raise DatabaseUnavailable("the consumer's LISTEN session has stopped")
+        else:
+            self._check_listener()
         return self._listener
+
+    def _check_listener(self) -> None:
+        listener = self._listener
+        if listener is None or listener.is_alive():
+            return
+        if listener.reaped:
+            raise DatabaseUnavailable(
+                f"consumer {listener.consumer_id} was declared dead while it lived; reconnecting"
+            )
+        raise DatabaseUnavailable("the consumer's LISTEN session has stopped")
+
+    def alive_for_sure(self) -> bool:
+        """False while this process's consumer has not proved itself alive
+        for ``lease_timeout`` (frozen, stalled, cut off): it may have been
+        declared dead and its messages given to others, so it should start
+        nothing new until its next heartbeat says."""
+        listener = self._listener
+        if listener is None or not listener.is_alive():
+            return False
+        return listener.heartbeat_age() < self.opts.lease_timeout
 
     def reconcile(self, held: Iterable[int]) -> int:
         """After taking over a parked consumer: give back what is leased to
@@ -917,6 +937,7 @@ class Transport(virtual.Transport):
         clock = time.monotonic
         deadline = None if timeout is None else clock() + timeout
         while True:
+            self._check_listener()
             self._pending |= listener.take_notified()
             if self._claim_pending() or self._take_wakeup():
                 return
@@ -967,8 +988,7 @@ class Transport(virtual.Transport):
         # Runs before the loop blocks: resume claiming if acks have freed
         # prefetch room (the acks leave with the claim), and write the acks
         # no claim took.
-        if self._listener is not None and not self._listener.is_alive():
-            raise DatabaseUnavailable("the consumer's LISTEN session has stopped")
+        self._check_listener()
         if self._pending:
             self._claim_pending()
         self._flush_acks()

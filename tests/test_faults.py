@@ -260,3 +260,33 @@ def test_tables_locked_three_leases_long_run_nothing_twice(
         figures,
         False,
     )
+
+
+@pytest.mark.parametrize("kind", ["celery", "celery-pg"])
+def test_a_worker_frozen_past_its_lease_drops_what_it_had_not_started(
+    stream: Stream, kind: str, figures: list[str]
+) -> None:
+    """A worker frozen (SIGSTOP: its sessions stay open, it says nothing) for
+    2.5 x lease_timeout is declared dead and its messages go to another
+    worker. When it thaws it finds out, reconnects, and drops the tasks it
+    had not started: only the one it was running may run twice."""
+    frozen = stream.worker(kind, "-c", "1", "--prefetch-multiplier", "4", name="frozen")
+    stream.produce(12, seconds=1.0).join()
+    time.sleep(1.5)  # frozen runs one task and holds the next ones
+    frozen.kill(signal.SIGSTOP)
+    stream.worker(kind, "-c", "2", name="other")
+    time.sleep(2.5 * FAST["lease_timeout"])
+    frozen.kill(signal.SIGCONT)
+    counts = stream.wait_all()
+    time.sleep(3)  # whatever the thawed worker would still run
+    counts = stream.executions()
+    duplicates = sum(n - 1 for n in counts.values() if n > 1)
+    stream.account(
+        f"{kind} worker (-c 1) frozen {2.5 * FAST['lease_timeout']:.0f} s, "
+        f"then thawed: {duplicates} run twice",
+        figures,
+        True,
+    )
+    assert duplicates <= 1, (
+        f"only the task running when it froze may run twice: {counts}\n" + frozen.output()[-6000:]
+    )

@@ -91,6 +91,7 @@ class Manager(ConsumerMixin):
         self.hostname = hostname
         self.prefetch_count = prefetch_count
         self.pool = Pool(pool_settings, self._on_pool_event)
+        self.pool.may_start = self._alive_for_sure
         self._events: collections.deque[Event] = collections.deque()
         #: delivery tag -> (message, task) of every job given to the pool
         self._inflight: dict[int, tuple[Message, Any]] = {}
@@ -197,8 +198,17 @@ class Manager(ConsumerMixin):
             self._eventer = None
         self._active = None
 
+    def _alive_for_sure(self) -> bool:
+        # Nothing new starts while this consumer may have been declared dead
+        # (a stall or a freeze past lease_timeout): a thawed process cannot
+        # know before its next heartbeat, and its jobs may be running elsewhere.
+        connection = self._active
+        check = getattr(getattr(connection, "transport", None), "alive_for_sure", None)
+        return bool(check()) if check is not None else True
+
     def on_iteration(self) -> None:
         # drain_events comes next: the acks leave with its claim.
+        self.pool.kick()  # jobs held back while liveness was in doubt
         self._process_events(write_acks=False)
         self._release_due_etas()
         # Neither may cost the pool: a failure is logged and retried next turn.

@@ -83,6 +83,8 @@ class Pool:
         self._next_index = 1
         self._stopping = False
         self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
+        #: asked before a job is given to a child: False holds every job back
+        self.may_start: Callable[[], bool] = lambda: True
         self._thread = threading.Thread(target=self._watch, name="celery-pg-results", daemon=True)
 
     # -- life cycle ------------------------------------------------------------
@@ -255,9 +257,15 @@ class Pool:
             self._on_event(Event("expired", job.task_id, 0, tag=job.tag))
         return None
 
+    def kick(self) -> None:
+        """Hand queued jobs to idle children now (after :attr:`may_start`
+        turned true again)."""
+        with self._lock:
+            self._dispatch()
+
     def _dispatch(self) -> None:
         # Called with the lock held: hand queued jobs to idle children.
-        if self._stopping:
+        if self._stopping or not self._queue or not self.may_start():
             return
         for child in self._children.values():
             if not self._queue:
