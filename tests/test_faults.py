@@ -290,3 +290,62 @@ def test_a_worker_frozen_past_its_lease_drops_what_it_had_not_started(
     assert duplicates <= 1, (
         f"only the task running when it froze may run twice: {counts}\n" + frozen.output()[-6000:]
     )
+
+
+@pytest.mark.parametrize("kind", ["celery", "celery-pg"])
+def test_a_worker_partitioned_past_its_lease_drops_what_it_had_not_started(
+    stream: Stream, kind: str, pg_dsn: str, figures: list[str]
+) -> None:
+    """A worker in its own network namespace, cut off from PostgreSQL (every
+    packet dropped both ways: TCP sees silence) for 2.5 x lease_timeout
+    while another worker runs. It is declared dead and its messages run
+    elsewhere; when the link heals it finds out, reconnects and drops what
+    it had not started: lost 0. What may run twice: the tasks it ran while
+    cut off, whose acks could not reach the database, up to the moment its
+    own silence made it stop starting tasks (lease_timeout): with 1 s tasks
+    on one child, at most 1 + lease_timeout / 1 s of them."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from tests import netpart
+
+    why = netpart.available()
+    if why is not None:
+        pytest.skip(f"no network namespaces here: {why}")
+    link = netpart.Link()
+    relay = netpart.Relay(link.host_ip, netpart.upstream_of(pg_dsn))
+    try:
+        parts = urlsplit(stream.url)
+        user = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+        url = urlunsplit(parts._replace(netloc=f"{user}{link.host_ip}:{relay.port}"))
+        env = dict(stream.env, PGNOTIFY_BROKER_URL=url)
+        build = celery_pg_worker if kind == "celery-pg" else celery_worker
+        cut_off = build(
+            env, "-c", "1", "--prefetch-multiplier", "10", name="cut-off", prefix=link.prefix()
+        )
+        stream.workers.append(cut_off)
+        cut_off.wait_for(READY[kind])
+        stream.produce(20, seconds=1.0).join()
+        time.sleep(1.5)  # it runs one task and holds the next ones
+        link.partition()
+        stream.worker(kind, "-c", "2", name="other")
+        time.sleep(2.5 * FAST["lease_timeout"])
+        link.heal()
+        stream.wait_all()
+        time.sleep(5)  # what the healed worker would still run
+        counts = stream.executions()
+        duplicates = sum(n - 1 for n in counts.values() if n > 1)
+        stream.account(
+            f"{kind} worker (-c 1) partitioned {2.5 * FAST['lease_timeout']:.0f} s "
+            "(network namespace, every packet dropped), then healed",
+            figures,
+            True,
+        )
+        most = 1 + int(FAST["lease_timeout"] / 1.0)
+        assert duplicates <= most, f"only tasks run while cut off may run twice: {counts}"
+    finally:
+        if link.cut:
+            link.heal()
+        for worker in stream.workers:
+            worker.stop()
+        relay.close()
+        link.close()

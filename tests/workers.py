@@ -96,9 +96,12 @@ def celery_worker(
     concurrency: int = 2,
     name: str = "w1",
     app: str = "tests.e2e_app",
+    prefix: tuple[str, ...] = (),
 ) -> WorkerProcess:
-    """The stock ``celery worker`` (wait for ``READY["celery"]``)."""
+    """The stock ``celery worker`` (wait for ``READY["celery"]``); ``prefix``
+    runs it through another command (a network namespace's)."""
     argv = [
+        *prefix,
         sys.executable,
         "-m",
         "celery",
@@ -125,9 +128,11 @@ def celery_pg_worker(
     name: str = "w1",
     app: str = "tests.e2e_app",
     loglevel: str = "debug",
+    prefix: tuple[str, ...] = (),
 ) -> WorkerProcess:
     """``celery-pg worker`` (wait for ``READY["celery-pg"]``)."""
     argv = [
+        *prefix,
         sys.executable,
         "-m",
         "celery_pgnotify.cli",
