@@ -253,9 +253,12 @@ class Channel(virtual.Channel):
             params.update(exchange=exchange, rk=routing_key or "")
             rows = execute(self._stmts.publish_routed, params).fetchall()
             if not rows:
-                logger.warning(
-                    "Message to exchange %r key %r matched no queue; dropped", exchange, routing_key
-                )
+                rk = routing_key
+                # A broadcast nobody listens to (no worker up for `celery
+                # inspect`) is routine; a direct or topic message matching no
+                # queue is lost data.
+                log = logger.debug if self._exchange_type(exchange) == "fanout" else logger.warning
+                log("Message to exchange %r key %r matched no queue; dropped", exchange, rk)
         else:
             params["queue"] = _check_name("queue", routing_key)
             execute(self._stmts.publish_direct, params)

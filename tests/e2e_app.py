@@ -13,12 +13,22 @@ import time
 import psycopg
 from celery import Celery
 
-app = Celery("e2e")
-app.conf.broker_url = os.environ.get("PGNOTIFY_BROKER_URL", "pgnotify://localhost/postgres")
-app.conf.broker_transport_options = json.loads(os.environ.get("PGNOTIFY_OPTIONS", "{}"))
-app.conf.task_ignore_result = True
-app.conf.worker_hijack_root_logger = True
-app.conf.broker_connection_retry_on_startup = True
+
+def configure(app: Celery, results: bool = False) -> Celery:
+    """The broker (and, with ``results``, the result backend) the tests chose,
+    from the environment (see :mod:`tests.workers`)."""
+    app.conf.broker_url = os.environ.get("PGNOTIFY_BROKER_URL", "pgnotify://localhost/postgres")
+    app.conf.broker_transport_options = json.loads(os.environ.get("PGNOTIFY_OPTIONS", "{}"))
+    if results:
+        app.conf.result_backend = app.conf.broker_url
+    else:
+        app.conf.task_ignore_result = True
+    app.conf.worker_hijack_root_logger = True
+    app.conf.broker_connection_retry_on_startup = True
+    return app
+
+
+app = configure(Celery("e2e"))
 
 if os.environ.get("PGNOTIFY_E2E_BEAT"):
     app.conf.beat_schedule = {

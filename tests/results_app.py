@@ -6,22 +6,16 @@ Broker and result backend are both pgnotify, configured from the environment
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 from celery import Celery
 
-from tests.e2e_app import log
+from tests.e2e_app import configure, log
 
-app = Celery("results")
-app.conf.broker_url = os.environ.get("PGNOTIFY_BROKER_URL", "pgnotify://localhost/postgres")
-app.conf.result_backend = app.conf.broker_url
-app.conf.broker_transport_options = json.loads(os.environ.get("PGNOTIFY_OPTIONS", "{}"))
+app = configure(Celery("results"), results=True)
 app.conf.result_extended = True
 app.conf.task_track_started = True
-app.conf.worker_hijack_root_logger = True
-app.conf.broker_connection_retry_on_startup = True
 if os.environ.get("PGNOTIFY_RESULT_EXPIRES"):
     app.conf.result_expires = float(os.environ["PGNOTIFY_RESULT_EXPIRES"])
 

@@ -7,7 +7,6 @@ message ends differently the second time.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -16,14 +15,9 @@ from celery import Celery
 from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
 
 from celery_pgnotify import enqueue_in
-from tests.e2e_app import LOG_DSN, LOG_TABLE, log
+from tests.e2e_app import LOG_DSN, LOG_TABLE, configure, log
 
-app = Celery("semantics")
-app.conf.broker_url = os.environ.get("PGNOTIFY_BROKER_URL", "pgnotify://localhost/postgres")
-app.conf.result_backend = app.conf.broker_url
-app.conf.broker_transport_options = json.loads(os.environ.get("PGNOTIFY_OPTIONS", "{}"))
-app.conf.worker_hijack_root_logger = True
-app.conf.broker_connection_retry_on_startup = True
+app = configure(Celery("semantics"), results=True)
 
 
 def runs_before(tag: str) -> int:

@@ -14,7 +14,7 @@ from celery.exceptions import ChordError, TimeoutError
 
 from celery_pgnotify.backend import PgNotifyBackend
 from celery_pgnotify.errors import ConfigurationError
-from tests.workers import E2E, READY, WorkerProcess, celery_pg_worker, celery_worker
+from tests.workers import E2E, READY, WorkerProcess, celery_pg_worker, celery_worker, close_app
 
 pytestmark = pytest.mark.e2e
 
@@ -51,7 +51,7 @@ class Results:
         for worker in self.workers:
             worker.stop()
         self.app.backend.close()
-        self.app.close()
+        close_app(self.app)
 
 
 @pytest.fixture(params=["celery", "celery-pg"])
@@ -269,7 +269,7 @@ def test_bad_backend_options_name_the_setting(broker_url: str) -> None:
     backend = PgNotifyBackend(app=app, url="pgnotify://app:s3cret@db.example:5432/prod")
     assert backend.as_uri() == "pgnotify://app:**@db.example:5432/prod"
     backend.close()
-    app.close()
+    close_app(app)
 
 
 def test_results_shared_across_threads(results: Results) -> None:

@@ -16,6 +16,7 @@ from kombu import Connection, Exchange, Queue
 
 from celery_pgnotify.beat import Scheduler, scheduler_for
 from celery_pgnotify.errors import ConfigurationError
+from tests.workers import close_app
 
 
 class Beats:
@@ -76,7 +77,7 @@ class Beats:
         for scheduler in self.schedulers:
             scheduler.close()
         for app in self.apps:
-            app.close()
+            close_app(app)
 
 
 @pytest.fixture
@@ -251,7 +252,7 @@ def test_needs_the_pgnotify_broker() -> None:
     app.conf.pgnotify_beat_retry = "soon"
     with pytest.raises(ConfigurationError, match="pgnotify_beat_retry"):
         Scheduler(app=app)
-    app.close()
+    close_app(app)
 
 
 def test_a_frozen_leader_is_replaced_within_twice_the_lease(beats: Beats) -> None:

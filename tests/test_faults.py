@@ -30,6 +30,7 @@ from tests.workers import (
     WorkerProcess,
     celery_pg_worker,
     celery_worker,
+    close_app,
     worker_env,
 )
 
@@ -123,7 +124,7 @@ class Stream:
     def close(self) -> None:
         for worker in self.workers:
             worker.stop()
-        self.app.close()
+        close_app(self.app)
 
 
 @pytest.fixture

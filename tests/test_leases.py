@@ -21,6 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def start_holder(
     broker_url: str, schema: str, queue: str, count: int, *options: str
 ) -> subprocess.Popen[str]:
+    """A ``tests.hold_messages`` process, once it holds ``count`` messages
+    (the line it printed is kept as ``proc.held_line``)."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -39,6 +41,7 @@ def start_holder(
     assert proc.stdout is not None
     line = proc.stdout.readline()
     assert line.startswith("held"), line
+    proc.held_line = line  # type: ignore[attr-defined]
     return proc
 
 

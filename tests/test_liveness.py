@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from typing import Any
@@ -14,7 +12,7 @@ import psycopg
 from kombu import Consumer, Exchange, Queue
 
 from celery_pgnotify.sql import statements
-from tests.test_leases import ROOT, _park_holding_one
+from tests.test_leases import _park_holding_one, start_holder, stop
 from tests.test_transport import collect, count_rows, drain_until, publish
 
 FAST = {"heartbeat_interval": 0.2, "lease_timeout": 1.0}
@@ -106,15 +104,8 @@ def test_a_forked_child_does_not_keep_a_dead_parents_session(
     replaced one) closes its copy of the socket: when the parent is
     SIGKILLed, its session and the lock proving it alive end with it (so its
     messages come back within the lock grace, not after lease_timeout)."""
-    holder = subprocess.Popen(
-        [sys.executable, "-m", "tests.hold_messages", broker_url, schema, "forked", "0"]
-        + ["heartbeat_interval=0.2", "fork=1"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout is not None
-    line = holder.stdout.readline()
+    holder = start_holder(broker_url, schema, "forked", 0, "heartbeat_interval=0.2", "fork=1")
+    line = holder.held_line  # type: ignore[attr-defined]
     assert line.startswith("held 0 child"), line
     child = int(line.split()[-1])
     try:
@@ -135,9 +126,7 @@ def test_a_forked_child_does_not_keep_a_dead_parents_session(
             time.sleep(0.1)
         assert db.execute(lock, key).fetchone() == (0,), "the child kept the session alive"
     finally:
-        holder.kill()
-        holder.wait()
-        holder.stdout.close()
+        stop(holder)
         try:
             os.kill(child, signal.SIGKILL)
         except ProcessLookupError:

@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.workers import E2E
+from tests.workers import E2E, close_app
 
 pytestmark = pytest.mark.e2e
 
@@ -121,7 +121,7 @@ def test_a_task_expired_while_queued_is_revoked_never_run(
         assert late.state == "REVOKED"
         assert e2e.events("expired") == [], "an expired task never runs"
     finally:
-        app.close()
+        close_app(app)
 
 
 def test_a_child_whose_task_was_cancelled_is_retired(e2e: E2E) -> None:

@@ -20,6 +20,7 @@ from celery_pgnotify import enqueue_in
 from celery_pgnotify.connect import mask_url
 from celery_pgnotify.errors import PreconditionFailed
 from celery_pgnotify.sql import statements
+from tests.workers import close_app
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def results_app(broker_url: str, schema: str) -> Iterator[Celery]:
     app.conf.result_accept_content = ["json", "pickle"]
     yield app
     app.backend.close()
-    app.close()
+    close_app(app)
 
 
 class Boom:

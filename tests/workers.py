@@ -165,6 +165,22 @@ def beat_process(
 FAST = {"heartbeat_interval": 0.5, "lease_timeout": 2.0}
 
 
+def close_app(app: Celery) -> None:
+    """Close ``app`` with the broker connections it opened: Celery's own
+    ``close()`` (5.5+) only forgets its pools, leaving their connections open
+    until the process ends, and a test session would hold one per test."""
+    backend = getattr(app._local, "backend", None)  # this thread's, if made
+    if backend is not None and hasattr(backend, "close"):
+        backend.close()
+    amqp = app.__dict__.get("amqp")
+    producers = getattr(amqp, "_producer_pool", None)
+    if producers is not None:
+        producers.force_close_all()
+    if app._pool is not None:
+        app._pool.force_close_all()
+    app.close()
+
+
 class E2E:
     """A sending app, the worker environment and the execution log."""
 
@@ -226,4 +242,4 @@ class E2E:
     def close(self) -> None:
         for worker in self.workers:
             worker.stop()
-        self.app.close()
+        close_app(self.app)
