@@ -238,8 +238,9 @@ class Channel(virtual.Channel):
         # A Celery task's ``expires`` is also its message's expiration; the
         # task must reach a worker all the same, which marks it REVOKED
         # (instead of leaving its caller waiting on a result that never comes).
-        headers = message.get("headers")
-        expiration = None if headers and "expires" in headers else props.get("expiration")
+        headers = message.get("headers") or {}
+        celery_expires = "task" in headers and headers.get("expires") is not None
+        expiration = None if celery_expires else props.get("expiration")
         params = {
             "rank": self._rank(props.get("priority")),
             "payload": payload,
