@@ -131,3 +131,12 @@ def mark(index: int, seconds: float = 0.0) -> None:
         time.sleep(seconds)
     with open(os.path.join(MARK_DIR, f"{os.getpid()}.marks"), "a") as f:
         f.write(f"{index}\n")
+
+
+@app.task
+def ignored(tag: str) -> None:
+    """Ends with Celery's Ignore: neither a success nor a failure."""
+    from celery.exceptions import Ignore
+
+    log(tag, "run")
+    raise Ignore()

@@ -272,12 +272,16 @@ def test_task_and_worker_events(e2e: E2E):
         next(capture)
         e2e.send("flaky", "evented-retry", 1)
         e2e.wait_events("evented-retry", ["attempt-0", "attempt-1", "done"])
+        ignored = e2e.send("ignored", "evented-ignore")
+        e2e.wait_events("evented-ignore", ["run"])
         e2e.send("record", "evented")
         for _ in capture:
             pass
     types = {e["type"] for e in seen}
     assert {"task-received", "task-started", "task-succeeded", "worker-heartbeat"} <= types
     assert "task-retried" in types
+    # Ignore is neither a success nor a failure (as in Celery's worker).
+    assert not [e for e in seen if e.get("uuid") == ignored.id and e["type"] == "task-failed"]
     succeeded = next(e for e in seen if e["type"] == "task-succeeded")
     assert succeeded["hostname"].startswith("w1@")
     assert succeeded["runtime"] >= 0
