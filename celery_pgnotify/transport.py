@@ -439,15 +439,15 @@ class Channel(virtual.Channel):
 
     def _db_requeue(self, tags: Iterable[int]) -> None:
         ids = list(tags)
-        if not ids:
+        # Under the id the messages were leased to, even when that consumer
+        # was declared dead meanwhile (its session ended): whatever is still
+        # leased to it goes back.
+        consumer = self.connection.consumer_id_or_none()
+        if not ids or consumer is None:
             return
         self._execute(
             self._requeue_sql,
-            {
-                "ids": ids,
-                "consumer": self.connection.consumer_id(),
-                "prefix": self._stmts.channel_prefix,
-            },
+            {"ids": ids, "consumer": consumer, "prefix": self._stmts.channel_prefix},
         )
 
     def _restore(self, message: Any) -> None:
