@@ -364,8 +364,14 @@ TEMPLATES: dict[str, str] = {
         "WITH gone AS (DELETE FROM {s}.messages WHERE queue = %(name)s"
         " AND consumer_id IS NULL RETURNING 1) SELECT count(*) FROM gone"
     ),
+    # Ready messages through messages_ready, leased ones through
+    # messages_leased: no sequential scan of the table (every `celery
+    # inspect` deletes its reply queue).
     "delete_queue": (
-        "WITH m AS (DELETE FROM {s}.messages WHERE queue = %(name)s),"
+        "WITH ready AS (DELETE FROM {s}.messages WHERE queue = %(name)s"
+        "  AND consumer_id IS NULL),"
+        " leased AS (DELETE FROM {s}.messages WHERE consumer_id IS NOT NULL"
+        "  AND queue = %(name)s),"
         " b AS (DELETE FROM {s}.bindings WHERE queue = %(name)s)"
         " DELETE FROM {s}.queues WHERE name = %(name)s"
     ),

@@ -131,3 +131,19 @@ def test_a_forked_child_does_not_keep_a_dead_parents_session(
             os.kill(child, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_deleting_a_queue_reads_no_other_queue(
+    connection: Any, db: psycopg.Connection[Any], schema: str
+) -> None:
+    """Every `celery inspect` deletes its reply queue: with a large backlog
+    elsewhere that must be index lookups, never a scan of the table."""
+    connection.default_channel.basic_get("celery")  # creates the schema
+    db.execute(
+        f'INSERT INTO "{schema}".messages (queue, payload)'
+        " SELECT 'q' || (i % 50), '{}' FROM generate_series(1, 50000) i"
+    )
+    db.execute(f'ANALYZE "{schema}".messages')
+    statement = statements(schema).delete_queue.replace("%(name)s", "'reply'")
+    plan = "\n".join(r[0] for r in db.execute("EXPLAIN " + statement).fetchall())
+    assert "Seq Scan on messages" not in plan, plan
