@@ -23,7 +23,7 @@ from celery import Celery
 from kombu import Connection, Queue
 
 from tests import pgserver
-from tests.workers import READY, ROOT, WorkerProcess, celery_pg_worker, celery_worker, close_app
+from tests.workers import READY, ROOT, WorkerProcess, celery_pg_worker, celery_worker
 
 REFERENCE = {
     "redis": os.environ.get("COMPAT_REDIS_URL", "redis://127.0.0.1:6379/0"),
@@ -214,7 +214,7 @@ class Compat:
                 client.delete(*keys)
         # Not force_close_all(): Celery's producer pools are shared, process-wide,
         # by every app on the same broker URL.
-        close_app(self.app)
+        self.app.close()
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute(f'DROP TABLE "{self.table}"')
             for options in (self.broker.options, self.backend.options if self.backend else {}):

@@ -168,7 +168,11 @@ FAST = {"heartbeat_interval": 0.5, "lease_timeout": 2.0}
 def close_app(app: Celery) -> None:
     """Close ``app`` with the broker connections it opened: Celery's own
     ``close()`` (5.5+) only forgets its pools, leaving their connections open
-    until the process ends, and a test session would hold one per test."""
+    until the process ends, and a test session would hold one per test.
+
+    kombu keeps those pools process-wide, keyed by URL and transport options:
+    this is for apps whose options name a schema of the test's own (the
+    compatibility suite's Redis and RabbitMQ apps share theirs)."""
     backend = getattr(app._local, "backend", None)  # this thread's, if made
     if backend is not None and hasattr(backend, "close"):
         backend.close()
@@ -176,6 +180,7 @@ def close_app(app: Celery) -> None:
     producers = getattr(amqp, "_producer_pool", None)
     if producers is not None:
         producers.force_close_all()
+        amqp._producer_pool = None  # made anew if the app is used again
     if app._pool is not None:
         app._pool.force_close_all()
     app.close()
