@@ -167,7 +167,10 @@ def _tracer(app: Any, hostname: str) -> Any:
             # Never runs again: a terminal FAILURE, not PENDING forever (as
             # Celery's worker records it since 5.7).
             store = not task.ignore_result or task.store_errors_even_if_ignored
-            task.backend.mark_as_failure(job.task_id, info.retval, store_result=store)
+            try:
+                task.backend.mark_as_failure(job.task_id, info.retval, store_result=store)
+            except Exception:  # the result is lost, never the outcome: still a reject
+                logger.exception("Could not store the FAILURE of %s", job.task_id)
         elif outcome == "retry":
             exc = getattr(exc, "exc", None) or exc
         return outcome, str(exc), requeue
