@@ -270,7 +270,10 @@ def test_a_worker_frozen_past_its_lease_drops_what_it_had_not_started(
     """A worker frozen (SIGSTOP: its sessions stay open, it says nothing) for
     2.5 x lease_timeout is declared dead and its messages go to another
     worker. When it thaws it finds out, reconnects, and drops the tasks it
-    had not started: only the one it was running may run twice."""
+    had not started: only the one it was running may run twice. (The stock
+    worker may start one more: Celery hands its next reserved task to the
+    pool the moment the running one ends, before the transport's next
+    heartbeat can say the consumer was declared dead.)"""
     frozen = stream.worker(kind, "-c", "1", "--prefetch-multiplier", "4", name="frozen")
     stream.produce(12, seconds=1.0).join()
     time.sleep(1.5)  # frozen runs one task and holds the next ones
@@ -288,7 +291,7 @@ def test_a_worker_frozen_past_its_lease_drops_what_it_had_not_started(
         figures,
         True,
     )
-    assert duplicates <= 1, (
+    assert duplicates <= (1 if kind == "celery-pg" else 2), (
         f"only the task running when it froze may run twice: {counts}\n" + frozen.output()[-6000:]
     )
 
