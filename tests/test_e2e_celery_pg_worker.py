@@ -110,6 +110,18 @@ def test_max_tasks_per_child_replaces_children(e2e: E2E):
     assert len(pids) == 3
 
 
+def test_a_retiring_child_is_never_handed_a_task(e2e: E2E):
+    """With a backlog, the next task is waiting the moment a child finishes
+    its last one: it must go to the next child, not to the retiring one
+    (which would exit without running it, and the task be reported lost)."""
+    worker = e2e.pg_worker("-c", "1", "--max-tasks-per-child", "1")
+    for i in range(12):
+        e2e.send("record", f"retire{i}")
+    for i in range(12):
+        assert e2e.wait_events(f"retire{i}", ["run"]) == ["run"], worker.output()[-3000:]
+    assert "while running" not in worker.output()
+
+
 def test_max_lifetime_per_child_replaces_children(e2e: E2E):
     e2e.pg_worker("-c", "1", "--max-lifetime-per-child", "1")
     e2e.send("whoami", "young")

@@ -121,14 +121,17 @@ def child_main(
                 break
             job: Job = message[1]
             conn.send(("accepted", job.task_id, pid, time.time()))
-            conn.send(("done", job.task_id, *_run(job, trace)))
+            result = _run(job, trace)
             done += 1
-            if (
+            retire = bool(
                 (max_tasks and done >= max_tasks)
                 or (max_memory_kib and _rss_kib() > max_memory_kib)
                 or (max_lifetime and time.monotonic() - born > max_lifetime)
-            ):
+            )
+            if retire:  # said first, so the next job is never handed to us
                 conn.send(("retire", pid))
+            conn.send(("done", job.task_id, *result))
+            if retire:
                 break
     except (EOFError, OSError):
         pass  # the manager is gone: nothing left to do

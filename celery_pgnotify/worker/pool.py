@@ -50,6 +50,7 @@ class Child:
     index: int
     ready: bool = False
     job: Job | None = None
+    accepted: bool = False  # the child said it started ``job``
     started_at: float = 0.0
     retiring: bool = False
 
@@ -275,6 +276,7 @@ class Pool:
                 if job is None:
                     return
                 child.job = job
+                child.accepted = False
                 child.started_at = time.time()
                 try:
                     child.conn.send(("run", job))
@@ -329,7 +331,9 @@ class Pool:
                 child.ready = True
                 self._dispatch()
         elif kind == "accepted":
-            job = child.job
+            with self._lock:
+                job = child.job
+                child.accepted = True
             self._on_event(Event("accepted", msg[1], pid, tag=job.tag if job else 0))
         elif kind == "done":
             with self._lock:
@@ -362,6 +366,17 @@ class Pool:
             self._children.pop(pid, None)
             job, child.job = child.job, None
             unexpected = not self._stopping and not child.retiring
+            if job is not None and not child.accepted:
+                # Handed over but never started: it goes to the next child.
+                self._queue.appendleft(job)
+                logger.info(
+                    "Pool child %s (pid %s) exited before starting %s[%s]",
+                    child.index,
+                    pid,
+                    job.name,
+                    job.task_id,
+                )
+                job = None
         if job is not None:
             logger.error(
                 "Pool child %s (pid %s) exited with code %s while running %s[%s]",
