@@ -203,8 +203,20 @@ class Channel(virtual.Channel):
 
     # -- helpers -------------------------------------------------------------
 
+    def _live(self) -> Transport:
+        """The transport, or a connection error once this channel is closed
+        (kombu forgets it then): Celery reports an ack that fails with one
+        and carries on, as with any broker whose connection went away."""
+        transport = self.connection
+        if transport is None:
+            raise DatabaseUnavailable(
+                "the channel was closed (its connection was lost or closed); "
+                "its unacked messages went back to their queues"
+            )
+        return transport
+
     def _execute(self, query: str, params: dict[str, Any]) -> psycopg.Cursor[Any]:
-        return self.connection.work_conn().execute(query, params)
+        return self._live().work_conn().execute(query, params)
 
     def _rank(self, priority: Any) -> int:
         try:
@@ -420,7 +432,7 @@ class Channel(virtual.Channel):
         # leave together at the next loop tick, before the loop blocks again:
         # with the next claim of this channel if there is one, else in one
         # statement of their own. Acks from any other thread are written at once.
-        if self.connection.defer_acks_here():
+        if self._live().defer_acks_here():
             self._deferred_acks.append(delivery_tag)
             self._acks_thread = threading.get_ident()
             self.connection._ack_channels.add(self)

@@ -472,3 +472,28 @@ def test_bad_option_names_the_setting(broker_url):
         Connection(broker_url, transport_options={"schema": "x;y"}).connect()
     with pytest.raises(ConfigurationError, match="heartbeat_interval"):
         Connection(broker_url, transport_options={"heartbeat_interval": "soon"}).connect()
+
+
+def test_an_ack_on_a_closed_channel_is_a_connection_error(make_connection, db, schema):
+    """Celery acks a message when its task ends, which may be after the
+    connection it came on was lost and its channel closed: the ack must fail
+    with one of the transport's connection errors, which Celery logs and
+    survives (any other error stops the stock worker), and the message is
+    back in its queue."""
+    import logging
+
+    conn = make_connection()
+    queue = Queue("closed-ack", routing_key="closed-ack")
+    publish(conn, queue, {"n": 1})
+    channel = conn.channel()
+    message = channel.basic_get("closed-ack")
+    assert message is not None
+    channel.close()
+    with pytest.raises(conn.connection_errors):
+        message.ack()
+    message.ack_log_error(logging.getLogger("test"), conn.connection_errors)  # no raise
+    conn.release()
+    left = db.execute(
+        f'SELECT count(*) FROM "{schema}".messages WHERE consumer_id IS NULL'
+    ).fetchone()[0]
+    assert left == 1
