@@ -86,7 +86,7 @@ class Link:
 class Relay:
     """Forwards TCP connections from ``(host, any port)`` to ``upstream``."""
 
-    def __init__(self, host: str, upstream: tuple[str, int]) -> None:
+    def __init__(self, host: str, upstream: tuple[str, int] | str) -> None:
         self.upstream = upstream
         self._server = socket.create_server((host, 0))
         self.port = self._server.getsockname()[1]
@@ -102,14 +102,29 @@ class Relay:
             except OSError:
                 return
             try:
-                server = socket.create_connection(self.upstream)
+                server = self._connect()
             except OSError:
                 client.close()
                 continue
             with self._lock:
+                if self._closed:  # closed while this pair was being made
+                    client.close()
+                    server.close()
+                    return
                 self._sockets += [client, server]
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _connect(self) -> socket.socket:
+        if not isinstance(self.upstream, str):
+            return socket.create_connection(self.upstream)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a Unix-domain socket
+        try:
+            server.connect(self.upstream)
+        except OSError:
+            server.close()
+            raise
+        return server
 
     @staticmethod
     def _pump(src: socket.socket, dst: socket.socket) -> None:
@@ -125,9 +140,9 @@ class Relay:
                 pass
 
     def close(self) -> None:
-        self._closed = True
-        self._server.close()
         with self._lock:
+            self._closed = True
+            self._server.close()
             for sock in self._sockets:
                 try:
                     sock.close()
@@ -135,8 +150,23 @@ class Relay:
                     pass
 
 
-def upstream_of(dsn: str) -> tuple[str, int]:
+def upstream_of(dsn: str) -> tuple[str, int] | str:
+    """The server's TCP address, or the path of its Unix-domain socket."""
     from psycopg.conninfo import conninfo_to_dict
 
     params: dict[str, Any] = conninfo_to_dict(dsn)
-    return str(params.get("host") or "127.0.0.1"), int(params.get("port") or 5432)
+    host = str(params.get("host") or "127.0.0.1")
+    port = int(params.get("port") or 5432)
+    if host.startswith("/"):
+        return f"{host}/.s.PGSQL.{port}"
+    return host, port
+
+
+def through(url: str, host: str, port: int) -> str:
+    """``url`` (a DSN or broker URL) reaching the server at ``host:port``."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    user = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in ("host", "port")])
+    return urlunsplit(parts._replace(netloc=f"{user}{host}:{port}", query=query))

@@ -308,8 +308,6 @@ def test_a_worker_partitioned_past_its_lease_drops_what_it_had_not_started(
     cut off, whose acks could not reach the database, up to the moment its
     own silence made it stop starting tasks (lease_timeout): with 1 s tasks
     on one child, at most 1 + lease_timeout / 1 s of them."""
-    from urllib.parse import urlsplit, urlunsplit
-
     from tests import netpart
 
     why = netpart.available()
@@ -318,9 +316,7 @@ def test_a_worker_partitioned_past_its_lease_drops_what_it_had_not_started(
     link = netpart.Link()
     relay = netpart.Relay(link.host_ip, netpart.upstream_of(pg_dsn))
     try:
-        parts = urlsplit(stream.url)
-        user = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
-        url = urlunsplit(parts._replace(netloc=f"{user}{link.host_ip}:{relay.port}"))
+        url = netpart.through(stream.url, link.host_ip, relay.port)
         env = dict(stream.env, PGNOTIFY_BROKER_URL=url)
         build = celery_pg_worker if kind == "celery-pg" else celery_worker
         cut_off = build(
