@@ -31,10 +31,12 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import psycopg
+from amqp.protocol import queue_declare_ok_t  # kombu's own dependency
 from kombu.exceptions import ChannelError
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
@@ -571,6 +573,24 @@ class Channel(virtual.Channel):
     def prepare_queue_arguments(self, arguments: Any, **kwargs: Any) -> Any:
         # Queue(expires=..., message_ttl=...) become x-expires/x-message-ttl.
         return to_rabbitmq_queue_arguments(arguments, **kwargs)
+
+    def queue_declare(self, queue: str | None = None, passive: bool = False, **kwargs: Any) -> Any:
+        """Declare ``queue`` (create it, or check its settings).
+
+        Only a passive declare, the question "does it exist, and how many
+        messages wait in it?", counts the backlog, and it creates nothing.
+        An ordinary declare, made by every worker and producer on each
+        connection, reports a message count of 0 rather than count a backlog
+        that may hold millions of rows each time."""
+        name = queue or f"amq.gen-{uuid.uuid4()}"
+        if passive:
+            if not self._has_queue(name):
+                raise ChannelError(
+                    f"NOT_FOUND - no queue {name!r}", (50, 10), "Channel.queue_declare", "404"
+                )
+            return queue_declare_ok_t(name, self._size(name), 0)
+        self._new_queue(name, **kwargs)
+        return queue_declare_ok_t(name, 0, 0)
 
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
         _check_name("queue", queue)

@@ -497,3 +497,40 @@ def test_an_ack_on_a_closed_channel_is_a_connection_error(make_connection, db, s
         f'SELECT count(*) FROM "{schema}".messages WHERE consumer_id IS NULL'
     ).fetchone()[0]
     assert left == 1
+
+
+def test_only_a_passive_declare_counts_the_backlog(connection, db, schema):
+    """Every worker and producer declares its queues on each connection:
+    that must not count a backlog of millions. A passive declare (kombu's
+    ``SimpleQueue.qsize()``, the usual "how long is my queue?") does, and
+    creates nothing."""
+    from kombu.exceptions import ChannelError
+
+    queue = Queue("countq", Exchange("countq"), routing_key="countq")
+    with connection:
+        channel = connection.default_channel
+        publish(channel, queue, *range(3))
+        before = _scans(db, schema)
+        assert channel.queue_declare("countq", durable=True).message_count == 0
+        assert _scans(db, schema) == before  # nothing read from messages
+        assert channel.queue_declare("countq", passive=True).message_count == 3
+        with pytest.raises(ChannelError) as raised:
+            channel.queue_declare("nosuchq", passive=True)
+        assert "NOT_FOUND" in str(raised.value)
+    assert (
+        db.execute(
+            f'SELECT count(*) FROM "{schema}".queues WHERE name = %s', ("nosuchq",)
+        ).fetchone()[0]
+        == 0
+    )
+
+
+def _scans(db: Any, schema: str) -> int:
+    """Scans of ``messages`` and its indexes so far (this session's view)."""
+    db.execute("SELECT pg_stat_clear_snapshot()")
+    row = db.execute(
+        "SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0) FROM pg_stat_user_tables"
+        " WHERE schemaname = %s AND relname = 'messages'",
+        (schema,),
+    ).fetchone()
+    return int(row[0])
