@@ -470,13 +470,14 @@ def _pg(mode: str) -> Callable[[Fleet], set[str]]:
 
 
 def schedule(fleet: Fleet, scale: float = 1.0) -> list[Fault]:
-    """Every fault once; ``scale`` stretches the timed ones."""
+    """Every fault once; ``scale`` stretches the timed ones (not the stalls
+    meant to stay shorter than ``lease_timeout``)."""
     lease = fleet.options["lease_timeout"]
     faults = [
         Fault("SIGKILL of one pool child of every worker", _kill_children),
         Fault(
-            f"SIGSTOP of a worker of each kind for {0.5 * lease * scale:.0f} s (< lease_timeout)",
-            _freeze(["pg", "stock"], 0.5 * lease * scale),
+            f"SIGSTOP of a worker of each kind for {0.5 * lease:.1f} s (< lease_timeout)",
+            _freeze(["pg", "stock"], 0.5 * lease),
         ),
         Fault(
             "pg_terminate_backend of the LISTEN sessions, 3 times",
