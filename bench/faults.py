@@ -63,6 +63,9 @@ def main() -> int:
         print(HEADER)
         for o in outcomes:
             print(o.row())
+        print("\nthe task that waited longest in each episode (task, first run on, wait):")
+        for o in outcomes:
+            print(f"  {o.fault}: {o.slowest}")
         bad = [line for o in outcomes for line in o.problems()]
         for line in bad:
             print("FAIL", line)

@@ -329,6 +329,7 @@ class Outcome:
     recovery: float
     tick_gap: float | None
     bad_duplicates: list[int]  # duplicated with no run on a member allowed to rerun
+    slowest: tuple[int, str, float] | None = None  # the task that waited longest, who ran it
 
     def problems(self) -> list[str]:
         """What breaks the promise in this outcome (nothing, when it holds)."""
@@ -433,13 +434,16 @@ def _lead_from(fleet: Fleet, name: str) -> None:
     """Make ``name`` the beat leader: the leader elsewhere is restarted
     gracefully (a warm shutdown hands its lease back at once)."""
     wanted = fleet.member(name)
-    leader = fleet.leader()
-    if leader is not None and leader is not wanted:
-        assert leader.process is not None
-        leader.process.stop()
-        fleet.start(leader)
-    fleet.wait_leader(wanted)
-    assert fleet.leader() is wanted, "the cut-off worker did not take the beat lease"
+    for _ in range(10):  # another may win the lease each time
+        leader = fleet.leader()
+        if leader is wanted:
+            return
+        if leader is not None:
+            assert leader.process is not None
+            leader.process.stop()
+            fleet.start(leader)
+        fleet.wait_leader(wanted, timeout=5)
+    raise AssertionError(f"{name} did not take the beat lease")
 
 
 def _partition(seconds: float, beat_leader: bool = False) -> Callable[[Fleet], set[str]]:
@@ -569,7 +573,8 @@ def run(
             episode.may_rerun = fault.inject(fleet)
             episode.ended = time.time()
             episode.boundary = producer.next
-            _wait_ran(fleet, {i for i in producer.ok if i < episode.boundary}, timeout)
+            accepted = producer.ok.copy()  # (the producer adds to it meanwhile)
+            _wait_ran(fleet, {i for i in accepted if i < episode.boundary}, timeout)
             time.sleep(settle)
     finally:
         producer.stop()
@@ -606,6 +611,11 @@ def _judge(e: Episode, producer: Producer, history: History) -> Outcome:
         if i in runs
     ]
     recovery = max([0.0, *waits])
+    slowest = None
+    if waits and recovery > 0:
+        late = [j for j in range(e.first, e.boundary) if j in runs]
+        i = late[waits.index(recovery)]
+        slowest = (i, min(runs[i], key=lambda r: r[1])[0], recovery)
     tick_gap = None
     if e.fault.beat:
         until = max(e.ended, e.started + recovery) + 4
@@ -623,4 +633,5 @@ def _judge(e: Episode, producer: Producer, history: History) -> Outcome:
         recovery,
         tick_gap,
         bad,
+        slowest,
     )
