@@ -69,6 +69,8 @@ def main() -> int:
         bad = [line for o in outcomes for line in o.problems()]
         for line in bad:
             print("FAIL", line)
+        if bad:
+            print(fleet.output())
         return 1 if bad else 0
     finally:
         if fleet is not None:

@@ -42,7 +42,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from celery import Celery
@@ -264,16 +264,25 @@ class Producer:
         close_app(self.app)
 
 
+class Run(NamedTuple):
+    """One execution of a numbered task."""
+
+    member: str  # the worker that ran it
+    at: float  # when it ended
+    task_id: str  # Celery's id: another id for the same number is another publish
+    redelivered: bool  # the message had been delivered before
+
+
 @dataclass
 class History:
     """Every execution: task number -> [(member name, end time)], and ticks."""
 
-    runs: dict[int, list[tuple[str, float]]]
+    runs: dict[int, list[Run]]
     ticks: list[float]
 
     @classmethod
     def read(cls, fleet: Fleet) -> History:
-        runs: dict[int, list[tuple[str, float]]] = {}
+        runs: dict[int, list[Run]] = {}
         ticks: list[float] = []
         for member in fleet.members:
             base = fleet.marks_dir(member)
@@ -281,9 +290,9 @@ class History:
                 with open(path) as f:
                     for line in f:
                         parts = line.split()
-                        if len(parts) == 2:  # a line being written is skipped
+                        if len(parts) == 4:  # a line being written is skipped
                             runs.setdefault(int(parts[0]), []).append(
-                                (member.name, float(parts[1]))
+                                Run(member.name, float(parts[1]), parts[2], parts[3] == "1")
                             )
             for path in glob.glob(os.path.join(base, "*.ticks")):
                 with open(path) as f:
@@ -292,7 +301,7 @@ class History:
 
     def per_member(self) -> str:
         """How many executions each worker made (every one must take part)."""
-        counts = Counter(name for runs in self.runs.values() for name, _ in runs)
+        counts = Counter(r.member for runs in self.runs.values() for r in runs)
         return ", ".join(f"{name} {n}" for name, n in sorted(counts.items()))
 
 
@@ -328,7 +337,7 @@ class Outcome:
     recovered: int
     recovery: float
     tick_gap: float | None
-    bad_duplicates: list[int]  # duplicated with no run on a member allowed to rerun
+    bad_duplicates: dict[int, list[Run]]  # no run on a member allowed to rerun
     slowest: tuple[int, str, float] | None = None  # the task that waited longest, who ran it
 
     def problems(self) -> list[str]:
@@ -341,7 +350,7 @@ class Outcome:
         if self.bad_duplicates:
             bad.append(
                 f"{self.fault}: ran twice though no worker that ran them died: "
-                f"{self.bad_duplicates[:20]}"
+                f"{dict(list(self.bad_duplicates.items())[:20])}"
             )
         if self.tick_gap is not None and self.tick_gap > LONGEST_BEAT_GAP:
             bad.append(f"{self.fault}: beat silent for {self.tick_gap:.1f} s")
@@ -597,16 +606,16 @@ def _judge(e: Episode, producer: Producer, history: History) -> Outcome:
     lost = [i for i in span if i in producer.ok and i not in runs]
     counts = Counter({i: len(r) for i, r in runs.items()})
     duplicated = sum(n - 1 for n in counts.values() if n > 1)
-    bad = [
-        i
+    bad = {
+        i: runs[i]
         for i, n in counts.items()
-        if n > 1 and not any(name in e.may_rerun for name, _ in runs[i])
-    ]
+        if n > 1 and not any(r.member in e.may_rerun for r in runs[i])
+    }
     unexpected = [i for i in runs if i not in producer.ok and i not in producer.raised]
     recovered = sum(1 for i in runs if i in producer.raised)
     # How long the work accepted before the fault ended waited past its start.
     waits = [
-        min(t for _, t in runs[i]) - max(producer.sent_at.get(i, e.started), e.started)
+        min(r.at for r in runs[i]) - max(producer.sent_at.get(i, e.started), e.started)
         for i in range(e.first, e.boundary)
         if i in runs
     ]
@@ -615,7 +624,7 @@ def _judge(e: Episode, producer: Producer, history: History) -> Outcome:
     if waits and recovery > 0:
         late = [j for j in range(e.first, e.boundary) if j in runs]
         i = late[waits.index(recovery)]
-        slowest = (i, min(runs[i], key=lambda r: r[1])[0], recovery)
+        slowest = (i, min(runs[i], key=lambda r: r.at).member, recovery)
     tick_gap = None
     if e.fault.beat:
         until = max(e.ended, e.started + recovery) + 4

@@ -28,12 +28,14 @@ def _append(kind: str, line: str) -> None:
         f.write(line + "\n")
 
 
-@app.task(acks_late=True, reject_on_worker_lost=True)
-def mark(index: int, seconds: float = 0.0) -> None:
-    """One numbered task of the workload: counted when it ends."""
+@app.task(bind=True, acks_late=True, reject_on_worker_lost=True)
+def mark(self, index: int, seconds: float = 0.0) -> None:  # type: ignore[no-untyped-def]
+    """One numbered task of the workload: counted when it ends, with its id
+    and whether its message had been delivered before."""
     if seconds:
         time.sleep(seconds)
-    _append("marks", f"{index} {time.time():.3f}")
+    again = 1 if (self.request.delivery_info or {}).get("redelivered") else 0
+    _append("marks", f"{index} {time.time():.3f} {self.request.id} {again}")
 
 
 @app.task(ignore_result=True)
