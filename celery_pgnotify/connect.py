@@ -128,7 +128,8 @@ def wait_readable(fds: list[int], timeout: float | None) -> list[int]:
     """
     poller = select.poll()
     for fd in fds:
-        poller.register(fd, select.POLLIN | select.POLLPRI)
+        if fd >= 0:  # -1: a pipe closed meanwhile
+            poller.register(fd, select.POLLIN | select.POLLPRI)
     ms = None if timeout is None else max(0, int(timeout * 1000))
     return [fd for fd, _ in poller.poll(ms)]
 

@@ -153,18 +153,11 @@ class Listener:
 
     def wake(self) -> None:
         """Make :attr:`wake_fd` readable without notifying any queue."""
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass
+        _write(self._wake_w)
 
     def take_notified(self) -> set[str]:
         """The queues notified since the last call (drains the wake pipe)."""
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
+        _drain(self._wake_r)
         with self._lock:
             notified, self._notified = self._notified, set()
         return notified
@@ -191,11 +184,27 @@ class Listener:
                 except psycopg.Error as exc:
                     logger.warning("Could not release leases on shutdown: %s", exc)
             conn.close()
-        for fd in (self._wake_r, self._wake_w, self._ctrl_r, self._ctrl_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            # Still in a statement or a connect: its pipes stay open (a few
+            # descriptors leak) rather than be closed under it, since a
+            # descriptor closed too early is soon another file's number.
+            logger.warning("The LISTEN thread did not stop in time; its pipes stay open")
+            return
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        """Close the pipes once: later calls, and :meth:`wake` or
+        :meth:`take_notified` after it, touch no descriptor (its number may
+        belong to another file by then, such as a pool's result pipe)."""
+        with self._lock:
+            fds = (self._wake_r, self._wake_w, self._ctrl_r, self._ctrl_w)
+            self._wake_r = self._wake_w = self._ctrl_r = self._ctrl_w = -1
+        for fd in fds:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def _forget_after_fork(self) -> None:
         # The thread does not exist in the child; its connection belongs to
@@ -206,10 +215,7 @@ class Listener:
     # -- the thread --------------------------------------------------------
 
     def _poke(self) -> None:
-        try:
-            os.write(self._ctrl_w, b"x")
-        except (BlockingIOError, OSError):
-            pass
+        _write(self._ctrl_w)
 
     def _wake(self, queues: Iterable[str]) -> None:
         with self._lock:
@@ -432,11 +438,7 @@ class Listener:
             timeout = max(0.0, next_beat - time.monotonic())
             readable = wait_readable([sock, self._ctrl_r], timeout)
             if self._ctrl_r in readable:
-                try:
-                    while os.read(self._ctrl_r, 4096):
-                        pass
-                except (BlockingIOError, OSError):
-                    pass
+                _drain(self._ctrl_r)
                 if self._stopping.is_set():
                     return
                 self._sync_listen()
@@ -453,3 +455,22 @@ class Listener:
                 queue = self._queues.get(channel)
             if queue is not None:
                 self._wake((queue,))
+
+
+def _write(fd: int) -> None:
+    """One byte into a wake-up pipe, if it is still open (-1 once closed)."""
+    if fd >= 0:
+        try:
+            os.write(fd, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+
+def _drain(fd: int) -> None:
+    """Empty a wake-up pipe, if it is still open (-1 once closed)."""
+    if fd >= 0:
+        try:
+            while os.read(fd, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass

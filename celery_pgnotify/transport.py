@@ -708,6 +708,10 @@ class Transport(virtual.Transport):
         self._pending: set[str] = set()
         self._delivering: int | None = None
         self._loop_thread: int | None = None
+        # The event loop this transport registered with (the stock worker's
+        # hub) and its polling timer: left when the connection closes.
+        self._loop: Any = None
+        self._poll_timer: Any = None
         self._woken = threading.Event()
         self._next_poll = time.monotonic() + self.opts.polling_interval
         self._ack_channels: set[_Channel] = set()
@@ -754,6 +758,8 @@ class Transport(virtual.Transport):
 
     def close_connection(self, connection: Any) -> None:
         try:
+            if os.getpid() == self._pid:
+                self._leave_event_loop()
             super().close_connection(connection)
         finally:
             if os.getpid() == self._pid:
@@ -1004,16 +1010,30 @@ class Transport(virtual.Transport):
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
         listener = self.listener()
         self._loop_thread = threading.get_ident()
+        self._loop = loop
         loop.add_reader(listener.wake_fd, self._on_wake)
-        loop.call_repeatedly(self.opts.polling_interval, self._poll_all)
+        self._poll_timer = loop.call_repeatedly(self.opts.polling_interval, self._poll_all)
         loop.on_tick.add(self._on_tick)
 
     def unregister_from_event_loop(self, connection: Any, loop: Any) -> None:
-        if self._listener is not None:
-            loop.remove(self._listener.wake_fd)
-        loop.on_tick.discard(self._on_tick)
-        self._loop_thread = None
+        self._leave_event_loop()
         self._flush_acks()
+
+    def _leave_event_loop(self) -> None:
+        """Take this transport's reader, timer and tick callback out of the
+        event loop. Celery does not ask when it reconnects: it drops the
+        readers and makes a new transport, and the old one's timer and tick
+        would otherwise go on running (and claiming) for the process's life."""
+        loop, self._loop = self._loop, None
+        timer, self._poll_timer = self._poll_timer, None
+        self._loop_thread = None
+        if loop is None:
+            return
+        if timer is not None:
+            timer.cancel()
+        loop.on_tick.discard(self._on_tick)
+        if self._listener is not None and self._listener.wake_fd >= 0:
+            loop.remove(self._listener.wake_fd)
 
     def _on_wake(self, *args: Any) -> None:
         if self._listener is not None:

@@ -147,3 +147,32 @@ def test_deleting_a_queue_reads_no_other_queue(
     statement = statements(schema).delete_queue.replace("%(name)s", "'reply'")
     plan = "\n".join(r[0] for r in db.execute("EXPLAIN " + statement).fetchall())
     assert "Seq Scan on messages" not in plan, plan
+
+
+def test_a_closed_connection_leaves_the_event_loop(make_connection: Any) -> None:
+    """Celery's worker reconnects by dropping the hub's readers and making a
+    new connection; it never asks the old transport to leave. Its tick
+    callback and polling timer must go with the connection, or they keep
+    running (and could claim, starting a consumer nobody serves) for the
+    life of the process; and its wake-up pipes, once closed, are never
+    touched again (their numbers soon belong to other files)."""
+    from kombu.asynchronous import Hub
+
+    hub = Hub()
+    try:
+        conn = make_connection()
+        conn.default_channel.basic_get("loop-q")  # a schema and a channel
+        transport = conn.transport
+        transport.register_with_event_loop(conn.connection, hub)
+        listener = transport._listener
+        assert transport._on_tick in hub.on_tick
+        timer = transport._poll_timer
+        assert timer is not None and not timer.canceled
+        conn.release()
+        assert transport._on_tick not in hub.on_tick
+        assert timer.canceled
+        assert listener.wake_fd == -1  # closed once, never again
+        listener.wake()  # touches nothing
+        assert listener.take_notified() == set()
+    finally:
+        hub.close()
