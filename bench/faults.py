@@ -71,6 +71,11 @@ def main() -> int:
             print("FAIL", line)
         if bad:
             print(fleet.output())
+            logs = tempfile.mkdtemp(prefix="pgnotify-faults-logs-")
+            for n, process in enumerate(fleet.processes()):
+                with open(os.path.join(logs, f"{n:02d}-{process.name}.log"), "w") as f:
+                    f.write(process.output())
+            print(f"every worker's whole output: {logs}")
         return 1 if bad else 0
     finally:
         if fleet is not None:

@@ -115,12 +115,16 @@ class Fleet:
             suffix = "" if n == 1 else f"-{n}"
             specs.append((f"pg{suffix}", "celery-pg", pg_args, False))
             specs.append((f"stock{suffix}", "celery", ("-c", c), False))
-        for name, kind, args, cut in specs:
-            member = Member(name, kind, args, cut and self.link is not None)
-            self.members.append(member)
-            self.start(member)
-            if name == "pg-cut":
-                self.wait_leader(member)
+        try:
+            for name, kind, args, cut in specs:
+                member = Member(name, kind, args, cut and self.link is not None)
+                self.members.append(member)
+                self.start(member)
+                if name == "pg-cut":
+                    self.wait_leader(member)
+        except BaseException:
+            self.close()  # what started so far, and the link
+            raise
 
     def marks_dir(self, member: Member) -> str:
         path = os.path.join(self.workdir, member.name)
@@ -192,6 +196,10 @@ class Fleet:
             ).fetchall()
         return len(rows)
 
+    def processes(self) -> list[WorkerProcess]:
+        """Every worker process started, the retired ones first."""
+        return [*self.retired, *(m.process for m in self.members if m.process)]
+
     def output(self) -> str:
         """What went wrong in each worker, as it said (warnings and errors)."""
         parts = []
@@ -210,7 +218,7 @@ class Fleet:
         try:
             if self.link is not None and self.link.cut:
                 self.link.heal()
-            for process in [*self.retired, *(m.process for m in self.members if m.process)]:
+            for process in self.processes():
                 process.kill(signal.SIGCONT)
                 process.stop()
         finally:

@@ -22,6 +22,7 @@ class WorkerProcess:
 
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
         self.lines: list[str] = []
+        self.name = next((a.split("@")[0] for a in argv if "@%h" in a), "worker")
         self.proc = subprocess.Popen(
             argv,
             cwd=ROOT,
