@@ -18,39 +18,36 @@ A message lands in ``<schema>.dead_letters`` when
 
 from __future__ import annotations
 
-import logging
-from typing import Any
-
-import psycopg
-
-logger = logging.getLogger(__name__)
+from typing import Any, Protocol, runtime_checkable
 
 #: The reason recorded when a consumer rejects a message without saying why.
 REJECTED = "rejected by the consumer (requeue=False)"
 
 
+@runtime_checkable
+class KeepsReasons(Protocol):
+    """A channel that dead-letters rejected messages with a reason (the
+    pgnotify transport's; other transports' channels just reject)."""
+
+    def note_reject_reason(self, delivery_tag: int, reason: str) -> None:
+        """Say why the next ``reject(requeue=False)`` of the message happens."""
+
+    def record_reject_reason(self, delivery_tag: int, reason: str) -> None:
+        """Replace the reason of a message dead-lettered already."""
+
+
 def reject_with_reason(message: Any, reason: str) -> None:
     """Reject ``message`` without requeue; on pgnotify it is dead-lettered
     with ``reason`` (on other transports it is simply rejected)."""
-    channel = getattr(message, "channel", None)
-    note = getattr(channel, "note_reject_reason", None)
-    if note is not None:
-        note(message.delivery_tag, reason)
+    if isinstance(message.channel, KeepsReasons):
+        message.channel.note_reject_reason(message.delivery_tag, reason)
     message.reject(requeue=False)
 
 
 def _record_reason(reason: str, message: Any) -> None:
-    channel = getattr(message, "channel", None)
-    opts = getattr(channel, "_opts", None)
-    if channel is None or not getattr(opts, "dead_letter_rejected", False):
-        return
-    try:
-        channel._execute(
-            channel._stmts.dead_letter_reason,
-            {"id": message.delivery_tag, "reason": reason[:2000]},
-        )
-    except psycopg.Error as exc:  # the row keeps the generic reason
-        logger.debug("Could not record the reject reason: %s", exc)
+    channel = getattr(message, "channel", None)  # Celery's signal may pass none
+    if isinstance(channel, KeepsReasons):
+        channel.record_reject_reason(message.delivery_tag, reason)
 
 
 def _on_task_unknown(sender: Any = None, message: Any = None, name: Any = None, **_: Any) -> None:

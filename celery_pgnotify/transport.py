@@ -415,6 +415,18 @@ class Channel(virtual.Channel):
         """Say why the next ``reject(requeue=False)`` of ``delivery_tag`` happens."""
         self._reject_reasons[delivery_tag] = reason
 
+    def record_reject_reason(self, delivery_tag: int, reason: str) -> None:
+        """Replace the generic reason of a message this channel dead-lettered
+        already (the stock worker says why only after rejecting)."""
+        if not self._opts.dead_letter_rejected:
+            return
+        try:
+            self._execute(
+                self._stmts.dead_letter_reason, {"id": delivery_tag, "reason": reason[:2000]}
+            )
+        except (psycopg.Error, DatabaseUnavailable) as exc:  # the row keeps the generic reason
+            logger.debug("Could not record the reject reason: %s", exc)
+
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
         """Take one message synchronously (``None`` when the queue is empty).
 

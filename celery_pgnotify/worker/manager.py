@@ -36,6 +36,7 @@ from kombu.utils.limits import TokenBucket
 from celery_pgnotify.deadletters import reject_with_reason
 from celery_pgnotify.envelope import parse_time
 from celery_pgnotify.worker import control, outcomes
+from celery_pgnotify.worker.broker import broker_of
 from celery_pgnotify.worker.child import Job
 from celery_pgnotify.worker.pool import Event, Pool, PoolSettings
 from celery_pgnotify.worker.validate import Refused, check_task_headers, decode_body
@@ -158,9 +159,7 @@ class Manager(ConsumerMixin):
             # Lost, not closed: this manager goes on as the same consumer on
             # its next connection (see _carry_over), so closing this one must
             # not send the messages it holds back to their queues.
-            park = getattr(connection.transport, "park", None)
-            if park is not None:
-                park()
+            broker_of(connection).park()
             self._lost = True
             raise
 
@@ -202,9 +201,7 @@ class Manager(ConsumerMixin):
         # Nothing new starts while this consumer may have been declared dead
         # (a stall or a freeze past lease_timeout): a thawed process cannot
         # know before its next heartbeat, and its jobs may be running elsewhere.
-        connection = self._active
-        check = getattr(getattr(connection, "transport", None), "alive_for_sure", None)
-        return bool(check()) if check is not None else True
+        return broker_of(self._active).alive_for_sure()
 
     def on_iteration(self) -> None:
         # drain_events comes next: the acks leave with its claim.
@@ -224,7 +221,8 @@ class Manager(ConsumerMixin):
     def _carry_over(self, connection: Any, channel: Any) -> None:
         """After a lost connection: settle what this manager holds through the
         new one, or let go of what the old one gave back."""
-        if getattr(connection.transport, "resumed", False):
+        broker = broker_of(connection)
+        if broker.resumed:
             # The same consumer, its leases intact: waiting, running and held
             # messages carry on; those not acked yet are settled on the new
             # channel (acks the old one could not write, the new one wrote).
@@ -238,7 +236,7 @@ class Manager(ConsumerMixin):
             # it: whatever it does not hold goes back to its queue.
             tags = [message.delivery_tag for message, _ in self._inflight.values()]
             tags += [message.delivery_tag for _, _, message, _ in self._eta]
-            returned = connection.transport.reconcile(tags)
+            returned = broker.reconcile(tags)
             if returned:
                 logger.warning("Reconnected: %d message(s) leased but not held went back", returned)
             self._set_prefetch(self.prefetch_count + self._eta_held)
@@ -286,10 +284,7 @@ class Manager(ConsumerMixin):
         self._wake()
 
     def _wake(self) -> None:
-        connection = self._active
-        wakeup = getattr(getattr(connection, "transport", None), "wakeup", None)
-        if wakeup is not None:
-            wakeup()
+        broker_of(self._active).wakeup()
 
     def _return_unstarted(self) -> None:
         """Jobs no child started, and ETA tasks held here, go back at once."""
@@ -504,11 +499,7 @@ class Manager(ConsumerMixin):
     def _process_events(self, write_acks: bool = True) -> None:
         if not self._events:
             return
-        batched = getattr(getattr(self._active, "transport", None), "batched_acks", None)
-        if batched is None:
-            self._apply_events()
-            return
-        with batched(write_acks):  # every ack of this round in one statement
+        with broker_of(self._active).batched_acks(write_acks):  # one statement for all
             self._apply_events()
 
     def _apply_events(self) -> None:
