@@ -67,9 +67,15 @@ def main() -> int:
         for o in outcomes:
             print(f"  {o.fault}: {o.slowest}")
         bad = [line for o in outcomes for line in o.problems()]
+        # Not a broken promise, but worth a look: work stuck far longer than
+        # the fault and the lease explain.
+        lease = fleet.options["lease_timeout"]
+        slow = [o for o in outcomes if o.recovery > o.duration + 3 * lease + 10]
+        for o in slow:
+            print(f"SLOW {o.fault}: a task waited {o.recovery:.1f} s ({o.slowest})")
         for line in bad:
             print("FAIL", line)
-        if bad:
+        if bad or slow:
             print(fleet.output())
             logs = tempfile.mkdtemp(prefix="pgnotify-faults-logs-")
             for n, process in enumerate(fleet.processes()):

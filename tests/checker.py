@@ -373,6 +373,7 @@ class Outcome:
     tick_gap: float | None
     bad_duplicates: dict[int, list[Run]]  # no run on a member allowed to rerun
     slowest: tuple[int, str, float] | None = None  # the task that waited longest, who ran it
+    duration: float = 0.0  # how long the fault lasted
 
     def problems(self) -> list[str]:
         """What breaks the promise in this outcome (nothing, when it holds)."""
@@ -677,4 +678,5 @@ def _judge(e: Episode, producer: Producer, history: History) -> Outcome:
         tick_gap,
         bad,
         slowest,
+        e.ended - e.started,
     )
