@@ -778,8 +778,6 @@ class Transport(virtual.Transport):
                 listener, self._listener = self._listener, None
                 if listener is not None:
                     listener.stop(release=not self.parked)
-                    if listener.reaped and listener.consumer_id is not None:
-                        self._release_leases_of(listener.consumer_id)
                     if self.parked and listener.consumer_id is not None:
                         # With the acks this connection could not write.
                         acks = self.unwritten_acks
@@ -788,27 +786,6 @@ class Transport(virtual.Transport):
                 conn, self._conn = self._conn, None
                 if conn is not None:
                     conn.close()
-
-    def _release_leases_of(self, consumer_id: int) -> None:
-        """Give back what is still leased to a consumer declared dead.
-
-        The reaper gave back what that consumer held when it was reaped, but
-        a claim already on its way (sent before a partition, delivered after
-        the reap) may have leased more under the dead id: nobody would
-        release those but the rare search for orphaned leases. This runs on
-        the connection the claims went through, after them."""
-        try:
-            self.work_conn().execute(
-                self.stmts.unregister_consumer,
-                {"id": consumer_id, "prefix": self.stmts.channel_prefix},
-            )
-        except psycopg.Error as exc:
-            logger.warning(
-                "Could not give back what consumer %s claimed after it was declared dead "
-                "(%s): the search for orphaned leases will",
-                consumer_id,
-                exc,
-            )
 
     def _forget_after_fork(self) -> None:
         self._conn = None
@@ -830,8 +807,6 @@ class Transport(virtual.Transport):
             listener = Listener(self.conninfo, self.stmts, self.opts, consumer_id=adopted)
             listener.start()
             self._listener = listener
-            if adopted is not None and not listener.resumed:
-                self._release_leases_of(adopted)  # reaped while parked
             if acks:
                 # Written whether or not the consumer survived: these tasks
                 # ran, and a message given back meanwhile must not run again.

@@ -9,7 +9,6 @@ import time
 from typing import Any
 
 import psycopg
-import pytest
 from kombu import Consumer, Exchange, Queue
 
 from celery_pgnotify.sql import statements
@@ -177,43 +176,3 @@ def test_a_closed_connection_leaves_the_event_loop(make_connection: Any) -> None
         assert listener.take_notified() == set()
     finally:
         hub.close()
-
-
-@pytest.mark.parametrize("parked", [False, True])
-def test_a_claim_that_lands_after_the_reap_is_given_back(
-    make_connection: Any, db: Any, schema: str, parked: bool
-) -> None:
-    """A claim sent just before a partition may reach the server after the
-    consumer was reaped: its rows are leased to a dead id that no reaper
-    looks at again (only the rare orphan search would). The consumer that
-    finds it was declared dead gives them back when its connection closes,
-    or (parked, as celery-pg worker does) when its next connection finds the
-    consumer gone."""
-    conn = make_connection()
-    channel = conn.default_channel
-    channel.queue_declare("late-claim")
-    for n in range(2):
-        channel.basic_publish(channel.prepare_message(str(n)), "", "late-claim")
-    assert channel.basic_get("late-claim") is not None
-    consumer = conn.transport.consumer_id()
-    # The reaper's work, then the late claim: the row leased to the dead id.
-    db.execute(f'DELETE FROM "{schema}".consumers WHERE id = %s', (consumer,))
-    db.execute(
-        f'UPDATE "{schema}".messages SET consumer_id = %s, leased_at = now()'
-        " WHERE consumer_id IS NULL",
-        (consumer,),
-    )
-    deadline = time.monotonic() + 10
-    while not conn.transport._listener.reaped and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert conn.transport._listener.reaped
-    if parked:  # celery-pg worker: the next connection takes the consumer over
-        conn.transport.park()
-        conn.release()
-        make_connection().transport.consumer_id()
-    else:
-        conn.release()
-    left = db.execute(
-        f'SELECT count(*) FROM "{schema}".messages WHERE consumer_id = %s', (consumer,)
-    ).fetchone()[0]
-    assert left == 0
