@@ -360,6 +360,8 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
         )
         self.stmts = pgsql.statements(self.opts.schema)
         self._conn: psycopg.Connection[Any] | None = None
+        #: AsyncResults are shared between threads: they open one session
+        self._conn_lock = threading.Lock()
         self._pid = os.getpid()
         self._chord_part = threading.local()
         self.result_consumer = self.ResultConsumer(
@@ -386,14 +388,26 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
 
     def _forget_after_fork(self) -> None:
         self._conn = None
+        self._conn_lock = threading.Lock()  # another thread may have held it
         self._pid = os.getpid()
 
     def _connection(self) -> psycopg.Connection[Any]:
         conn = self._conn
-        if conn is None or conn.closed or conn.broken:
-            conn = self._conn = connect(self.conninfo)
-            close_with(self, conn)
-            pgsql.ensure_schema(conn, self.conninfo, self.opts.schema, self.opts.auto_migrate)
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        with self._conn_lock:
+            conn = self._conn
+            if conn is None or conn.closed or conn.broken:
+                conn = connect(self.conninfo)
+                try:
+                    pgsql.ensure_schema(
+                        conn, self.conninfo, self.opts.schema, self.opts.auto_migrate
+                    )
+                except BaseException:
+                    conn.close()
+                    raise
+                close_with(self, conn)
+                self._conn = conn
         return conn
 
     def _execute(self, statement: str, params: dict[str, Any]) -> psycopg.Cursor[Any]:

@@ -23,7 +23,14 @@ from celery import Celery
 from kombu import Connection, Queue
 
 from tests import pgserver
-from tests.workers import READY, ROOT, WorkerProcess, celery_pg_worker, celery_worker
+from tests.workers import (
+    READY,
+    ROOT,
+    WorkerProcess,
+    celery_pg_worker,
+    celery_worker,
+    close_app,
+)
 
 REFERENCE = {
     "redis": os.environ.get("COMPAT_REDIS_URL", "redis://127.0.0.1:6379/0"),
@@ -212,9 +219,12 @@ class Compat:
                 for name in self.queues:
                     keys += [f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}"]
                 client.delete(*keys)
-        # Not force_close_all(): Celery's producer pools are shared, process-wide,
-        # by every app on the same broker URL.
-        self.app.close()
+        if self.broker.name == "pgnotify":
+            close_app(self.app)  # its pools are keyed by this test's own schema
+        else:
+            # Not force_close_all(): Celery's producer pools are shared,
+            # process-wide, by every app on the same broker URL.
+            self.app.close()
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute(f'DROP TABLE "{self.table}"')
             for options in (self.broker.options, self.backend.options if self.backend else {}):

