@@ -86,6 +86,15 @@ def whoami(tag: str) -> None:
     log(tag, f"pid-{os.getpid()}")
 
 
+@app.task
+def forked_by(tag: str) -> None:
+    """Log the thread of the parent that forked this process (a forked
+    child carries on as that thread)."""
+    import threading
+
+    log(tag, threading.current_thread().name)
+
+
 @app.task(time_limit=1)
 def overrun(tag: str) -> None:
     log(tag, "start")

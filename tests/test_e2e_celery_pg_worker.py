@@ -110,6 +110,18 @@ def test_max_tasks_per_child_replaces_children(e2e: E2E):
     assert len(pids) == 3
 
 
+def test_children_are_forked_on_the_main_thread_only(e2e: E2E):
+    """A child forked on the results thread while the main thread imports a
+    module (Celery loads the result backend on first use) inherits that
+    import's lock and hangs on its first import of the module: replacement
+    children, too, are forked on the main thread."""
+    e2e.pg_worker("-c", "1", "--max-tasks-per-child", "1")
+    for i in range(3):
+        e2e.send("forked_by", f"fork{i}")
+        assert e2e.wait_events(f"fork{i}", ["?"]) != []
+    assert [e2e.events(f"fork{i}") for i in range(3)] == [["MainThread"]] * 3
+
+
 def test_a_retiring_child_is_never_handed_a_task(e2e: E2E):
     """With a backlog, the next task is waiting the moment a child finishes
     its last one: it must go to the next child, not to the retiring one

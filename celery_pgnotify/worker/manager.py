@@ -69,7 +69,7 @@ class Manager(ConsumerMixin):
         self.queues = list(queues)
         self.hostname = hostname
         self.prefetch_count = prefetch_count
-        self.pool = Pool(pool_settings, self._on_pool_event)
+        self.pool = Pool(pool_settings, self._on_pool_event, wake=self._wake)
         self.pool.may_start = self._alive_for_sure
         #: an embedded beat service (``-B``), started once the pool has forked
         self.beat = beat

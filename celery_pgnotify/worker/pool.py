@@ -4,6 +4,12 @@ The pool never gives a child more than the one job it runs, so a long task
 never delays another while a child is free. A results thread watches every
 child's pipe and process sentinel; what it learns is handed to the main
 thread as :class:`Event` objects (acks and messaging stay on one thread).
+
+Children are forked on the main thread only (at start, on :meth:`Pool.kick`
+and :meth:`Pool.resize`), never on the results thread: a fork copies every
+lock as it is at that instant, and a child forked while the main thread was
+importing a module (Celery loads the result backend on first use) would
+hang forever on its first import of that module.
 """
 
 from __future__ import annotations
@@ -74,10 +80,17 @@ class PoolSettings:
 class Pool:
     """Children fed from one queue held here, in the manager."""
 
-    def __init__(self, settings: PoolSettings, on_event: Callable[[Event], None]) -> None:
+    def __init__(
+        self,
+        settings: PoolSettings,
+        on_event: Callable[[Event], None],
+        wake: Callable[[], None] = lambda: None,
+    ) -> None:
         self.settings = settings
         self._ctx: Any = multiprocessing.get_context(settings.start_method)
         self._on_event = on_event
+        self._wake_main = wake  # the main thread's loop: a child is to be replaced
+        self._refill = False
         self._lock = threading.RLock()
         self._queue: collections.deque[Job] = collections.deque()
         self._children: dict[int, Child] = {}  # by pid
@@ -259,8 +272,12 @@ class Pool:
         return None
 
     def kick(self) -> None:
-        """Hand queued jobs to idle children now (after :attr:`may_start`
-        turned true again)."""
+        """On the main thread, each turn of its loop: replace children that
+        exited, and hand queued jobs to idle children (after
+        :attr:`may_start` turned true again)."""
+        if self._refill:
+            self._refill = False
+            self._fill()
         with self._lock:
             self._dispatch()
 
@@ -397,4 +414,5 @@ class Pool:
                 child.process.exitcode,
             )
         child.conn.close()
-        self._fill()
+        self._refill = True  # the main thread forks its replacement
+        self._wake_main()
