@@ -87,17 +87,25 @@ def e2e(broker_url: str, pg_dsn: str, schema: str) -> Iterator[E2E]:
     env.close()
 
 
-#: Lines the fault suite reports at the end of the run.
-FIGURES: list[str] = []
-
-
 @pytest.fixture
-def figures() -> list[str]:
-    return FIGURES
+def figures(request: pytest.FixtureRequest) -> Iterator[list[str]]:
+    """Lines a test reports at the end of the run (carried in its report,
+    so that they reach the summary from pytest-xdist's workers too)."""
+    lines: list[str] = []
+    yield lines
+    request.node.user_properties.extend(("figure", line) for line in lines)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if FIGURES:
+    lines = [
+        value
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if getattr(report, "when", None) == "teardown"
+        for key, value in getattr(report, "user_properties", ())
+        if key == "figure"
+    ]
+    if lines:
         terminalreporter.section("fault suite: every task accounted for")
-        for line in FIGURES:
+        for line in lines:
             terminalreporter.write_line(line)
