@@ -1,4 +1,5 @@
-"""What a stored message must be for a consumer to be given it.
+"""What a stored message must be for a consumer to be given it, and how a
+published one is written (:func:`dumps`).
 
 Rows reach the messages table from kombu producers, from the ``send_task``
 SQL function, and from any service or person with INSERT rights: their text
@@ -18,10 +19,13 @@ time limits, retries).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from datetime import datetime, timezone
 from numbers import Real
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 #: Longest task name, id or other name-like header accepted.
 MAX_NAME = 1000
@@ -199,3 +203,42 @@ def check_task_headers(headers: Any) -> None:
         not isinstance(limits, (list, tuple)) or len(limits) != 2 or not all(map(_limit, limits))
     ):
         raise Refused(f"invalid header 'timelimit': {limits!r:.100}")
+
+
+# -- writing -------------------------------------------------------------------
+
+#: Message properties kombu itself sets; other keyword arguments of
+#: ``Producer.publish`` land among the properties too.
+_KNOWN_PROPERTIES = frozenset(
+    (
+        "body_encoding",
+        "delivery_info",
+        "delivery_mode",
+        "priority",
+        "correlation_id",
+        "reply_to",
+        "expiration",
+        "message_id",
+        "timestamp",
+        "type",
+        "user_id",
+        "app_id",
+    )
+)
+
+
+def dumps(message: dict[str, Any]) -> str:
+    """The stored text of ``message``. An extra property JSON cannot carry
+    (``publish(body, **kwargs)`` forwarding anything) is left out, as AMQP
+    clients send only the properties they know; the rest must encode."""
+    try:
+        return json.dumps(message, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError):
+        props = message["properties"]
+        for key in [k for k in props if k not in _KNOWN_PROPERTIES]:
+            try:
+                json.dumps(props[key], allow_nan=False)
+            except (TypeError, ValueError):
+                logger.debug("Property %r cannot be stored as JSON; left out", key)
+                del props[key]
+        return json.dumps(message, separators=(",", ":"), allow_nan=False)

@@ -164,12 +164,12 @@ def test_a_closed_connection_leaves_the_event_loop(make_connection: Any) -> None
         conn.default_channel.basic_get("loop-q")  # a schema and a channel
         transport = conn.transport
         transport.register_with_event_loop(conn.connection, hub)
-        listener = transport._listener
-        assert transport._on_tick in hub.on_tick
-        timer = transport._poll_timer
+        listener = transport.session.current()
+        assert transport.delivery._on_tick in hub.on_tick
+        timer = transport.delivery._poll_timer
         assert timer is not None and not timer.canceled
         conn.release()
-        assert transport._on_tick not in hub.on_tick
+        assert transport.delivery._on_tick not in hub.on_tick
         assert timer.canceled
         assert listener.wake_fd == -1  # closed once, never again
         listener.wake()  # touches nothing
