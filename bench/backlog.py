@@ -56,9 +56,9 @@ def drain(kind: str, count: int, timeout: float, rounds: int) -> None:
     broker = Broker("pgnotify", f"pgnotify://{PG}", {"schema": schema})
     every = max(count // 10, 1)
     with psycopg.connect(f"postgresql://{PG}", autocommit=True) as conn:
-        from celery_pgnotify import sql
+        from celery_pgnotify import migrations
 
-        sql.migrate(conn, schema)
+        migrations.migrate(conn, schema)
         autovacuum = conn.execute("SHOW autovacuum").fetchone()[0] == "on"
         if not autovacuum:
             print(f"[{kind}] autovacuum is off on this server: VACUUM is run by hand instead")

@@ -49,7 +49,7 @@ from celery.backends.base import BaseKeyValueStoreBackend
 from celery.exceptions import ImproperlyConfigured
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
-from celery_pgnotify import sql as pgsql
+from celery_pgnotify import migrations, statements
 from celery_pgnotify.connect import (
     close_with,
     connect,
@@ -358,7 +358,7 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
             application_name="celery-pgnotify-results",
             settings=_SETTINGS,
         )
-        self.stmts = pgsql.statements(self.opts.schema)
+        self.stmts = statements.statements(self.opts.schema)
         self._conn: psycopg.Connection[Any] | None = None
         #: AsyncResults are shared between threads: they open one session
         self._conn_lock = threading.Lock()
@@ -400,7 +400,7 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
             if conn is None or conn.closed or conn.broken:
                 conn = connect(self.conninfo)
                 try:
-                    pgsql.ensure_schema(
+                    migrations.ensure_schema(
                         conn, self.conninfo, self.opts.schema, self.opts.auto_migrate
                     )
                 except BaseException:
@@ -592,7 +592,13 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
 
     def delete(self, key: Any) -> None:
         kind, ident = self._split_key(key)
-        self._execute(getattr(self.stmts, f"delete_{kind}"), {"id": ident})
+        stmts = self.stmts
+        delete = {
+            "result": stmts.delete_result,
+            "group": stmts.delete_group,
+            "chord": stmts.delete_chord,
+        }
+        self._execute(delete[kind], {"id": ident})
 
     def on_chord_part_return(self, request: Any, state: Any, result: Any, **kwargs: Any) -> None:
         # Celery's chord logic calls incr() with the counter's key only: say
@@ -621,7 +627,13 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
 
     def expire(self, key: Any, value: Any) -> None:
         kind, ident = self._split_key(key)
-        self._execute(getattr(self.stmts, f"expire_{kind}"), {"id": ident, "expires": value})
+        stmts = self.stmts
+        expire = {
+            "result": stmts.expire_result,
+            "group": stmts.expire_group,
+            "chord": stmts.expire_chord,
+        }
+        self._execute(expire[kind], {"id": ident, "expires": value})
 
     def cleanup(self) -> None:
         """Delete expired results, groups and chord counters."""

@@ -57,7 +57,7 @@ from typing import Any
 import psycopg
 from celery import beat
 
-from celery_pgnotify import sql as pgsql
+from celery_pgnotify import migrations, statements
 from celery_pgnotify.connect import connect, conninfo_from_url
 from celery_pgnotify.enqueue import enqueue_in
 from celery_pgnotify.errors import ConfigurationError
@@ -100,7 +100,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         self.conninfo = conninfo_from_url(
             url, self.opts.dsn, self.opts.connect_timeout, application_name="celery-pgnotify-beat"
         )
-        self.stmts = pgsql.statements(self.opts.schema)
+        self.stmts = statements.statements(self.opts.schema)
         retry = conf.get("pgnotify_beat_retry", DEFAULT_RETRY)
         try:
             self.retry = float(retry)
@@ -162,7 +162,9 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
     def _state_conn(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
             self._conn = connect(self.conninfo)
-            pgsql.ensure_schema(self._conn, self.conninfo, self.opts.schema, self.opts.auto_migrate)
+            migrations.ensure_schema(
+                self._conn, self.conninfo, self.opts.schema, self.opts.auto_migrate
+            )
         return self._conn
 
     def _lead(self) -> bool:

@@ -44,7 +44,7 @@ def _open(app_path: str | None, url: str | None, schema: str | None) -> tuple[An
     """(connection, statements) for an operations command."""
     import psycopg
 
-    from celery_pgnotify import sql
+    from celery_pgnotify import statements
     from celery_pgnotify.connect import connect
 
     conninfo, schema_name = _settings(app_path, url, schema)
@@ -52,7 +52,7 @@ def _open(app_path: str | None, url: str | None, schema: str | None) -> tuple[An
         conn = connect(conninfo)
     except psycopg.Error as exc:
         raise click.ClickException(f"cannot connect to PostgreSQL: {exc}") from None
-    return conn, sql.statements(schema_name)
+    return conn, statements.statements(schema_name)
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -93,13 +93,13 @@ def main() -> None:
 def migrate(app_path: str | None, url: str | None, schema: str | None) -> None:
     """Create or upgrade the schema (idempotent; safe to run concurrently)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from celery_pgnotify import sql
+    from celery_pgnotify import migrations
     from celery_pgnotify.connect import connect
 
     conninfo, schema_name = _settings(app_path, url, schema)
     with connect(conninfo) as conn:
-        applied = sql.migrate(conn, schema_name)
-        version = sql.schema_version(conn, schema_name)
+        applied = migrations.migrate(conn, schema_name)
+        version = migrations.schema_version(conn, schema_name)
     if applied:
         click.echo(
             f"schema {schema_name}: applied {', '.join(map(str, applied))}; "

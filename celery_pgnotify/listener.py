@@ -50,7 +50,7 @@ from celery_pgnotify.connect import (
 )
 from celery_pgnotify.errors import DatabaseUnavailable
 from celery_pgnotify.options import TransportOptions
-from celery_pgnotify.sql import Statements
+from celery_pgnotify.statements import Statements
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import psycopg
 
-from celery_pgnotify import sql as pgsql
-from celery_pgnotify.sql import Statements
+from celery_pgnotify import migrations
+from celery_pgnotify.statements import Statements, statements
 
 
 def status(conn: psycopg.Connection[Any], stmts: Statements) -> dict[str, Any]:
@@ -128,20 +128,20 @@ def drop_dead_letters(
 
 def check(conn: psycopg.Connection[Any], schema: str) -> tuple[bool, str]:
     """Whether the schema is usable by this version: (ok, explanation)."""
-    version = pgsql.schema_version(conn, schema)
+    version = migrations.schema_version(conn, schema)
     if version == 0:
         return False, f"schema {schema!r} does not exist: run 'celery-pg migrate'"
-    if version < pgsql.LATEST_VERSION:
+    if version < migrations.LATEST_VERSION:
         return False, (
             f"schema {schema!r} is at version {version}, this celery-pgnotify needs "
-            f"{pgsql.LATEST_VERSION}: run 'celery-pg migrate'"
+            f"{migrations.LATEST_VERSION}: run 'celery-pg migrate'"
         )
-    if version > pgsql.LATEST_VERSION:
+    if version > migrations.LATEST_VERSION:
         return False, (
             f"schema {schema!r} is at version {version}, newer than this "
-            f"celery-pgnotify ({pgsql.LATEST_VERSION}): upgrade the package"
+            f"celery-pgnotify ({migrations.LATEST_VERSION}): upgrade the package"
         )
-    conn.execute(pgsql.statements(schema).has_queue, {"name": ""}).fetchone()
+    conn.execute(statements(schema).has_queue, {"name": ""}).fetchone()
     detail = f"schema {schema!r} at version {version}: ok"
     row = conn.execute("SHOW autovacuum").fetchone()
     if row and row[0] != "on":

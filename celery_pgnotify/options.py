@@ -49,7 +49,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from celery_pgnotify.errors import ConfigurationError
-from celery_pgnotify.sql import SCHEMA_NAME
+from celery_pgnotify.statements import SCHEMA_NAME
 
 
 @dataclasses.dataclass(frozen=True)

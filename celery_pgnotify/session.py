@@ -22,7 +22,7 @@ import psycopg
 from celery_pgnotify.errors import DatabaseUnavailable
 from celery_pgnotify.listener import Listener
 from celery_pgnotify.options import TransportOptions
-from celery_pgnotify.sql import Statements
+from celery_pgnotify.statements import Statements
 
 #: Consumer ids of parked connections, and the acks they could not write, by
 #: (pid, conninfo, schema): for this process's next listener on the same
@@ -62,8 +62,7 @@ class ConsumerSession:
             if acks:
                 # Written whether or not the consumer survived: these tasks
                 # ran, and a message given back meanwhile must not run again.
-                stmts = self._stmts
-                ack_many = stmts.ack_many if self._opts.async_acks else stmts.ack_many_flushed
+                ack_many = self._stmts.writes(self._opts.async_acks).ack_many
                 self._work_conn().execute(ack_many, {"ids": acks})
         else:
             self.check()

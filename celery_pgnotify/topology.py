@@ -24,7 +24,7 @@ from celery_pgnotify.errors import InvalidName, PreconditionFailed
 from celery_pgnotify.routing import topic_pattern
 
 if TYPE_CHECKING:
-    from celery_pgnotify.sql import Statements
+    from celery_pgnotify.statements import Statements
 
 MAX_NAME_LENGTH = 1000
 

@@ -36,8 +36,7 @@ import psycopg
 from kombu.transport import virtual
 from kombu.transport.virtual.base import BrokerState
 
-from celery_pgnotify import envelope
-from celery_pgnotify import sql as pgsql
+from celery_pgnotify import envelope, migrations, statements
 from celery_pgnotify.connect import (
     connect,
     conninfo_from_url,
@@ -115,16 +114,11 @@ class Channel(Topology, virtual.Channel):
 
     def __init__(self, connection: Transport, **kwargs: Any) -> None:
         super().__init__(connection, **kwargs)
-        self._stmts = stmts = connection.stmts
+        self._stmts = connection.stmts
         self._opts = connection.opts
         # What a consumer writes (claims, acks, requeues) may commit without
         # waiting for the WAL flush: see the async_acks transport option.
-        flushed = "" if self._opts.async_acks else "_flushed"
-        self._claim_sql: str = getattr(stmts, "claim" + flushed)
-        self._take_no_ack_sql: str = getattr(stmts, "take_no_ack" + flushed)
-        self._ack_sql: str = getattr(stmts, "ack" + flushed)
-        self._ack_many_sql: str = getattr(stmts, "ack_many" + flushed)
-        self._requeue_sql: str = getattr(stmts, "requeue" + flushed)
+        self._writes = self._stmts.writes(self._opts.async_acks)
         self._declared_exchanges: dict[str, str] = {}
         self._deferred_acks: list[int] = []
         self._acks_thread: int | None = None  # the thread that deferred them
@@ -265,7 +259,7 @@ class Channel(Topology, virtual.Channel):
         conn = self.connection.claim_conn()
         if no_ack:
             params: dict[str, Any] = {"queue": queue, "limit": limit}
-            rows = conn.execute(self._take_no_ack_sql, params).fetchall()
+            rows = conn.execute(self._writes.take_no_ack, params).fetchall()
         else:
             acks: list[int] = []
             if self._acks_thread == threading.get_ident():  # the thread whose acks wait
@@ -278,7 +272,7 @@ class Channel(Topology, virtual.Channel):
                 "acks": acks,
             }
             try:
-                rows = conn.execute(self._claim_sql, params).fetchall()
+                rows = conn.execute(self._writes.claim, params).fetchall()
             except BaseException:
                 self._deferred_acks[:0] = acks  # still to be written
                 raise
@@ -374,14 +368,14 @@ class Channel(Topology, virtual.Channel):
             self._acks_thread = threading.get_ident()
             delivery.ack_channels.add(self)
         else:
-            self._execute(self._ack_sql, {"id": delivery_tag})
+            self._execute(self._writes.ack, {"id": delivery_tag})
 
     def flush_acks(self) -> None:
         """Write the acks deferred during a delivery batch."""
         tags, self._deferred_acks = self._deferred_acks, []
         if tags:
             try:
-                self._execute(self._ack_many_sql, {"ids": tags})
+                self._execute(self._writes.ack_many, {"ids": tags})
             except BaseException:
                 self._deferred_acks[:0] = tags  # still to be written
                 raise
@@ -395,7 +389,7 @@ class Channel(Topology, virtual.Channel):
         if not ids or consumer is None:
             return
         self._execute(
-            self._requeue_sql,
+            self._writes.requeue,
             {"ids": ids, "consumer": consumer, "prefix": self._stmts.channel_prefix},
         )
 
@@ -453,7 +447,7 @@ class Transport(virtual.Transport):
         self.opts = TransportOptions.from_mapping(client.transport_options or {})
         url = client.hostname if "://" in (client.hostname or "") else self._url_from_parts()
         self.conninfo = conninfo_from_url(url, self.opts.dsn, self.opts.connect_timeout)
-        self.stmts = pgsql.statements(self.opts.schema)
+        self.stmts = statements.statements(self.opts.schema)
         self._conn: psycopg.Connection[Any] | None = None
         self._claiming_conn: psycopg.Connection[Any] | None = None
         #: this connection's consumer: its LISTEN session, park and resume
@@ -491,18 +485,18 @@ class Transport(virtual.Transport):
         conn = self._conn
         if conn is None or conn.closed:
             conn = self._conn = connect(self.conninfo)
-            pgsql.ensure_schema(conn, self.conninfo, self.opts.schema, self.opts.auto_migrate)
+            migrations.ensure_schema(conn, self.conninfo, self.opts.schema, self.opts.auto_migrate)
         return conn
 
     def claim_conn(self) -> psycopg.Connection[Any]:
         """The work connection, once set up for claiming (see
-        :data:`celery_pgnotify.sql.CLAIMING_SESSION`)."""
+        :data:`celery_pgnotify.statements.CLAIMING_SESSION`)."""
         conn = self.work_conn()
         if conn is not self._claiming_conn:
             # Only consuming processes claim, and they are never behind a
             # transaction pooler (LISTEN needs a session): the setting stays
             # with this session and never reaches another client's.
-            conn.execute(pgsql.CLAIMING_SESSION)
+            conn.execute(statements.CLAIMING_SESSION)
             self._claiming_conn = conn
         return conn
 

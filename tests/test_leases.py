@@ -240,14 +240,14 @@ def test_forked_child_does_not_break_the_parents_connection(make_connection):
 def test_concurrent_migrations_are_safe(pg_dsn, schema):
     import threading
 
-    from celery_pgnotify import sql
+    from celery_pgnotify import migrations
 
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
             with psycopg.connect(pg_dsn, autocommit=True) as conn:
-                sql.migrate(conn, schema)
+                migrations.migrate(conn, schema)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -258,7 +258,7 @@ def test_concurrent_migrations_are_safe(pg_dsn, schema):
         t.join()
     assert errors == []
     with psycopg.connect(pg_dsn) as conn:
-        assert sql.schema_version(conn, schema) == sql.LATEST_VERSION
+        assert migrations.schema_version(conn, schema) == migrations.LATEST_VERSION
 
 
 class pytest_raises_timeout:

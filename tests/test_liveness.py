@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 from kombu import Consumer, Exchange, Queue
 
-from celery_pgnotify.sql import statements
+from celery_pgnotify.statements import statements
 from tests.test_leases import _park_holding_one, start_holder, stop
 from tests.test_transport import collect, count_rows, drain_until, publish
 

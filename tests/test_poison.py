@@ -148,6 +148,6 @@ def test_workers_keep_serving_through_poison(
 
 
 def _channel(schema: str, queue: str) -> str:
-    from celery_pgnotify.sql import statements
+    from celery_pgnotify.statements import statements
 
     return statements(schema).channel(queue)

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from celery_pgnotify import sql
+from celery_pgnotify import migrations
 from celery_pgnotify.connect import conninfo_from_url, mask_url
 from celery_pgnotify.errors import ConfigurationError
 from tests.test_transport import collect, drain_until
@@ -99,18 +99,18 @@ def test_cli_migrate_is_idempotent(broker_url, pg_dsn, schema):
     ]
     first = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     second = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    assert f"applied {sql.LATEST_VERSION}" in first or "applied 1" in first
+    assert f"applied {migrations.LATEST_VERSION}" in first or "applied 1" in first
     assert "up to date" in second
     with psycopg.connect(pg_dsn) as conn:
-        assert sql.schema_version(conn, schema) == sql.LATEST_VERSION
+        assert migrations.schema_version(conn, schema) == migrations.LATEST_VERSION
 
 
 def test_newer_schema_than_the_package_is_refused(pg_dsn, schema):
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        sql.migrate(conn, schema)
+        migrations.migrate(conn, schema)
         conn.execute(f'INSERT INTO "{schema}".schema_version (version) VALUES (9999)')
-        with pytest.raises(sql.SchemaError, match="newer"):
-            sql.migrate(conn, schema)
+        with pytest.raises(migrations.SchemaError, match="newer"):
+            migrations.migrate(conn, schema)
 
 
 def test_hostile_url_parameters_stay_values():

@@ -262,8 +262,8 @@ def test_deferred_acks_leave_with_the_next_claim_or_before_blocking(
                 received[0][1].ack()
             assert count_rows(db, schema) == 2  # not written yet
             drain_until(connection, received, 2)  # the claim of the second writes it
-            assert channel._claim_sql in statements
-            assert channel._ack_many_sql not in statements  # no statement of its own
+            assert channel._writes.claim in statements
+            assert channel._writes.ack_many not in statements  # no statement of its own
             assert count_rows(db, schema) == 1
             assert count_rows(db, schema, "consumer_id IS NOT NULL") == 1
             with transport.batched_acks(write=False):
@@ -285,14 +285,14 @@ def test_only_consumer_writes_skip_the_wal_flush(make_connection, db, schema, as
         queue.declare()
         statements = {
             "claim": (
-                channel._claim_sql,
+                channel._writes.claim,
                 {"queue": "flush", "limit": 1, "consumer": 0, "max_size": 1, "acks": []},
             ),
-            "take_no_ack": (channel._take_no_ack_sql, {"queue": "flush", "limit": 1}),
-            "ack": (channel._ack_sql, {"id": -1}),
-            "ack_many": (channel._ack_many_sql, {"ids": [-1]}),
+            "take_no_ack": (channel._writes.take_no_ack, {"queue": "flush", "limit": 1}),
+            "ack": (channel._writes.ack, {"id": -1}),
+            "ack_many": (channel._writes.ack_many, {"ids": [-1]}),
             "requeue": (
-                channel._requeue_sql,
+                channel._writes.requeue,
                 {"ids": [-1], "consumer": 0, "prefix": channel._stmts.channel_prefix},
             ),
         }
@@ -326,7 +326,7 @@ def test_a_claim_reads_the_ready_index_in_order_and_never_sorts_the_backlog(conn
         )
         params = {"queue": "plan", "limit": 4, "consumer": 0, "max_size": 1 << 20, "acks": []}
         session = connection.transport.claim_conn()
-        for query in (channel._claim_sql, channel._take_no_ack_sql):
+        for query in (channel._writes.claim, channel._writes.take_no_ack):
             plan = "\n".join(r[0] for r in session.execute("EXPLAIN " + query, params))
             assert "Index Scan using messages_ready" in plan, plan
             assert "Sort" not in plan, plan

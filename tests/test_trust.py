@@ -19,7 +19,7 @@ from kombu import Connection, Exchange, Producer, Queue
 from celery_pgnotify import enqueue_in
 from celery_pgnotify.connect import mask_url
 from celery_pgnotify.errors import PreconditionFailed
-from celery_pgnotify.sql import statements
+from celery_pgnotify.statements import statements
 from tests.workers import close_app
 
 

@@ -1,0 +1,67 @@
+-- Enqueue from SQL: writes a Celery (protocol 2, JSON) task message any
+-- Celery worker accepts, in the caller's transaction, and returns its id.
+-- ``priority`` is stored as given: 9 runs first, as with the default
+-- priority_order 'desc'.
+CREATE FUNCTION {s}.send_task(
+    task_name  text,
+    args       jsonb DEFAULT '[]',
+    kwargs     jsonb DEFAULT '{}',
+    queue      text DEFAULT 'celery',
+    countdown  double precision DEFAULT NULL,
+    priority   integer DEFAULT NULL
+) RETURNS uuid
+LANGUAGE plpgsql VOLATILE AS $send_task$
+#variable_conflict use_variable
+DECLARE
+    task_id  uuid := gen_random_uuid();
+    body     text;
+    eta      text;
+BEGIN
+    IF task_name IS NULL OR task_name = '' THEN
+        RAISE EXCEPTION 'send_task: task_name is required';
+    END IF;
+    IF args IS NULL OR jsonb_typeof(args) <> 'array' THEN
+        RAISE EXCEPTION 'send_task: args must be a JSON array, not %', jsonb_typeof(args);
+    END IF;
+    IF kwargs IS NULL OR jsonb_typeof(kwargs) <> 'object' THEN
+        RAISE EXCEPTION 'send_task: kwargs must be a JSON object, not %', jsonb_typeof(kwargs);
+    END IF;
+    IF queue IS NULL OR queue = '' OR length(queue) > 1000 THEN
+        RAISE EXCEPTION 'send_task: queue must be a non-empty name';
+    END IF;
+    IF priority IS NOT NULL AND (priority < 0 OR priority > 9) THEN
+        RAISE EXCEPTION 'send_task: priority must be 0 to 9, not %', priority;
+    END IF;
+    IF countdown IS NOT NULL THEN
+        eta := to_char((clock_timestamp() + countdown * interval '1 second') AT TIME ZONE 'UTC',
+                       'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"');
+    END IF;
+    body := jsonb_build_array(args, kwargs, jsonb_build_object(
+        'callbacks', NULL, 'errbacks', NULL, 'chain', NULL, 'chord', NULL))::text;
+    INSERT INTO {s}.messages (queue, rank, payload) VALUES (
+        queue,
+        coalesce(priority, 0),
+        jsonb_build_object(
+            'body', translate(encode(convert_to(body, 'UTF8'), 'base64'), chr(10), ''),
+            'content-encoding', 'utf-8',
+            'content-type', 'application/json',
+            'headers', jsonb_build_object(
+                'lang', 'py', 'task', task_name, 'id', task_id, 'shadow', NULL,
+                'eta', eta, 'expires', NULL, 'group', NULL, 'group_index', NULL,
+                'retries', 0, 'timelimit', jsonb_build_array(NULL, NULL),
+                'root_id', task_id, 'parent_id', NULL,
+                'argsrepr', args::text, 'kwargsrepr', kwargs::text,
+                'origin', 'sql:' || current_user || '@' || current_database(),
+                'ignore_result', false, 'stamped_headers', NULL, 'stamps', '{}'::jsonb),
+            'properties', jsonb_build_object(
+                'correlation_id', task_id, 'reply_to', '', 'delivery_mode', 2,
+                'delivery_info', jsonb_build_object('exchange', '', 'routing_key', queue),
+                'priority', coalesce(priority, 0), 'body_encoding', 'base64')
+        )::text);
+    -- Wake consumers at COMMIT, only if some consumer reads the queue.
+    IF EXISTS (SELECT 1 FROM {s}.consumers c WHERE queue = ANY(c.queues)) THEN
+        PERFORM pg_notify('pgn_' || left(md5('{schema}'), 8) || '_' || md5(queue), '');
+    END IF;
+    RETURN task_id;
+END
+$send_task$;
