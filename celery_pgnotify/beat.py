@@ -61,13 +61,9 @@ from celery_pgnotify import migrations, statements
 from celery_pgnotify.connect import connect, conninfo_from_url
 from celery_pgnotify.enqueue import enqueue_in
 from celery_pgnotify.errors import ConfigurationError
-from celery_pgnotify.options import TransportOptions
+from celery_pgnotify.options import AppSettings, TransportOptions
 
 logger = logging.getLogger(__name__)
-
-#: The lease's length in seconds (``pgnotify_beat_retry``): a leader renews
-#: it three times per lease, a follower tries to take it every half lease.
-DEFAULT_RETRY = 1.0
 
 
 class Scheduler(beat.Scheduler):  # type: ignore[misc]
@@ -101,15 +97,9 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
             url, self.opts.dsn, self.opts.connect_timeout, application_name="celery-pgnotify-beat"
         )
         self.stmts = statements.statements(self.opts.schema)
-        retry = conf.get("pgnotify_beat_retry", DEFAULT_RETRY)
-        try:
-            self.retry = float(retry)
-        except (TypeError, ValueError):
-            raise ConfigurationError(
-                "pgnotify_beat_retry", f"must be a number, not {retry!r}"
-            ) from None
-        if self.retry <= 0:
-            raise ConfigurationError("pgnotify_beat_retry", "must be a positive number")
+        # The lease's length: a leader renews it three times per lease, a
+        # follower tries to take it every half lease.
+        self.retry = AppSettings.from_conf(conf).beat_retry
 
     # -- Celery's scheduler interface -------------------------------------------
 

@@ -1,45 +1,15 @@
-"""Transport options: every tunable, its default and the reason for it.
+"""Every setting of celery-pgnotify, declared once: its default, its meaning,
+its validation.
 
-Set them with Celery's ``broker_transport_options`` (or kombu's
-``Connection(transport_options=...)``). A wrong type or value raises
-:class:`~celery_pgnotify.errors.ConfigurationError` naming the option.
+- :class:`TransportOptions`: ``broker_transport_options`` (and kombu's
+  ``Connection(transport_options=...)``); the result backend reads the same
+  from ``result_backend_transport_options``.
+- :class:`AppSettings`: celery-pgnotify's own Celery settings,
+  ``app.conf.pgnotify_*``.
 
-==========================  ===========  =============================================
-option                      default      meaning
-==========================  ===========  =============================================
-``schema``                  celery_pgnotify  PostgreSQL schema holding the tables.
-``dsn``                     (from URL)   A full libpq DSN/URI used instead of the URL.
-``priority_order``          ``desc``     ``desc``: priority 9 first (RabbitMQ);
-                                         ``asc``: 0 first (kombu's Redis transport).
-``heartbeat_interval``      2.0 s        How often a consumer proves it is alive.
-``lease_timeout``           8.0 s        A consumer silent this long is dead and its
-                                         messages return to their queues. A consumer
-                                         whose database session is gone is dead after
-                                         ``2 * heartbeat_interval`` already.
-``polling_interval``        5.0 s        Fallback re-read of the tables, in case a
-                                         notification was lost. Not on the hot path.
-``claim_batch``             100          Most messages claimed in one statement (also
-                                         bounded by the consumer's prefetch count).
-``auto_migrate``            True         Create/upgrade the schema on first connect.
-``connect_timeout``         10 s         libpq ``connect_timeout`` unless the DSN has one.
-``reconnect_max_delay``     5.0 s        Ceiling of the listener's reconnect backoff.
-``max_message_size``        64 MiB       Largest stored message (JSON text, body
-                                         included). Publishing a larger one raises
-                                         MessageTooLarge; a larger one found in the
-                                         table (written by SQL) is dead-lettered.
-``dead_letter_rejected``    True         A message rejected without requeue (an
-                                         unregistered task, ``Reject(requeue=False)``)
-                                         goes to ``dead_letters`` with its reason
-                                         instead of vanishing (RabbitMQ's DLX, built in).
-``async_acks``              True         Claims, acks and requeues commit without
-                                         waiting for the WAL flush (``synchronous_commit
-                                         = off`` for those statements only). A server
-                                         crash can undo the last of them (at most
-                                         3 x ``wal_writer_delay``); an undone claim or
-                                         ack only delivers a message again, never loses
-                                         one. Publishes always commit as the server is
-                                         configured. False: every statement waits.
-==========================  ===========  =============================================
+A wrong type or value raises :class:`~celery_pgnotify.errors.ConfigurationError`
+naming the setting. The README's tables are :func:`markdown_table` of these
+declarations (a test keeps them equal).
 """
 
 from __future__ import annotations
@@ -52,23 +22,59 @@ from celery_pgnotify.errors import ConfigurationError
 from celery_pgnotify.statements import SCHEMA_NAME
 
 
+def _setting(default: Any, shown: str, meaning: str) -> Any:
+    """A declared setting: its default, the default as the README shows it,
+    and what it means."""
+    return dataclasses.field(default=default, metadata={"shown": shown, "meaning": meaning})
+
+
 @dataclasses.dataclass(frozen=True)
 class TransportOptions:
-    """Validated transport options (see the module docstring for each)."""
+    """Validated transport options."""
 
-    schema: str = "celery_pgnotify"
-    dsn: str | None = None
-    priority_order: str = "desc"
-    heartbeat_interval: float = 2.0
-    lease_timeout: float = 8.0
-    polling_interval: float = 5.0
-    claim_batch: int = 100
-    auto_migrate: bool = True
-    connect_timeout: float = 10.0
-    reconnect_max_delay: float = 5.0
-    max_message_size: int = 64 * 1024 * 1024
-    dead_letter_rejected: bool = True
-    async_acks: bool = True
+    schema: str = _setting("celery_pgnotify", "`celery_pgnotify`", "schema holding the tables")
+    dsn: str | None = _setting(None, "from the URL", "a full libpq DSN/URI used instead of the URL")
+    priority_order: str = _setting(
+        "desc", "`desc`", "`desc`: 9 first (RabbitMQ); `asc`: 0 first (Redis)"
+    )
+    heartbeat_interval: float = _setting(2.0, "2.0 s", "how often a consumer proves it is alive")
+    lease_timeout: float = _setting(
+        8.0,
+        "8.0 s",
+        "a consumer silent this long is dead, whatever its lock says (one whose "
+        "session is gone is dead after `2 x heartbeat_interval` already)",
+    )
+    polling_interval: float = _setting(
+        5.0, "5.0 s", "fallback re-read of the tables (lost notifications)"
+    )
+    claim_batch: int = _setting(
+        100, "100", "most messages claimed by one statement (also bounded by prefetch)"
+    )
+    auto_migrate: bool = _setting(True, "true", "create/upgrade the schema on first connect")
+    connect_timeout: float = _setting(
+        10.0, "10 s", "libpq `connect_timeout`, unless the URL sets one"
+    )
+    reconnect_max_delay: float = _setting(
+        5.0, "5.0 s", "ceiling of the LISTEN session's reconnect backoff"
+    )
+    max_message_size: int = _setting(
+        64 * 1024 * 1024,
+        "64 MiB",
+        "largest stored message: publishing a larger one raises `MessageTooLarge`; "
+        "a larger one found in the table is dead-lettered",
+    )
+    dead_letter_rejected: bool = _setting(
+        True,
+        "true",
+        "a message rejected without requeue goes to `dead_letters` with its reason "
+        "instead of vanishing (RabbitMQ's dead-letter exchange, built in)",
+    )
+    async_acks: bool = _setting(
+        True,
+        "true",
+        "claims, acks and requeues commit without waiting for the WAL flush (see "
+        "*Durability*); false: they wait like every other statement",
+    )
 
     @property
     def lock_grace(self) -> float:
@@ -126,6 +132,59 @@ class TransportOptions:
             )
         if self.claim_batch < 1:
             raise ConfigurationError(f"{setting}['claim_batch']", "must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class AppSettings:
+    """celery-pgnotify's own Celery settings: ``app.conf.pgnotify_<name>``."""
+
+    beat_retry: float = _setting(
+        1.0,
+        "1.0 s",
+        "the beat lease: the leader renews it, and one that stops renewing is "
+        "replaced within twice that",
+    )
+    cancel_grace: float = _setting(
+        5.0,
+        "5.0 s",
+        "`celery-pg worker`: from SIGUSR1 to SIGKILL for a cancelled task (hard time "
+        "limit, revoke with terminate)",
+    )
+    autoscale_keepalive: float = _setting(
+        30.0,
+        "30 s",
+        "`celery-pg worker --autoscale`: an idle child goes after this long without waiting work",
+    )
+    max_lifetime_per_child: float = _setting(
+        0.0,
+        "0 (none)",
+        "`celery-pg worker`: seconds after which a child is replaced once its task "
+        "ends (`--max-lifetime-per-child` overrides it)",
+    )
+
+    @classmethod
+    def from_conf(cls, conf: Any) -> AppSettings:
+        """Read and validate every ``pgnotify_*`` setting of a Celery app's conf."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            value = conf.get(f"pgnotify_{f.name}")
+            if value is not None:
+                values[f.name] = _coerce(f"pgnotify_{f.name}", value, f.default)
+        settings = cls(**values)
+        if settings.beat_retry <= 0:
+            raise ConfigurationError("pgnotify_beat_retry", "must be a positive number")
+        for f in dataclasses.fields(cls):
+            if getattr(settings, f.name) < 0:
+                raise ConfigurationError(f"pgnotify_{f.name}", "must not be negative")
+        return settings
+
+
+def markdown_table(declaration: Any, prefix: str = "") -> str:
+    """The README's table of the settings of ``declaration`` (a class above)."""
+    rows = ["| setting | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(declaration):
+        rows.append(f"| `{prefix}{f.name}` | {f.metadata['shown']} | {f.metadata['meaning']} |")
+    return "\n".join(rows) + "\n"
 
 
 def _coerce(setting: str, value: Any, default: Any) -> Any:

@@ -6,21 +6,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from celery_pgnotify.worker.pool import Pool
 
 logger = logging.getLogger(__name__)
 
-#: Seconds without waiting jobs before an idle child is let go (as Celery's).
-AUTOSCALE_KEEPALIVE = 30.0
-
 
 class Autoscaler:
-    def __init__(self, app: Any, pool: Pool, bounds: tuple[int, int]) -> None:
+    def __init__(self, pool: Pool, bounds: tuple[int, int], keepalive: float) -> None:
         self._pool = pool
         self.most, self.least = bounds
-        self._keepalive = float(app.conf.get("pgnotify_autoscale_keepalive", AUTOSCALE_KEEPALIVE))
+        self._keepalive = keepalive
         self._last_busy = time.monotonic()
 
     def step(self) -> None:

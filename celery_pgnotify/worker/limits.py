@@ -24,9 +24,10 @@ logger = logging.getLogger(__name__)
 class Limits:
     """When each running task started, and the ones being cancelled."""
 
-    def __init__(self, app: Any, pool: Pool) -> None:
+    def __init__(self, app: Any, pool: Pool, grace: float) -> None:
         self._app = app
         self._pool = pool
+        self._grace = grace  # SIGUSR1 to SIGKILL
         self._started: dict[int, float] = {}  # delivery tag -> monotonic start
         #: delivery tag -> (why, monotonic time to SIGKILL if still running)
         self._cancelling: dict[int, tuple[str, float]] = {}
@@ -47,8 +48,7 @@ class Limits:
         if tag in self._cancelling:
             return
         logger.warning("Cancelling %s (%s): SIGUSR1 to its child", task_id, why)
-        grace = float(self._app.conf.get("pgnotify_cancel_grace", 5.0))
-        self._cancelling[tag] = (why, time.monotonic() + grace)
+        self._cancelling[tag] = (why, time.monotonic() + self._grace)
         self._pool.cancel(tag, signal.SIGUSR1)
 
     def enforce(self, inflight: Mapping[int, tuple[Message, Any]]) -> None:

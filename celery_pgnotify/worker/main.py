@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery_pgnotify.errors import ConfigurationError
+from celery_pgnotify.options import AppSettings
 from celery_pgnotify.worker.manager import Manager
 from celery_pgnotify.worker.pool import PoolSettings
 
@@ -90,23 +91,6 @@ def _prefetch_multiplier(conf: Any) -> int:
     return DEFAULT_PREFETCH_MULTIPLIER
 
 
-def _lifetime(option: float | None, conf: Any) -> float:
-    """Seconds a child may live (``--max-lifetime-per-child``, else the
-    ``pgnotify_max_lifetime_per_child`` setting); 0 for no limit."""
-    if option is not None:
-        return option
-    value = conf.get("pgnotify_max_lifetime_per_child") or 0
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        raise ConfigurationError(
-            "pgnotify_max_lifetime_per_child", f"must be a number of seconds, not {value!r}"
-        ) from None
-    if seconds < 0:
-        raise ConfigurationError("pgnotify_max_lifetime_per_child", "must not be negative")
-    return seconds
-
-
 def run_worker(options: WorkerOptions) -> None:
     """Build the manager for ``options`` and run it until shut down."""
     from celery import platforms
@@ -114,6 +98,7 @@ def run_worker(options: WorkerOptions) -> None:
 
     app = find_app(options.app_path)
     conf = app.conf
+    own = AppSettings.from_conf(conf)  # the pgnotify_* settings, validated once
     loglevel = options.loglevel.upper()
     app.log.setup(loglevel=loglevel, logfile=options.logfile, redirect_stdouts=False)
     app.loader.init_worker()
@@ -146,7 +131,11 @@ def run_worker(options: WorkerOptions) -> None:
         concurrency=concurrency,
         max_tasks_per_child=max_tasks,
         max_memory_per_child=max_memory,
-        max_lifetime=_lifetime(options.max_lifetime_per_child, conf),
+        max_lifetime=(
+            own.max_lifetime_per_child
+            if options.max_lifetime_per_child is None
+            else options.max_lifetime_per_child
+        ),
         start_method=options.start_method,
         loglevel=loglevel,
         logfile=options.logfile,
@@ -189,6 +178,7 @@ def run_worker(options: WorkerOptions) -> None:
             send_events=send_events,
             beat=beat,
             autoscale=autoscale,
+            own=own,
         ).start()
     finally:
         if pidlock is not None:

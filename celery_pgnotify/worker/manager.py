@@ -33,6 +33,7 @@ from celery import signals
 from kombu.messaging import Consumer
 from kombu.mixins import ConsumerMixin
 
+from celery_pgnotify.options import AppSettings
 from celery_pgnotify.worker import control
 from celery_pgnotify.worker.autoscale import Autoscaler
 from celery_pgnotify.worker.broker import broker_of
@@ -63,7 +64,9 @@ class Manager(ConsumerMixin):
         send_events: bool = False,
         beat: Any = None,
         autoscale: tuple[int, int] | None = None,
+        own: AppSettings | None = None,
     ) -> None:
+        own = own or AppSettings.from_conf(app.conf)
         self.app = app
         self.connection = app.connection_for_read()
         self.queues = list(queues)
@@ -76,7 +79,7 @@ class Manager(ConsumerMixin):
         self.ledger = Ledger()
         self.holding = Holding(app)
         self.events = WorkerEvents(app, hostname, send_events, self.pool, self.ledger.processed)
-        self.limits = Limits(app, self.pool)
+        self.limits = Limits(app, self.pool, own.cancel_grace)
         self.settler = Settler(self.ledger, self.limits, self.events)
         self.intake = Intake(
             app,
@@ -89,7 +92,9 @@ class Manager(ConsumerMixin):
             on_hold=self._widen_prefetch,
             sender=self,
         )
-        self.autoscaler = None if autoscale is None else Autoscaler(app, self.pool, autoscale)
+        self.autoscaler = (
+            None if autoscale is None else Autoscaler(self.pool, autoscale, own.autoscale_keepalive)
+        )
         self._pool_events: collections.deque[Event] = collections.deque()
         self._consumer: Consumer | None = None
         self._active: Any = None  # the connection consumed on (the mixin clones ours)
