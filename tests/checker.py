@@ -475,19 +475,23 @@ def _lock_tables(seconds: float) -> Callable[[Fleet], set[str]]:
 
 
 def _lead_from(fleet: Fleet, name: str) -> None:
-    """Make ``name`` the beat leader: the leader elsewhere is restarted
-    gracefully (a warm shutdown hands its lease back at once)."""
+    """Make ``name`` the beat leader: every other ``celery-pg worker -B`` is
+    stopped gracefully (a warm shutdown hands the lease back at once, and
+    runs nothing twice) until ``name`` holds the lease, then started again."""
     wanted = fleet.member(name)
-    for _ in range(10):  # another may win the lease each time
-        leader = fleet.leader()
-        if leader is wanted:
-            return
-        if leader is not None:
-            assert leader.process is not None
-            leader.process.stop()
-            fleet.start(leader)
-        fleet.wait_leader(wanted, timeout=5)
-    raise AssertionError(f"{name} did not take the beat lease")
+    if fleet.leader() is wanted:
+        return
+    others = [m for m in fleet.members if m.kind == "celery-pg" and m is not wanted]
+    for member in others:
+        assert member.process is not None
+        member.process.stop()
+    try:
+        fleet.wait_leader(wanted, timeout=10)
+    finally:
+        for member in others:
+            fleet.start(member)
+    if fleet.leader() is not wanted:
+        raise AssertionError(f"{name} did not take the beat lease")
 
 
 def _partition(seconds: float, beat_leader: bool = False) -> Callable[[Fleet], set[str]]:
