@@ -564,6 +564,15 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
                 return kind, key[len(prefix) :]
         raise ValueError(f"not a result backend key: {key!r}")
 
+    def _by_key(self, kind: str) -> tuple[str, str]:
+        """The statements deleting, and giving a new lifetime to, a key of ``kind``."""
+        s = self.stmts
+        return {
+            "result": (s.delete_result, s.expire_result),
+            "group": (s.delete_group, s.expire_group),
+            "chord": (s.delete_chord, s.expire_chord),
+        }[kind]
+
     def get(self, key: Any) -> bytes | None:
         kind, ident = self._split_key(key)
         statement = self.stmts.get_result if kind == "result" else self.stmts.get_group
@@ -592,13 +601,8 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
 
     def delete(self, key: Any) -> None:
         kind, ident = self._split_key(key)
-        stmts = self.stmts
-        delete = {
-            "result": stmts.delete_result,
-            "group": stmts.delete_group,
-            "chord": stmts.delete_chord,
-        }
-        self._execute(delete[kind], {"id": ident})
+        delete, _ = self._by_key(kind)
+        self._execute(delete, {"id": ident})
 
     def on_chord_part_return(self, request: Any, state: Any, result: Any, **kwargs: Any) -> None:
         # Celery's chord logic calls incr() with the counter's key only: say
@@ -627,13 +631,8 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
 
     def expire(self, key: Any, value: Any) -> None:
         kind, ident = self._split_key(key)
-        stmts = self.stmts
-        expire = {
-            "result": stmts.expire_result,
-            "group": stmts.expire_group,
-            "chord": stmts.expire_chord,
-        }
-        self._execute(expire[kind], {"id": ident, "expires": value})
+        _, expire = self._by_key(kind)
+        self._execute(expire, {"id": ident, "expires": value})
 
     def cleanup(self) -> None:
         """Delete expired results, groups and chord counters."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from typing import Any
@@ -53,6 +54,19 @@ def _open(app_path: str | None, url: str | None, schema: str | None) -> tuple[An
     except psycopg.Error as exc:
         raise click.ClickException(f"cannot connect to PostgreSQL: {exc}") from None
     return conn, statements.statements(schema_name)
+
+
+def _connected(function: Any) -> Any:
+    """-A/--url/--schema; the command is called with ``conn`` (open while it
+    runs) and ``stmts`` in their place."""
+
+    @functools.wraps(function)
+    def command(app_path: str | None, url: str | None, schema: str | None, **rest: Any) -> Any:
+        conn, stmts = _open(app_path, url, schema)
+        with conn:
+            return function(conn=conn, stmts=stmts, **rest)
+
+    return _where(command)
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -110,15 +124,13 @@ def migrate(app_path: str | None, url: str | None, schema: str | None) -> None:
 
 
 @main.command()
-@_where
+@_connected
 @_json_option
-def status(app_path: str | None, url: str | None, schema: str | None, as_json: bool) -> None:
+def status(conn: Any, stmts: Any, as_json: bool) -> None:
     """Queues (ready, leased, delayed, oldest age, dead letters) and live consumers."""
     from celery_pgnotify import ops
 
-    conn, stmts = _open(app_path, url, schema)
-    with conn:
-        data = ops.status(conn, stmts)
+    data = ops.status(conn, stmts)
     text = _table(
         data["queues"], ["queue", "ready", "leased", "delayed", "oldest_ready_s", "dead_letters"]
     )
@@ -132,17 +144,15 @@ def status(app_path: str | None, url: str | None, schema: str | None, as_json: b
 
 @main.command()
 @click.argument("queue")
-@_where
+@_connected
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def purge(queue: str, app_path: str | None, url: str | None, schema: str | None, yes: bool) -> None:
+def purge(conn: Any, stmts: Any, queue: str, yes: bool) -> None:
     """Delete the ready messages of QUEUE (messages being worked on are left)."""
     from celery_pgnotify import ops
 
     if not yes:
         click.confirm(f"Delete every ready message of queue {queue!r}?", abort=True)
-    conn, stmts = _open(app_path, url, schema)
-    with conn:
-        click.echo(f"{ops.purge(conn, stmts, queue)} message(s) deleted from {queue!r}")
+    click.echo(f"{ops.purge(conn, stmts, queue)} message(s) deleted from {queue!r}")
 
 
 @main.group("dead-letters")
@@ -151,24 +161,15 @@ def dead_letters() -> None:
 
 
 @dead_letters.command("list")
-@_where
+@_connected
 @click.option("--queue", help="Only this queue's dead letters.")
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
 @_json_option
-def dead_letters_list(
-    app_path: str | None,
-    url: str | None,
-    schema: str | None,
-    queue: str | None,
-    limit: int,
-    as_json: bool,
-) -> None:
+def dead_letters_list(conn: Any, stmts: Any, queue: str | None, limit: int, as_json: bool) -> None:
     """Show dead letters, oldest first."""
     from celery_pgnotify import ops
 
-    conn, stmts = _open(app_path, url, schema)
-    with conn:
-        rows = ops.dead_letters(conn, stmts, queue=queue, limit=limit)
+    rows = ops.dead_letters(conn, stmts, queue=queue, limit=limit)
     _emit(rows, as_json, _table(rows, ["id", "queue", "task", "task_id", "reason", "dead_at"]))
 
 
@@ -178,33 +179,28 @@ def _chosen(ids: tuple[int, ...], queue: str | None, everything: bool) -> list[i
     return list(ids) or None
 
 
-def _selection(function: Any) -> Any:
-    """IDS..., --queue, --all: which dead letters a command acts on."""
-    function = click.option("--all", "everything", is_flag=True, help="Every dead letter.")(
-        function
-    )
-    function = click.option("--queue", help="Every dead letter of this queue.")(function)
-    function = _where(function)
-    return click.argument("ids", nargs=-1, type=int)(function)
+def _on_selection(function: Any) -> Any:
+    """IDS..., --queue, --all and where to connect: the command is called
+    with an open connection, its statements, and the dead letters chosen."""
+
+    @functools.wraps(function)
+    def command(
+        conn: Any, stmts: Any, ids: tuple[int, ...], queue: str | None, everything: bool
+    ) -> None:
+        function(conn, stmts, queue, _chosen(ids, queue, everything))
+
+    wrapped = click.option("--all", "everything", is_flag=True, help="Every dead letter.")(command)
+    wrapped = click.option("--queue", help="Every dead letter of this queue.")(wrapped)
+    return click.argument("ids", nargs=-1, type=int)(_connected(wrapped))
 
 
 @dead_letters.command("retry")
-@_selection
-def dead_letters_retry(
-    ids: tuple[int, ...],
-    app_path: str | None,
-    url: str | None,
-    schema: str | None,
-    queue: str | None,
-    everything: bool,
-) -> None:
+@_on_selection
+def dead_letters_retry(conn: Any, stmts: Any, queue: str | None, chosen: list[int] | None) -> None:
     """Put dead letters back on the queue they came from."""
     from celery_pgnotify import ops
 
-    chosen = _chosen(ids, queue, everything)
-    conn, stmts = _open(app_path, url, schema)
-    with conn:
-        moved = ops.retry_dead_letters(conn, stmts, queue, chosen)
+    moved = ops.retry_dead_letters(conn, stmts, queue, chosen)
     for name, count in sorted(moved.items()):
         click.echo(f"{count} message(s) back on {name!r}")
     if not moved:
@@ -212,22 +208,12 @@ def dead_letters_retry(
 
 
 @dead_letters.command("drop")
-@_selection
-def dead_letters_drop(
-    ids: tuple[int, ...],
-    app_path: str | None,
-    url: str | None,
-    schema: str | None,
-    queue: str | None,
-    everything: bool,
-) -> None:
+@_on_selection
+def dead_letters_drop(conn: Any, stmts: Any, queue: str | None, chosen: list[int] | None) -> None:
     """Delete dead letters for good."""
     from celery_pgnotify import ops
 
-    chosen = _chosen(ids, queue, everything)
-    conn, stmts = _open(app_path, url, schema)
-    with conn:
-        click.echo(f"{ops.drop_dead_letters(conn, stmts, queue, chosen)} dead letter(s) deleted")
+    click.echo(f"{ops.drop_dead_letters(conn, stmts, queue, chosen)} dead letter(s) deleted")
 
 
 @main.command()

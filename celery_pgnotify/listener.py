@@ -57,8 +57,9 @@ logger = logging.getLogger(__name__)
 #: ``application_name`` of listener sessions (visible in pg_stat_activity).
 LISTENER_APP_NAME = "celery-pgnotify-listener"
 
-#: Every how many reaps the (rare, costly) search for orphaned leases runs.
-ORPHANS_EVERY = 150
+#: Every how many reaps the search for orphaned leases runs (a skip scan:
+#: its cost does not grow with the messages leased, but it is seldom needed).
+ORPHANS_EVERY = 5
 
 
 class _Reaped(Exception):

@@ -266,15 +266,24 @@ class Statements:
         "  (SELECT name FROM stale_queues))"
         " SELECT queue, " + _NOTIFY + " FROM (SELECT DISTINCT queue FROM back) AS q"
     )
-    # Leases of consumers that no longer exist (a row deleted by hand): a
-    # scan of every leased message, so run seldom (see Listener).
+    # Leases of consumers that no longer exist (a row deleted by hand). The
+    # consumer ids holding leases are found by a skip scan of the leased
+    # index (one probe per distinct id), so the search costs the same with
+    # 10 or 10 million messages leased.
     reap_orphans: str = (
-        "WITH orphans AS ("
+        "WITH RECURSIVE holders(id) AS ("
+        " (SELECT consumer_id FROM {s}.messages WHERE consumer_id IS NOT NULL"
+        "  ORDER BY consumer_id LIMIT 1)"
+        " UNION ALL SELECT (SELECT m.consumer_id FROM {s}.messages m"
+        "  WHERE m.consumer_id > holders.id ORDER BY m.consumer_id LIMIT 1)"
+        " FROM holders WHERE holders.id IS NOT NULL),"
+        " orphans AS ("
         " UPDATE {s}.messages m SET consumer_id = NULL, leased_at = NULL, redelivered = true"
         " WHERE (SELECT pg_try_advisory_xact_lock(%(ns)s, -2))"
-        "  AND m.consumer_id IS NOT NULL AND m.leased_at < now() - %(lease_timeout)s"
-        "  * interval '1 second' AND NOT EXISTS"
-        "  (SELECT 1 FROM {s}.consumers c WHERE c.id = m.consumer_id) RETURNING m.queue)"
+        "  AND m.consumer_id IN (SELECT h.id FROM holders h WHERE h.id IS NOT NULL"
+        "   AND NOT EXISTS (SELECT 1 FROM {s}.consumers c WHERE c.id = h.id))"
+        "  AND m.leased_at < now() - %(lease_timeout)s * interval '1 second'"
+        " RETURNING m.queue)"
         " SELECT queue, " + _NOTIFY + " FROM (SELECT DISTINCT queue FROM orphans) AS q"
     )
     take_lock: str = "SELECT pg_try_advisory_lock(%(ns)s, %(id)s)"

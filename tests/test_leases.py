@@ -268,3 +268,21 @@ class pytest_raises_timeout:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         assert exc_type is socket.timeout, exc_type
         return True
+
+
+def test_leases_of_a_consumer_deleted_by_hand_come_back(make_connection, db, schema):
+    """Leases whose consumer row is gone (deleted by an operator, with its
+    process) are found by the orphan search within a few reaps."""
+    queue = Queue("orphaned", Exchange("orphaned"), routing_key="orphaned")
+    conn = make_connection(heartbeat_interval=0.2, lease_timeout=1)
+    received: list[Any] = []
+    with conn:
+        publish(conn, queue, "a", "b")
+        db.execute(
+            f'UPDATE "{schema}".messages SET consumer_id = 987654,'
+            " leased_at = now() - interval '10 seconds'"
+        )
+        with Consumer(conn, [queue], callbacks=[collect(received)]):
+            drain_until(conn, received, 2, timeout=6)
+    assert sorted(b for b, _ in received) == ["a", "b"]
+    assert all(m.delivery_info["redelivered"] for _, m in received)
