@@ -58,7 +58,7 @@ import psycopg
 from celery import beat
 
 from celery_pgnotify import migrations, statements
-from celery_pgnotify.connect import connect, conninfo_from_url
+from celery_pgnotify.connect import conninfo_from_url
 from celery_pgnotify.enqueue import enqueue_in
 from celery_pgnotify.errors import ConfigurationError
 from celery_pgnotify.options import AppSettings, TransportOptions
@@ -151,9 +151,8 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
 
     def _state_conn(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
-            self._conn = connect(self.conninfo)
-            migrations.ensure_schema(
-                self._conn, self.conninfo, self.opts.schema, self.opts.auto_migrate
+            self._conn = migrations.connect_current(
+                self.conninfo, self.opts.schema, self.opts.auto_migrate
             )
         return self._conn
 

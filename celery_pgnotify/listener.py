@@ -14,8 +14,8 @@ mode). It
 - heartbeats every ``heartbeat_interval`` from this thread, so a task that
   blocks the main thread (``-P solo``) or runs for hours never loses its
   lease;
-- reaps dead consumers: their leased messages return to their queues
-  (see ``sql.TEMPLATES['reap']`` for the rule). A stall is not a death: its
+- offers to reap dead consumers after each heartbeat (``reaper.py``): their
+  leased messages return to their queues. A stall is not a death: its
   statements give up on a lock after ``heartbeat_interval`` (``lock_timeout``)
   and are bounded by ``statement_timeout``, and after a gap in its own
   heartbeats (the database, a lock or this process was slow) it judges
@@ -50,24 +50,18 @@ from celery_pgnotify.connect import (
 )
 from celery_pgnotify.errors import DatabaseUnavailable
 from celery_pgnotify.options import TransportOptions
+from celery_pgnotify.reaper import STALLED, Reaper
 from celery_pgnotify.statements import Statements
+from celery_pgnotify.wakeup import WakePipe
 
 logger = logging.getLogger(__name__)
 
 #: ``application_name`` of listener sessions (visible in pg_stat_activity).
 LISTENER_APP_NAME = "celery-pgnotify-listener"
 
-#: Every how many reaps the search for orphaned leases runs (a skip scan:
-#: its cost does not grow with the messages leased, but it is seldom needed).
-ORPHANS_EVERY = 5
-
 
 class _Reaped(Exception):
     """Ends the thread: the consumer was declared dead (see _declared_dead)."""
-
-
-#: What a statement that waited too long raises (lock_timeout, statement_timeout).
-_STALLED = (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled)
 
 
 class Listener:
@@ -88,18 +82,15 @@ class Listener:
         self._queues: dict[str, str] = {}  # channel -> queue
         self._listening: set[str] = set()  # channels LISTENed on the current session
         self._notified: set[str] = set()
-        self._wake_r, self._wake_w = os.pipe()
-        self._ctrl_r, self._ctrl_w = os.pipe()
-        for fd in (self._wake_r, self._wake_w, self._ctrl_r, self._ctrl_w):
-            os.set_blocking(fd, False)
+        self._woken = WakePipe()  # for the consuming side: queues were notified
+        self._ctrl = WakePipe()  # for the thread: queues changed, or stop
         self._stopping = threading.Event()
         self._first_session = threading.Event()
         self._first_error: BaseException | None = None
         self._conn: psycopg.Connection[Any] | None = None
         self._pid = os.getpid()
-        self._reap_after = 0.0
+        self._reaper = Reaper(stmts, opts)
         self._last_beat = 0.0  # monotonic time of the last heartbeat that committed
-        self._reaps = 0
         #: The consumer id leases are taken under (set once the first session
         #: is up, or given: a parked consumer's, taken over).
         self.consumer_id: int | None = consumer_id
@@ -119,7 +110,7 @@ class Listener:
     @property
     def wake_fd(self) -> int:
         """Readable when queues were notified; drain with :meth:`take_notified`."""
-        return self._wake_r
+        return self._woken.fd
 
     def start(self) -> int:
         """Start the thread; returns the consumer id once registered.
@@ -154,11 +145,11 @@ class Listener:
 
     def wake(self) -> None:
         """Make :attr:`wake_fd` readable without notifying any queue."""
-        _write(self._wake_w)
+        self._woken.poke()
 
     def take_notified(self) -> set[str]:
         """The queues notified since the last call (drains the wake pipe)."""
-        _drain(self._wake_r)
+        self._woken.drain()
         with self._lock:
             notified, self._notified = self._notified, set()
         return notified
@@ -195,17 +186,9 @@ class Listener:
 
     def _close_pipes(self) -> None:
         """Close the pipes once: later calls, and :meth:`wake` or
-        :meth:`take_notified` after it, touch no descriptor (its number may
-        belong to another file by then, such as a pool's result pipe)."""
-        with self._lock:
-            fds = (self._wake_r, self._wake_w, self._ctrl_r, self._ctrl_w)
-            self._wake_r = self._wake_w = self._ctrl_r = self._ctrl_w = -1
-        for fd in fds:
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        :meth:`take_notified` after it, touch no descriptor (see wakeup.py)."""
+        self._woken.close()
+        self._ctrl.close()
 
     def _forget_after_fork(self) -> None:
         # The thread does not exist in the child; its connection belongs to
@@ -216,7 +199,7 @@ class Listener:
     # -- the thread --------------------------------------------------------
 
     def _poke(self) -> None:
-        _write(self._ctrl_w)
+        self._ctrl.poke()
 
     def _wake(self, queues: Iterable[str]) -> None:
         with self._lock:
@@ -323,7 +306,7 @@ class Listener:
         self._sync_listen()
         # Give every other consumer the time to come back before judging them
         # (after a server restart all session locks vanish at once).
-        self._reap_after = time.monotonic() + self._opts.lease_timeout
+        self._reaper.hold_off()
         self._last_beat = time.monotonic()
         logger.info("Consumer %s listening (pid %s)", self.consumer_id, os.getpid())
         self._first_session.set()
@@ -365,7 +348,7 @@ class Listener:
         }
         try:
             alive = self._conn.execute(self._stmts.heartbeat, params).fetchone()
-        except _STALLED as exc:
+        except STALLED as exc:
             logger.warning("Heartbeat held up (%s); trying again", exc)
             return False
         if alive is None:
@@ -379,12 +362,12 @@ class Listener:
                 now - self._last_beat,
                 self._opts.lease_timeout,
             )
-            self._reap_after = max(self._reap_after, now + self._opts.lease_timeout)
+            self._reaper.hold_off()
         self._last_beat = now
         if queues:
             try:
                 self._conn.execute(self._stmts.touch_queues, {"queues": queues})
-            except _STALLED as exc:
+            except STALLED as exc:
                 logger.debug("Queues not touched this beat (%s)", exc)
         return True
 
@@ -404,31 +387,6 @@ class Listener:
         self.wake()  # the consuming side finds out now, not at its next poll
         raise _Reaped
 
-    def _reap(self) -> None:
-        assert self._conn is not None
-        if time.monotonic() < self._reap_after:
-            return
-        params = {
-            "lease_timeout": self._opts.lease_timeout,
-            "lock_grace": self._opts.lock_grace,
-            "ns": self._stmts.lock_namespace,
-            "prefix": self._stmts.channel_prefix,
-        }
-        self._reaps += 1
-        try:
-            rows = self._conn.execute(self._stmts.reap, params).fetchall()
-            if self._reaps % ORPHANS_EVERY == 0:
-                rows += self._conn.execute(self._stmts.reap_orphans, params).fetchall()
-        except _STALLED as exc:
-            # Another reaper is at it, or the tables are locked: next beat.
-            logger.warning("Reaping held up (%s); trying again", exc)
-            return
-        if rows:
-            logger.warning(
-                "Returned leased messages of dead consumers to queues: %s",
-                ", ".join(sorted(r[0] for r in rows)),
-            )
-
     def _serve(self) -> None:
         conn = self._conn
         assert conn is not None
@@ -437,9 +395,9 @@ class Listener:
         next_beat = time.monotonic() + interval
         while not self._stopping.is_set():
             timeout = max(0.0, next_beat - time.monotonic())
-            readable = wait_readable([sock, self._ctrl_r], timeout)
-            if self._ctrl_r in readable:
-                _drain(self._ctrl_r)
+            readable = wait_readable([sock, self._ctrl.fd], timeout)
+            if self._ctrl.fd in readable:
+                self._ctrl.drain()
                 if self._stopping.is_set():
                     return
                 self._sync_listen()
@@ -447,7 +405,7 @@ class Listener:
                 self._read_notifies(conn)
             if time.monotonic() >= next_beat:
                 if self._heartbeat():
-                    self._reap()
+                    self._reaper.reap(conn)
                 next_beat = time.monotonic() + interval
 
     def _read_notifies(self, conn: psycopg.Connection[Any]) -> None:
@@ -456,22 +414,3 @@ class Listener:
                 queue = self._queues.get(channel)
             if queue is not None:
                 self._wake((queue,))
-
-
-def _write(fd: int) -> None:
-    """One byte into a wake-up pipe, if it is still open (-1 once closed)."""
-    if fd >= 0:
-        try:
-            os.write(fd, b"x")
-        except (BlockingIOError, OSError):
-            pass
-
-
-def _drain(fd: int) -> None:
-    """Empty a wake-up pipe, if it is still open (-1 once closed)."""
-    if fd >= 0:
-        try:
-            while os.read(fd, 4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass

@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from celery_pgnotify.connect import connect
 from celery_pgnotify.errors import SchemaError
 from celery_pgnotify.statements import SCHEMA_NAME
 
@@ -71,6 +72,18 @@ def schema_version(conn: psycopg.Connection[Any], schema: str) -> int:
 
 #: (conninfo, schema) pairs this process already checked or migrated.
 _ready_schemas: set[tuple[str, str]] = set()
+
+
+def connect_current(conninfo: str, schema: str, auto_migrate: bool) -> psycopg.Connection[Any]:
+    """A new connection whose ``schema`` is current (created or migrated with
+    ``auto_migrate``, else checked); closed again if it is not."""
+    conn = connect(conninfo)
+    try:
+        ensure_schema(conn, conninfo, schema, auto_migrate)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def ensure_schema(

@@ -38,7 +38,6 @@ from kombu.transport.virtual.base import BrokerState
 
 from celery_pgnotify import envelope, migrations, statements
 from celery_pgnotify.connect import (
-    connect,
     conninfo_from_url,
     forget_after_fork,
     mask_url,
@@ -484,8 +483,9 @@ class Transport(virtual.Transport):
         """The shared connection for publish/claim/ack (opened on demand)."""
         conn = self._conn
         if conn is None or conn.closed:
-            conn = self._conn = connect(self.conninfo)
-            migrations.ensure_schema(conn, self.conninfo, self.opts.schema, self.opts.auto_migrate)
+            conn = self._conn = migrations.connect_current(
+                self.conninfo, self.opts.schema, self.opts.auto_migrate
+            )
         return conn
 
     def claim_conn(self) -> psycopg.Connection[Any]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from celery_pgnotify.wakeup import WakePipe
 from celery_pgnotify.worker.child import Job, child_main
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class Pool:
         self._children: dict[int, Child] = {}  # by pid
         self._next_index = 1
         self._stopping = False
-        self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
+        self._wakeup = WakePipe()  # wakes the results thread
         #: asked before a job is given to a child: False holds every job back
         self.may_start: Callable[[], bool] = lambda: True
         self._thread = threading.Thread(target=self._watch, name="celery-pg-results", daemon=True)
@@ -308,10 +309,7 @@ class Pool:
     # -- the results thread ------------------------------------------------------
 
     def _poke(self) -> None:
-        try:
-            os.write(self._wake_w.fileno(), b"x")
-        except OSError:
-            pass
+        self._wakeup.poke()
 
     def _watch(self) -> None:
         while True:
@@ -320,13 +318,11 @@ class Pool:
                     return
                 by_conn = {c.conn: c for c in self._children.values()}
                 by_sentinel = {c.process.sentinel: c for c in self._children.values()}
-            ready = wait([self._wake_r, *by_conn, *by_sentinel], timeout=1.0)
+            wake_fd = self._wakeup.fd
+            ready = wait([wake_fd, *by_conn, *by_sentinel], timeout=1.0)
             for item in ready:
-                if item is self._wake_r:
-                    try:
-                        os.read(self._wake_r.fileno(), 4096)
-                    except OSError:
-                        pass
+                if item == wake_fd:
+                    self._wakeup.drain()
                 elif item in by_conn:
                     self._read(by_conn[item])
             for item in ready:
