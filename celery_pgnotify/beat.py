@@ -58,7 +58,7 @@ import psycopg
 from celery import beat
 
 from celery_pgnotify import migrations, statements
-from celery_pgnotify.connect import conninfo_from_url
+from celery_pgnotify.connect import close_quietly, conninfo_from_url
 from celery_pgnotify.enqueue import enqueue_in
 from celery_pgnotify.errors import ConfigurationError
 from celery_pgnotify.options import AppSettings, TransportOptions
@@ -191,11 +191,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         elif self.leader:
             logger.warning("beat: no longer leading")
         self.leader, self._term = False, None
-        if conn is not None:
-            try:
-                conn.close()
-            except psycopg.Error:
-                pass
+        close_quietly(conn)
 
     # -- state -----------------------------------------------------------------
 

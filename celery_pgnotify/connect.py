@@ -150,6 +150,12 @@ def close_with(owner: Any, conn: psycopg.Connection[Any]) -> None:
 
 def _close_in(conn: psycopg.Connection[Any], pid: int) -> None:
     if os.getpid() == pid and not conn.closed:
+        close_quietly(conn)
+
+
+def close_quietly(conn: psycopg.Connection[Any] | None) -> None:
+    """Close ``conn`` (if any), whatever state it is in: its server may be gone."""
+    if conn is not None:
         try:
             conn.close()
         except psycopg.Error:

@@ -42,6 +42,7 @@ from psycopg.conninfo import make_conninfo
 
 from celery_pgnotify.connect import (
     SERVER_KEEPALIVES,
+    close_quietly,
     connect,
     forget_after_fork,
     received_notifies,
@@ -244,11 +245,7 @@ class Listener:
     def _drop_session(self) -> None:
         conn, self._conn = self._conn, None
         self._listening = set()
-        if conn is not None:
-            try:
-                conn.close()
-            except psycopg.Error:
-                pass
+        close_quietly(conn)
 
     def _open_session(self) -> None:
         # Statements here must never hang: a lock is given up after one

@@ -21,6 +21,7 @@ from celery import states
 from celery.backends.asynchronous import BaseResultConsumer
 
 from celery_pgnotify.connect import (
+    close_quietly,
     close_with,
     connect,
     forget_after_fork,
@@ -181,11 +182,7 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except psycopg.Error:
-                pass
+        close_quietly(conn)
 
     def _close(self) -> None:
         self._drop()
