@@ -18,10 +18,21 @@ A message lands in ``<schema>.dead_letters`` when
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Protocol, runtime_checkable
 
 #: The reason recorded when a consumer rejects a message without saying why.
 REJECTED = "rejected by the consumer (requeue=False)"
+
+#: Senders of Celery's ``task_unknown`` / ``task_rejected`` signals that
+#: dead-letter with a reason of their own (``celery-pg worker``'s manager).
+_OWN_REASONS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def gives_own_reasons(sender: Any) -> None:
+    """``sender`` dead-letters the messages it rejects with their reason
+    already: its signals must not overwrite it."""
+    _OWN_REASONS.add(sender)
 
 
 @runtime_checkable
@@ -51,12 +62,12 @@ def _record_reason(reason: str, message: Any) -> None:
 
 
 def _on_task_unknown(sender: Any = None, message: Any = None, name: Any = None, **_: Any) -> None:
-    if not getattr(sender, "gives_reject_reasons", False):  # celery-pg worker already did
+    if sender not in _OWN_REASONS:  # celery-pg worker said why already
         _record_reason(f"unregistered task {name!r}", message)
 
 
 def _on_task_rejected(sender: Any = None, message: Any = None, exc: Any = None, **_: Any) -> None:
-    if not getattr(sender, "gives_reject_reasons", False):
+    if sender not in _OWN_REASONS:
         _record_reason(f"invalid task message: {exc!r}" if exc else "unknown message type", message)
 
 

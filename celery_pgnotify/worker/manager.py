@@ -33,6 +33,7 @@ from celery import signals
 from kombu.messaging import Consumer
 from kombu.mixins import ConsumerMixin
 
+from celery_pgnotify import deadletters
 from celery_pgnotify.options import AppSettings
 from celery_pgnotify.worker import control
 from celery_pgnotify.worker.autoscale import Autoscaler
@@ -50,9 +51,6 @@ logger = logging.getLogger(__name__)
 
 class Manager(ConsumerMixin):
     """Consumes task messages and runs them on the pool."""
-
-    #: dead letters it makes already carry their reason (see deadletters.py)
-    gives_reject_reasons = True
 
     def __init__(
         self,
@@ -102,6 +100,8 @@ class Manager(ConsumerMixin):
         self._cold = False
         self._stop_requested = 0
         self.node: Any = None
+        # The dead letters it makes carry their reason already.
+        deadletters.gives_own_reasons(self)
 
     # -- ConsumerMixin ---------------------------------------------------------
 
