@@ -237,7 +237,7 @@ def test_waiting_is_woken_not_polled(results: Results, db: psycopg.Connection[An
         db.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
             " WHERE application_name = 'celery-pgnotify-results' AND query LIKE 'LISTEN%%'"
-            " AND pid <> pg_backend_pid()"
+            " AND datname = current_database() AND pid <> pg_backend_pid()"
         )
 
     killer = threading.Thread(target=kill_listener)
