@@ -37,7 +37,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from celery_pgnotify.connect import (
@@ -45,11 +44,11 @@ from celery_pgnotify.connect import (
     close_quietly,
     connect,
     forget_after_fork,
-    received_notifies,
     session_options,
     wait_readable,
 )
 from celery_pgnotify.errors import DatabaseUnavailable
+from celery_pgnotify.listening import Listening
 from celery_pgnotify.options import TransportOptions
 from celery_pgnotify.reaper import STALLED, Reaper
 from celery_pgnotify.statements import Statements
@@ -81,7 +80,7 @@ class Listener:
         self._hostname = socket.gethostname()
         self._lock = threading.Lock()
         self._queues: dict[str, str] = {}  # channel -> queue
-        self._listening: set[str] = set()  # channels LISTENed on the current session
+        self._listen: Listening | None = None  # the LISTEN side of the session
         self._notified: set[str] = set()
         self._woken = WakePipe()  # for the consuming side: queues were notified
         self._ctrl = WakePipe()  # for the thread: queues changed, or stop
@@ -244,7 +243,7 @@ class Listener:
 
     def _drop_session(self) -> None:
         conn, self._conn = self._conn, None
-        self._listening = set()
+        self._listen = None
         close_quietly(conn)
 
     def _open_session(self) -> None:
@@ -263,7 +262,7 @@ class Listener:
                 options=session_options(self._conninfo, timeouts),
             )
         )
-        conn.add_notify_handler(self._on_notify)
+        self._listen = Listening(conn, self._on_channel)
         self._conn = conn
         with self._lock:
             queues = list(self._queues.values())
@@ -311,23 +310,17 @@ class Listener:
         self._wake(queues)
 
     def _sync_listen(self) -> None:
-        assert self._conn is not None
+        assert self._listen is not None
         with self._lock:
             wanted = dict(self._queues)
-        for channel in wanted.keys() - self._listening:
-            self._conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-        for channel in self._listening - wanted.keys():
-            self._conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(channel)))
-        changed = wanted.keys() != self._listening
-        self._listening = set(wanted)
-        if changed:
+        if self._listen.sync(wanted):
             self._heartbeat()
             # Messages may have arrived before the LISTEN: look once.
-            self._wake(q for c, q in wanted.items())
+            self._wake(wanted.values())
 
-    def _on_notify(self, notify: psycopg.Notify) -> None:
+    def _on_channel(self, channel: str) -> None:
         with self._lock:
-            queue = self._queues.get(notify.channel)
+            queue = self._queues.get(channel)
         if queue is not None:
             self._wake((queue,))
 
@@ -399,15 +392,9 @@ class Listener:
                     return
                 self._sync_listen()
             if sock in readable:
-                self._read_notifies(conn)
+                assert self._listen is not None
+                self._listen.read()
             if time.monotonic() >= next_beat:
                 if self._heartbeat():
                     self._reaper.reap(conn)
                 next_beat = time.monotonic() + interval
-
-    def _read_notifies(self, conn: psycopg.Connection[Any]) -> None:
-        for channel, _payload in received_notifies(conn):
-            with self._lock:
-                queue = self._queues.get(channel)
-            if queue is not None:
-                self._wake((queue,))

@@ -25,9 +25,9 @@ from celery_pgnotify.connect import (
     close_with,
     connect,
     forget_after_fork,
-    received_notifies,
     wait_readable,
 )
+from celery_pgnotify.listening import Listening
 from celery_pgnotify.wakeup import WakePipe
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self._lock = threading.Lock()
         self._conn: psycopg.Connection[Any] | None = None
+        self._listen: Listening | None = None  # the LISTEN side of _conn
         self._channels: dict[str, str] = {}  # channel -> task id
         self._to_unlisten: set[str] = set()
         self._inbox: deque[str] = deque()  # ids of tasks announced, to read
@@ -81,8 +82,8 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
                     # (Re)connecting listens to every channel, this one
                     # included, and re-reads what may have been missed.
                     self._connection()
-                else:
-                    self._conn.execute(f'LISTEN "{channel}"')
+                elif self._listen is not None:
+                    self._listen.sync(self._channels)
             except psycopg.OperationalError:
                 # The next drain reconnects, listens again and re-reads.
                 self._drop()
@@ -173,15 +174,19 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         self._drop()
         conn = connect(self.backend.conninfo)
         close_with(self, conn)
-        conn.add_notify_handler(self._on_notify)
+        listen = Listening(conn, self._on_channel)
         if self._wakeup is None:
             self._wakeup = WakePipe()
-        if self._channels:
-            conn.execute("; ".join(f'LISTEN "{c}"' for c in self._channels))
-        self._conn = conn
+        try:
+            listen.sync(self._channels)
+        except BaseException:
+            close_quietly(conn)
+            raise
+        self._conn, self._listen = conn, listen
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
+        self._listen = None
         close_quietly(conn)
 
     def _close(self) -> None:
@@ -194,7 +199,7 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
 
     def _forget_after_fork(self) -> None:
         # The parent's socket and pipe are not ours to use or close.
-        self._conn = None
+        self._conn = self._listen = None
         self._lock = threading.Lock()
         self._channels = {}
         self._to_unlisten = set()
@@ -203,20 +208,21 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         self._connected_before = False
 
     def _flush_unlisten(self) -> None:
+        if not self._to_unlisten:
+            return
         while self._to_unlisten:
-            channel = self._to_unlisten.pop()
-            self._channels.pop(channel, None)
-            if self._conn is not None and not self._conn.closed:
-                try:
-                    self._conn.execute(f'UNLISTEN "{channel}"')
-                except psycopg.OperationalError:
-                    self._drop()
+            self._channels.pop(self._to_unlisten.pop(), None)
+        if self._listen is not None and not self._listen.conn.closed:
+            try:
+                self._listen.sync(self._channels)
+            except psycopg.OperationalError:
+                self._drop()
 
     # -- notifications -------------------------------------------------------
 
-    def _on_notify(self, notify: psycopg.Notify) -> None:
-        # A wake-up, never data: its payload is ignored (anyone may NOTIFY).
-        task_id = self._channels.get(notify.channel)
+    def _on_channel(self, channel: str) -> None:
+        # A wake-up, never data (see listening.py).
+        task_id = self._channels.get(channel)
         if task_id is None:
             return
         self._inbox.append(task_id)
@@ -226,8 +232,8 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
     def _read(self, conn: psycopg.Connection[Any]) -> None:
         """Move notifications already received into the inbox (no waiting)."""
         try:
-            for channel, payload in received_notifies(conn):
-                self._on_notify(psycopg.Notify(channel, payload, 0))
+            if self._listen is not None and self._listen.conn is conn:
+                self._listen.read()
         except psycopg.OperationalError:
             logger.warning("Result backend: lost the LISTEN connection; reconnecting")
             self._drop()
