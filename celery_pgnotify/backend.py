@@ -79,6 +79,25 @@ def _task_join_will_block() -> bool:
     return bool(task_join_will_block())
 
 
+def _options(conf: Any) -> TransportOptions:
+    """``result_backend_transport_options``, validated; with a pgnotify broker
+    its ``schema`` and ``auto_migrate`` are followed unless set here."""
+    raw = dict(conf.get("result_backend_transport_options") or {})
+    unknown = sorted(k for k in raw if k not in _BACKEND_OPTIONS and k != "global_keyprefix")
+    if unknown:
+        raise ConfigurationError(
+            _SETTINGS[1],
+            f"unknown option(s) {', '.join(unknown)}; known: " + ", ".join(_BACKEND_OPTIONS),
+        )
+    if str(conf.broker_url or "").startswith("pgnotify"):
+        broker = conf.broker_transport_options or {}
+        for name in ("schema", "auto_migrate"):
+            if name not in raw and name in broker:
+                raw[name] = broker[name]
+    raw.pop("global_keyprefix", None)
+    return TransportOptions.from_mapping(raw, setting=_SETTINGS[1])
+
+
 class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ignore[misc]
     """Result backend storing results in PostgreSQL, woken by LISTEN/NOTIFY."""
 
@@ -92,22 +111,7 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
 
     def __init__(self, app: Any = None, url: str | None = None, **kwargs: Any) -> None:
         super().__init__(app=app, url=url, expires_type=int, **kwargs)
-        conf = self.app.conf
-        raw = dict(conf.get("result_backend_transport_options") or {})
-        unknown = sorted(k for k in raw if k not in _BACKEND_OPTIONS and k != "global_keyprefix")
-        if unknown:
-            raise ConfigurationError(
-                _SETTINGS[1],
-                f"unknown option(s) {', '.join(unknown)}; known: " + ", ".join(_BACKEND_OPTIONS),
-            )
-        if str(conf.broker_url or "").startswith("pgnotify"):
-            # One schema for both: follow the broker's unless told otherwise.
-            broker = conf.broker_transport_options or {}
-            for name in ("schema", "auto_migrate"):
-                if name not in raw and name in broker:
-                    raw[name] = broker[name]
-        raw.pop("global_keyprefix", None)
-        self.opts = TransportOptions.from_mapping(raw, setting=_SETTINGS[1])
+        self.opts = _options(self.app.conf)
         if not url and not self.opts.dsn:
             raise ImproperlyConfigured(
                 "result_backend: give a URL such as pgnotify://user:pass@host:5432/dbname"

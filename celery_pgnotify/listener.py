@@ -247,21 +247,7 @@ class Listener:
         close_quietly(conn)
 
     def _open_session(self) -> None:
-        # Statements here must never hang: a lock is given up after one
-        # heartbeat interval, any statement after lease_timeout, and the
-        # server drops the session (and its lock) once this host is silent.
-        timeouts = {
-            "lock_timeout": int(self._opts.heartbeat_interval * 1000),
-            "statement_timeout": int(self._opts.lease_timeout * 1000),
-            **SERVER_KEEPALIVES,
-        }
-        conn = connect(
-            make_conninfo(
-                self._conninfo,
-                application_name=LISTENER_APP_NAME,
-                options=session_options(self._conninfo, timeouts),
-            )
-        )
+        conn = connect(_session_conninfo(self._conninfo, self._opts))
         self._listen = Listening(conn, self._on_channel)
         self._conn = conn
         with self._lock:
@@ -286,19 +272,7 @@ class Listener:
                 )
             self.resumed = found is not None
             self._adopting = False
-        lock = {"ns": self._stmts.lock_namespace, "id": self.consumer_id}
-        locked = conn.execute(self._stmts.take_lock, lock).fetchone()
-        # A session that just ended (the parked connection's, or this
-        # listener's previous one) may hold the lock a moment longer.
-        patience = time.monotonic() + self._opts.lock_grace / 2
-        while not (locked and locked[0]) and time.monotonic() < patience:
-            time.sleep(0.05)
-            locked = conn.execute(self._stmts.take_lock, lock).fetchone()
-        if not (locked and locked[0]):
-            # The previous session of this consumer is still on its way out.
-            raise psycopg.OperationalError(
-                f"consumer {self.consumer_id}'s session lock is still held elsewhere"
-            )
+        _take_session_lock(conn, self._stmts, self.consumer_id, self._opts.lock_grace / 2)
         self._sync_listen()
         # Give every other consumer the time to come back before judging them
         # (after a server restart all session locks vanish at once).
@@ -398,3 +372,39 @@ class Listener:
                 if self._heartbeat():
                     self._reaper.reap(conn)
                 next_beat = time.monotonic() + interval
+
+
+def _session_conninfo(conninfo: str, opts: TransportOptions) -> str:
+    """The listener session's conninfo. Its statements must never hang: a
+    lock is given up after one heartbeat interval, any statement after
+    lease_timeout, and the server drops the session (and its lock) once
+    this host is silent."""
+    timeouts = {
+        "lock_timeout": int(opts.heartbeat_interval * 1000),
+        "statement_timeout": int(opts.lease_timeout * 1000),
+        **SERVER_KEEPALIVES,
+    }
+    return make_conninfo(
+        conninfo,
+        application_name=LISTENER_APP_NAME,
+        options=session_options(conninfo, timeouts),
+    )
+
+
+def _take_session_lock(
+    conn: psycopg.Connection[Any], stmts: Statements, consumer_id: int, patience: float
+) -> None:
+    """Take the consumer's session lock, the proof of its liveness. A
+    session that just ended (a parked connection's, or this listener's
+    previous one) may hold it a moment longer: wait up to ``patience``."""
+    lock = {"ns": stmts.lock_namespace, "id": consumer_id}
+    deadline = time.monotonic() + patience
+    locked = conn.execute(stmts.take_lock, lock).fetchone()
+    while not (locked and locked[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        locked = conn.execute(stmts.take_lock, lock).fetchone()
+    if not (locked and locked[0]):
+        # The previous session of this consumer is still on its way out.
+        raise psycopg.OperationalError(
+            f"consumer {consumer_id}'s session lock is still held elsewhere"
+        )

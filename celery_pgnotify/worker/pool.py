@@ -77,6 +77,19 @@ class PoolSettings:
     max_lifetime: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def child_args(self, conn: Connection) -> tuple[Any, ...]:
+        """The arguments of :func:`~.child.child_main`, talking over ``conn``."""
+        return (
+            self.app_path,
+            conn,
+            self.max_tasks_per_child,
+            self.loglevel,
+            self.logfile,
+            self.max_memory_per_child,
+            self.hostname,
+            self.max_lifetime,
+        )
+
 
 class Pool:
     """Children fed from one queue held here, in the manager."""
@@ -115,16 +128,7 @@ class Pool:
         process = self._ctx.Process(
             target=child_main,
             name=f"celery-pg-child-{self._next_index}",
-            args=(
-                s.app_path,
-                child_end,
-                s.max_tasks_per_child,
-                s.loglevel,
-                s.logfile,
-                s.max_memory_per_child,
-                s.hostname,
-                s.max_lifetime,
-            ),
+            args=s.child_args(child_end),
             daemon=True,
         )
         process.start()
@@ -238,10 +242,6 @@ class Pool:
                 for pid, c in self._children.items()
                 if c.job is not None
             }
-
-    def busy(self) -> bool:
-        with self._lock:
-            return bool(self._queue) or any(c.job for c in self._children.values())
 
     def cancel(self, tag: int, sig: int = signal.SIGUSR1) -> bool:
         """Signal the child running the job of delivery ``tag``.
@@ -374,7 +374,8 @@ class Pool:
     def _reap(self, child: Child) -> None:
         self._read(child)  # whatever it said before exiting
         child.process.join()
-        pid = child.process.pid
+        pid, code = child.process.pid, child.process.exitcode
+        who = f"Pool child {child.index} (pid {pid})"
         with self._lock:
             self._children.pop(pid, None)
             job, child.job = child.job, None
@@ -382,33 +383,15 @@ class Pool:
             if job is not None and not child.accepted:
                 # Handed over but never started: it goes to the next child.
                 self._queue.appendleft(job)
-                logger.info(
-                    "Pool child %s (pid %s) exited before starting %s[%s]",
-                    child.index,
-                    pid,
-                    job.name,
-                    job.task_id,
-                )
+                logger.info("%s exited before starting %s[%s]", who, job.name, job.task_id)
                 job = None
         if job is not None:
             logger.error(
-                "Pool child %s (pid %s) exited with code %s while running %s[%s]",
-                child.index,
-                pid,
-                child.process.exitcode,
-                job.name,
-                job.task_id,
+                "%s exited with code %s while running %s[%s]", who, code, job.name, job.task_id
             )
-            self._on_event(
-                Event("lost", job.task_id, pid, tag=job.tag, exitcode=child.process.exitcode)
-            )
+            self._on_event(Event("lost", job.task_id, pid, tag=job.tag, exitcode=code))
         elif unexpected:
-            logger.warning(
-                "Pool child %s (pid %s) exited with code %s",
-                child.index,
-                pid,
-                child.process.exitcode,
-            )
+            logger.warning("%s exited with code %s", who, code)
         child.conn.close()
         self._refill = True  # the main thread forks its replacement
         self._wake_main()
