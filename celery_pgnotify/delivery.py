@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 from celery_pgnotify.connect import wait_readable
-from celery_pgnotify.listener import Listener
 from celery_pgnotify.options import TransportOptions
 from celery_pgnotify.session import ConsumerSession
 
@@ -154,12 +153,13 @@ class Delivery:
 
     # -- drain_events ----------------------------------------------------------------
 
-    def drain_events(self, listener: Listener, timeout: float | None) -> None:
+    def drain_events(self, timeout: float | None) -> None:
         """Deliver what is ready, else block on the LISTEN wake-up.
 
         Returns after delivering, or when :meth:`wakeup` was called; raises
         ``TimeoutError`` when ``timeout`` passes with nothing to do.
         """
+        listener = self._session.listener()
         clock = time.monotonic
         deadline = None if timeout is None else clock() + timeout
         while True:
@@ -179,9 +179,10 @@ class Delivery:
                 wait = min(wait, deadline - now)
             wait_readable([listener.wake_fd], wait)
 
-    def wakeup(self, listener: Listener | None) -> None:
+    def wakeup(self) -> None:
         """Make a blocked :meth:`drain_events` return (thread-safe)."""
         self._woken.set()
+        listener = self._session.current()
         if listener is not None:
             listener.wake()
 
@@ -193,14 +194,15 @@ class Delivery:
 
     # -- Celery's hub ------------------------------------------------------------------
 
-    def register(self, loop: Any, listener: Listener) -> None:
+    def register(self, loop: Any) -> None:
+        listener = self._session.listener()
         self.loop_thread = threading.get_ident()
         self._loop = loop
         loop.add_reader(listener.wake_fd, self._on_wake)
         self._poll_timer = loop.call_repeatedly(self._interval, self._poll_all)
         loop.on_tick.add(self._on_tick)
 
-    def leave_event_loop(self, listener: Listener | None) -> None:
+    def leave_event_loop(self) -> None:
         """Take the reader, timer and tick callback out of the event loop.
         Celery does not ask when it reconnects: it drops the readers and
         makes a new transport, and the old one's timer and tick would
@@ -213,6 +215,7 @@ class Delivery:
         if timer is not None:
             timer.cancel()
         loop.on_tick.discard(self._on_tick)
+        listener = self._session.current()
         if listener is not None and listener.wake_fd >= 0:
             loop.remove(listener.wake_fd)
 

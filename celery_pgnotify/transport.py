@@ -384,7 +384,7 @@ class Channel(Topology, virtual.Channel):
         # Under the id the messages were leased to, even when that consumer
         # was declared dead meanwhile (its session ended): whatever is still
         # leased to it goes back.
-        consumer = self.connection.session.consumer_id_or_none()
+        consumer = self._consumer_id()
         if not ids or consumer is None:
             return
         self._execute(
@@ -507,7 +507,7 @@ class Transport(virtual.Transport):
     def close_connection(self, connection: Any) -> None:
         try:
             if os.getpid() == self._pid:
-                self.delivery.leave_event_loop(self.session.current())
+                self.delivery.leave_event_loop()
             super().close_connection(connection)
         finally:
             if os.getpid() == self._pid:
@@ -601,17 +601,17 @@ class Transport(virtual.Transport):
     def drain_events(self, connection: Any, timeout: float | None = None, **kwargs: Any) -> None:
         """Deliver what is ready, else block on the LISTEN wake-up (until
         :meth:`wakeup`, or ``TimeoutError`` after ``timeout``)."""
-        self.delivery.drain_events(self.listener(), timeout)
+        self.delivery.drain_events(timeout)
 
     def wakeup(self) -> None:
         """Make a blocked :meth:`drain_events` return (thread-safe)."""
-        self.delivery.wakeup(self.session.current())
+        self.delivery.wakeup()
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
-        self.delivery.register(loop, self.listener())
+        self.delivery.register(loop)
 
     def unregister_from_event_loop(self, connection: Any, loop: Any) -> None:
-        self.delivery.leave_event_loop(self.session.current())
+        self.delivery.leave_event_loop()
         self.delivery.flush_acks()
 
     @property

@@ -3,9 +3,9 @@
 Every blocking wait here (the consumer's event loop, the LISTEN thread, a
 ``.get()`` on a result, the worker pool's results thread) watches a
 descriptor; another thread wakes it by writing a byte. Both ends are
-non-blocking, and a pipe is closed once: after :meth:`WakePipe.close` (or
-:meth:`WakePipe.forget`, in a forked child) every call touches nothing,
-since a closed descriptor's number soon belongs to another file.
+non-blocking, and a pipe is closed once: after :meth:`WakePipe.close` every
+call touches nothing, since a closed descriptor's number soon belongs to
+another file.
 """
 
 from __future__ import annotations
@@ -54,8 +54,3 @@ class WakePipe:
                     os.close(fd)
                 except OSError:
                     pass
-
-    def forget(self) -> None:
-        """In a forked child: the descriptors are the parent's; never touch them."""
-        self._lock = threading.Lock()
-        self._r = self._w = -1
