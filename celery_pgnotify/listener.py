@@ -122,7 +122,9 @@ class Listener:
             self.stop(release=False)
             raise DatabaseUnavailable("the LISTEN session could not be opened in time")
         if self._first_error is not None:
-            self.stop()
+            # A consumer being taken over keeps its leases: its process still
+            # holds (and may be running) what is leased to it.
+            self.stop(release=not self._adopting)
             raise self._first_error
         assert self.consumer_id is not None
         return self.consumer_id

@@ -55,15 +55,21 @@ class ConsumerSession:
         process is no live consumer, and must reconnect before claiming more.
         """
         if self._listener is None:
-            adopted, acks = _parked_consumers.pop(self._parking_key(), (None, []))
+            key = self._parking_key()
+            adopted, acks = _parked_consumers.get(key, (None, []))
             listener = Listener(self._conninfo, self._stmts, self._opts, consumer_id=adopted)
-            listener.start()
+            listener.start()  # if it fails, the parked consumer waits for the next try
+            _parked_consumers.pop(key, None)
             self._listener = listener
             if acks:
                 # Written whether or not the consumer survived: these tasks
                 # ran, and a message given back meanwhile must not run again.
                 ack_many = self._stmts.writes(self._opts.async_acks).ack_many
-                self._work_conn().execute(ack_many, {"ids": acks})
+                try:
+                    self._work_conn().execute(ack_many, {"ids": acks})
+                except BaseException:
+                    self.unwritten_acks += acks  # the next handover writes them
+                    raise
         else:
             self.check()
         return self._listener

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import psycopg
+import pytest
 from kombu import Consumer, Exchange, Queue
 
 from tests.test_transport import collect, count_rows, drain_until, publish
@@ -176,6 +177,27 @@ def test_a_lost_connections_consumer_is_taken_over_with_its_leases(make_connecti
         message.channel = second.default_channel
         message.ack()
     assert count_rows(db, schema) == 0
+
+
+def test_a_failed_takeover_keeps_the_parked_consumer_for_the_next_try(
+    make_connection, db, pg_dsn, schema
+):
+    """The next connection's LISTEN session cannot start (here: the
+    consumers table is locked past lock_timeout). The parked consumer and its
+    lease are kept, neither released nor forgotten: the retry takes it over."""
+    queue = Queue("retake", Exchange("retake"), routing_key="retake")
+    _, consumer_id = _park_holding_one(make_connection, db, schema, queue)
+    second = make_connection()
+    with second:
+        second.connect()
+        with psycopg.connect(pg_dsn) as locker:
+            locker.execute(f'LOCK TABLE "{schema}".consumers IN ACCESS EXCLUSIVE MODE')
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                second.transport.consumer_id()
+            locker.rollback()
+        assert count_rows(db, schema, f"consumer_id = {consumer_id}") == 1
+        assert second.transport.consumer_id() == consumer_id
+        assert second.transport.resumed
 
 
 def test_a_parked_consumer_reaped_meanwhile_starts_afresh(make_connection, db, schema):
