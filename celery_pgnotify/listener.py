@@ -39,14 +39,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from celery_pgnotify.connect import (
-    SERVER_KEEPALIVES,
-    close_quietly,
-    connect,
-    forget_after_fork,
-    session_options,
-    wait_readable,
-)
+from celery_pgnotify.connect import SERVER_KEEPALIVES, forget_after_fork, session_options
 from celery_pgnotify.errors import DatabaseUnavailable
 from celery_pgnotify.listening import Listening
 from celery_pgnotify.options import TransportOptions
@@ -80,14 +73,13 @@ class Listener:
         self._hostname = socket.gethostname()
         self._lock = threading.Lock()
         self._queues: dict[str, str] = {}  # channel -> queue
-        self._listen: Listening | None = None  # the LISTEN side of the session
+        self._listen = Listening(self._on_channel)
         self._notified: set[str] = set()
         self._woken = WakePipe()  # for the consuming side: queues were notified
         self._ctrl = WakePipe()  # for the thread: queues changed, or stop
         self._stopping = threading.Event()
         self._first_session = threading.Event()
         self._first_error: BaseException | None = None
-        self._conn: psycopg.Connection[Any] | None = None
         self._pid = os.getpid()
         self._reaper = Reaper(stmts, opts)
         self._last_beat = 0.0  # monotonic time of the last heartbeat that committed
@@ -164,7 +156,7 @@ class Listener:
         self._poke()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=self._opts.connect_timeout + 5)
-        conn, self._conn = self._conn, None
+        conn = self._listen.conn
         if conn is not None and not conn.closed:
             if release and self.consumer_id is not None:
                 try:
@@ -177,7 +169,7 @@ class Listener:
                     )
                 except psycopg.Error as exc:
                     logger.warning("Could not release leases on shutdown: %s", exc)
-            conn.close()
+        self._listen.close()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             # Still in a statement or a connect: its pipes stay open (a few
             # descriptors leak) rather than be closed under it, since a
@@ -195,7 +187,7 @@ class Listener:
     def _forget_after_fork(self) -> None:
         # The thread does not exist in the child; its connection belongs to
         # the parent. Drop references without closing anything.
-        self._conn = None
+        self._listen.forget()
         self._stopping.set()
 
     # -- the thread --------------------------------------------------------
@@ -230,7 +222,7 @@ class Listener:
                 if self._stopping.is_set():
                     break
                 logger.warning("LISTEN session lost (%s); reconnecting in %.1fs", exc, delay)
-                self._drop_session()
+                self._listen.close()
                 self._stopping.wait(delay)
                 delay = min(delay * 2, self._opts.reconnect_max_delay)
             except Exception as exc:  # a bug must not end liveness: start over
@@ -239,19 +231,13 @@ class Listener:
                     self._first_error = exc
                     self._first_session.set()
                     return
-                self._drop_session()
+                self._listen.close()
                 self._stopping.wait(delay)
                 delay = min(delay * 2, self._opts.reconnect_max_delay)
 
-    def _drop_session(self) -> None:
-        conn, self._conn = self._conn, None
-        self._listen = None
-        close_quietly(conn)
-
     def _open_session(self) -> None:
-        conn = connect(_session_conninfo(self._conninfo, self._opts))
-        self._listen = Listening(conn, self._on_channel)
-        self._conn = conn
+        # LISTEN comes once the consumer holds its session lock (_sync_listen).
+        conn = self._listen.open(_session_conninfo(self._conninfo, self._opts))
         with self._lock:
             queues = list(self._queues.values())
         params = {"hostname": self._hostname, "pid": os.getpid(), "queues": queues}
@@ -286,7 +272,6 @@ class Listener:
         self._wake(queues)
 
     def _sync_listen(self) -> None:
-        assert self._listen is not None
         with self._lock:
             wanted = dict(self._queues)
         if self._listen.sync(wanted):
@@ -303,7 +288,8 @@ class Listener:
     def _heartbeat(self) -> bool:
         """Prove this consumer alive; False when a lock or a slow database
         held the statement up past its timeout (tried again next beat)."""
-        assert self._conn is not None and self.consumer_id is not None
+        conn = self._listen.conn
+        assert conn is not None and self.consumer_id is not None
         with self._lock:
             queues = list(self._queues.values())
         params = {
@@ -313,7 +299,7 @@ class Listener:
             "queues": queues,
         }
         try:
-            alive = self._conn.execute(self._stmts.heartbeat, params).fetchone()
+            alive = conn.execute(self._stmts.heartbeat, params).fetchone()
         except STALLED as exc:
             logger.warning("Heartbeat held up (%s); trying again", exc)
             return False
@@ -332,7 +318,7 @@ class Listener:
         self._last_beat = now
         if queues:
             try:
-                self._conn.execute(self._stmts.touch_queues, {"queues": queues})
+                conn.execute(self._stmts.touch_queues, {"queues": queues})
             except STALLED as exc:
                 logger.debug("Queues not touched this beat (%s)", exc)
         return True
@@ -354,21 +340,19 @@ class Listener:
         raise _Reaped
 
     def _serve(self) -> None:
-        conn = self._conn
+        conn = self._listen.conn
         assert conn is not None
-        sock = conn.fileno()
         interval = self._opts.heartbeat_interval
         next_beat = time.monotonic() + interval
         while not self._stopping.is_set():
             timeout = max(0.0, next_beat - time.monotonic())
-            readable = wait_readable([sock, self._ctrl.fd], timeout)
+            notified, readable = self._listen.wait(timeout, self._ctrl.fd)
             if self._ctrl.fd in readable:
                 self._ctrl.drain()
                 if self._stopping.is_set():
                     return
                 self._sync_listen()
-            if sock in readable:
-                assert self._listen is not None
+            if notified:
                 self._listen.read()
             if time.monotonic() >= next_beat:
                 if self._heartbeat():

@@ -20,13 +20,7 @@ import psycopg
 from celery import states
 from celery.backends.asynchronous import BaseResultConsumer
 
-from celery_pgnotify.connect import (
-    close_quietly,
-    close_with,
-    connect,
-    forget_after_fork,
-    wait_readable,
-)
+from celery_pgnotify.connect import close_with, forget_after_fork
 from celery_pgnotify.listening import Listening
 from celery_pgnotify.wakeup import WakePipe
 
@@ -51,14 +45,12 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._lock = threading.Lock()
-        self._conn: psycopg.Connection[Any] | None = None
-        self._listen: Listening | None = None  # the LISTEN side of _conn
+        self._listen = Listening(self._on_channel)
         self._channels: dict[str, str] = {}  # channel -> task id
         self._to_unlisten: set[str] = set()
         self._inbox: deque[str] = deque()  # ids of tasks announced, to read
         self._next_reread = time.monotonic() + REREAD_INTERVAL
         self._wakeup: WakePipe | None = None  # made with the first connection
-        self._connected_before = False
         forget_after_fork(self)
 
     # -- the interface Celery calls ------------------------------------------
@@ -74,15 +66,15 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         channel = self.backend.stmts.result_channel(task_id)
         with self._locked():
             self._to_unlisten.discard(channel)
-            if self._channels.get(channel) == task_id and self._conn is not None:
+            if self._channels.get(channel) == task_id and self._listen.is_open:
                 return
             self._channels[channel] = task_id
             try:
-                if self._conn is None or self._conn.closed:
+                if not self._listen.is_open:
                     # (Re)connecting listens to every channel, this one
                     # included, and re-reads what may have been missed.
                     self._connection()
-                elif self._listen is not None:
+                else:
                     self._listen.sync(self._channels)
             except psycopg.OperationalError:
                 # The next drain reconnects, listens again and re-reads.
@@ -160,34 +152,20 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
                     self._lock.release()
 
     def _connection(self) -> psycopg.Connection[Any]:
-        if self._conn is None or self._conn.closed:
-            reconnecting = self._connected_before
-            self._open()
-            self._connected_before = True
+        conn = self._listen.conn
+        if conn is None or conn.closed:
+            reconnecting = self._listen.opened_before
+            if self._wakeup is None:
+                self._wakeup = WakePipe()
+            conn = self._listen.open(self.backend.conninfo, self._channels)
+            close_with(self, conn)
             if reconnecting:
                 # Whatever happened while disconnected is in the table.
                 self._inbox.extend(self._channels.values())
-        assert self._conn is not None
-        return self._conn
-
-    def _open(self) -> None:
-        self._drop()
-        conn = connect(self.backend.conninfo)
-        close_with(self, conn)
-        listen = Listening(conn, self._on_channel)
-        if self._wakeup is None:
-            self._wakeup = WakePipe()
-        try:
-            listen.sync(self._channels)
-        except BaseException:
-            close_quietly(conn)
-            raise
-        self._conn, self._listen = conn, listen
+        return conn
 
     def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        self._listen = None
-        close_quietly(conn)
+        self._listen.close()
 
     def _close(self) -> None:
         self._drop()
@@ -199,20 +177,19 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
 
     def _forget_after_fork(self) -> None:
         # The parent's socket and pipe are not ours to use or close.
-        self._conn = self._listen = None
+        self._listen.forget()
         self._lock = threading.Lock()
         self._channels = {}
         self._to_unlisten = set()
         self._inbox = deque()
         self._wakeup = None  # the parent's descriptors: never touched here
-        self._connected_before = False
 
     def _flush_unlisten(self) -> None:
         if not self._to_unlisten:
             return
         while self._to_unlisten:
             self._channels.pop(self._to_unlisten.pop(), None)
-        if self._listen is not None and not self._listen.conn.closed:
+        if self._listen.is_open:
             try:
                 self._listen.sync(self._channels)
             except psycopg.OperationalError:
@@ -232,7 +209,7 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
     def _read(self, conn: psycopg.Connection[Any]) -> None:
         """Move notifications already received into the inbox (no waiting)."""
         try:
-            if self._listen is not None and self._listen.conn is conn:
+            if self._listen.conn is conn:
                 self._listen.read()
         except psycopg.OperationalError:
             logger.warning("Result backend: lost the LISTEN connection; reconnecting")
@@ -240,16 +217,12 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
 
     def _wait(self, conn: psycopg.Connection[Any], timeout: float) -> None:
         wakeup = self._wakeup
-        try:
-            fds = [conn.fileno(), wakeup.fd if wakeup is not None else -1]
-        except psycopg.Error:
-            return
-        readable = wait_readable(fds, timeout)
+        notified, readable = self._listen.wait(timeout, wakeup.fd if wakeup is not None else -1)
         if wakeup is not None and wakeup.fd in readable:
             wakeup.drain()
-        if conn.fileno() in readable:
+        if notified:
             with self._locked() as locked:
-                if locked and self._conn is conn:
+                if locked:
                     self._read(conn)
 
     def _handle_inbox(self) -> None:
