@@ -103,14 +103,9 @@ class ConsumerWrites:
 
 
 @dataclass(frozen=True)
-class Statements:
-    """Every statement the project runs, as attributes.
+class _Topology:
+    """Publishing, and declaring queues, exchanges and bindings."""
 
-    ``Statements()`` holds the templates (``{s}``: the quoted schema);
-    :func:`statements` renders them for one schema.
-    """
-
-    schema: str = ""
     # One statement: route through the bindings, insert, and notify each
     # queue once (DISTINCT gives one row per queue) in RETURNING.
     publish_routed: str = (
@@ -193,6 +188,12 @@ class Statements:
         "SELECT routing_key, pattern, queue FROM {s}.bindings WHERE exchange = %(name)s"
     )
     list_bindings: str = "SELECT queue, exchange, routing_key FROM {s}.bindings"
+
+
+@dataclass(frozen=True)
+class _Consumers:
+    """The life of a consumer: registration, heartbeat, leases, reaping."""
+
     register_consumer: str = (
         "INSERT INTO {s}.consumers (hostname, pid, queues)"
         " VALUES (%(hostname)s, %(pid)s, %(queues)s) RETURNING id"
@@ -287,7 +288,12 @@ class Statements:
         " SELECT queue, " + _NOTIFY + " FROM (SELECT DISTINCT queue FROM orphans) AS q"
     )
     take_lock: str = "SELECT pg_try_advisory_lock(%(ns)s, %(id)s)"
-    # -- dead letters --
+
+
+@dataclass(frozen=True)
+class _Operations:
+    """Dead letters, and what ``celery-pg status`` reads."""
+
     dead_letter: str = (
         "WITH m AS (DELETE FROM {s}.messages WHERE id = %(id)s"
         " RETURNING id, queue, rank, payload)"
@@ -347,7 +353,12 @@ class Statements:
         " extract(epoch FROM now() - heartbeat_at)"
         " FROM {s}.consumers ORDER BY hostname, pid"
     )
-    # -- result backend --
+
+
+@dataclass(frozen=True)
+class _Results:
+    """The result backend: results, groups, chords, their expiry."""
+
     # One statement stores and wakes the waiter. A SUCCESS is final (a lost
     # worker's late FAILURE must not overwrite it), unless it already expired.
     store_result: str = (
@@ -395,7 +406,33 @@ class Statements:
         " ON CONFLICT (group_id) DO UPDATE SET counter = c.counter + 1,"
         " expires_at = EXCLUDED.expires_at RETURNING counter"
     )
-    # -- beat --
+    cleanup_results: str = (
+        "WITH r AS (DELETE FROM {s}.results WHERE expires_at <= now() RETURNING 1),"
+        " g AS (DELETE FROM {s}.result_groups WHERE expires_at <= now() RETURNING 1),"
+        " c AS (DELETE FROM {s}.chord_counters WHERE expires_at <= now() RETURNING 1),"
+        " p AS (DELETE FROM {s}.chord_parts WHERE expires_at <= now())"
+        " SELECT (SELECT count(*) FROM r), (SELECT count(*) FROM g), (SELECT count(*) FROM c)"
+    )
+    # Every key-value table of the result backend is deleted from, and given a
+    # new lifetime, by key the same way.
+    delete_result: str = "DELETE FROM {s}.results WHERE task_id = %(id)s"
+    delete_group: str = "DELETE FROM {s}.result_groups WHERE group_id = %(id)s"
+    delete_chord: str = "DELETE FROM {s}.chord_counters WHERE group_id = %(id)s"
+    expire_result: str = (
+        "UPDATE {s}.results SET expires_at = " + _EXPIRES_AT + " WHERE task_id = %(id)s"
+    )
+    expire_group: str = (
+        "UPDATE {s}.result_groups SET expires_at = " + _EXPIRES_AT + " WHERE group_id = %(id)s"
+    )
+    expire_chord: str = (
+        "UPDATE {s}.chord_counters SET expires_at = " + _EXPIRES_AT + " WHERE group_id = %(id)s"
+    )
+
+
+@dataclass(frozen=True)
+class _Beat:
+    """Beat's schedule state and its leader lease."""
+
     beat_state: str = (
         "SELECT name, schedule, last_run_at, total_run_count FROM {s}.beat_entries"
         " WHERE name = ANY(%(names)s)"
@@ -435,27 +472,18 @@ class Statements:
     beat_resign: str = (
         "UPDATE {s}.beat_leader SET expires_at = now() WHERE id = 1 AND holder = %(holder)s"
     )
-    cleanup_results: str = (
-        "WITH r AS (DELETE FROM {s}.results WHERE expires_at <= now() RETURNING 1),"
-        " g AS (DELETE FROM {s}.result_groups WHERE expires_at <= now() RETURNING 1),"
-        " c AS (DELETE FROM {s}.chord_counters WHERE expires_at <= now() RETURNING 1),"
-        " p AS (DELETE FROM {s}.chord_parts WHERE expires_at <= now())"
-        " SELECT (SELECT count(*) FROM r), (SELECT count(*) FROM g), (SELECT count(*) FROM c)"
-    )
-    # Every key-value table of the result backend is deleted from, and given a
-    # new lifetime, by key the same way.
-    delete_result: str = "DELETE FROM {s}.results WHERE task_id = %(id)s"
-    delete_group: str = "DELETE FROM {s}.result_groups WHERE group_id = %(id)s"
-    delete_chord: str = "DELETE FROM {s}.chord_counters WHERE group_id = %(id)s"
-    expire_result: str = (
-        "UPDATE {s}.results SET expires_at = " + _EXPIRES_AT + " WHERE task_id = %(id)s"
-    )
-    expire_group: str = (
-        "UPDATE {s}.result_groups SET expires_at = " + _EXPIRES_AT + " WHERE group_id = %(id)s"
-    )
-    expire_chord: str = (
-        "UPDATE {s}.chord_counters SET expires_at = " + _EXPIRES_AT + " WHERE group_id = %(id)s"
-    )
+
+
+@dataclass(frozen=True)
+class Statements(_Topology, _Consumers, _Operations, _Results, _Beat):
+    """Every statement the project runs, as attributes (by room, in the
+    base classes above).
+
+    ``Statements()`` holds the templates (``{s}``: the quoted schema);
+    :func:`statements` renders them for one schema.
+    """
+
+    schema: str = ""
     #: what a consumer writes, committed as the server is configured ...
     durable_writes: ConsumerWrites = ConsumerWrites()
     #: ... and without waiting for the WAL flush

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from celery_pgnotify import migrations
+from celery_pgnotify.statements import statements
 
 CATALOG = {
     "relations": (
@@ -106,3 +110,37 @@ def test_migrations_are_numbered_from_one_without_gaps() -> None:
     versions = [version for version, _ in migrations.MIGRATIONS]
     assert versions == list(range(1, len(versions) + 1))
     assert f"at version {migrations.LATEST_VERSION}:" in migrations.CURRENT
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(queue=st.text(st.characters(exclude_characters="\x00"), min_size=1, max_size=80))
+@example(queue="celery")
+@example(queue="q'; NOTIFY x; --")
+def test_send_task_notifies_the_channel_the_transport_listens_on(
+    pg_dsn: str, db: psycopg.Connection[Any], two_schemas: list[str], queue: str
+) -> None:
+    # send_task() names the queue's NOTIFY channel in PL/pgSQL; the
+    # transport derives it in Python (statements.channel) to LISTEN on it.
+    schema = two_schemas[0]
+    migrations.migrate(db, schema)
+    channel = statements(schema).channel(queue)
+    got: list[str] = []
+    with psycopg.connect(pg_dsn, autocommit=True) as listener:
+        listener.add_notify_handler(lambda n: got.append(n.channel))
+        listener.execute(f'LISTEN "{channel}"')
+        db.execute(
+            f'INSERT INTO "{schema}".consumers (hostname, pid, queues)'
+            " VALUES ('h', 1, ARRAY[%s]) RETURNING id",
+            (queue,),
+        )
+        try:
+            db.execute(f'SELECT "{schema}".send_task(%s, queue => %s)', ("t.add", queue))
+            deadline = time.monotonic() + 5
+            while not got and time.monotonic() < deadline:
+                listener.execute("SELECT pg_sleep(0.01)")  # reads what has arrived
+        finally:
+            db.execute(f'DELETE FROM "{schema}".consumers')
+            db.execute(f'DELETE FROM "{schema}".messages')
+    assert got == [channel]
