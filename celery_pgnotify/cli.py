@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -237,8 +238,84 @@ def check(app_path: str | None, url: str | None, schema: str | None, as_json: bo
         sys.exit(1)
 
 
+def _process(what: str) -> Callable[[Any], Any]:
+    """The options every long-running command shares: the app, logging, a pidfile."""
+
+    def apply(function: Any) -> Any:
+        for option in reversed(
+            [
+                click.option(
+                    "-A", "--app", "app_path", required=True, help="The Celery app (module[:attr])."
+                ),
+                click.option("-l", "--loglevel", default="INFO"),
+                click.option(
+                    "-S",
+                    "--scheduler",
+                    help="Beat scheduler class (default: the PostgreSQL one, unless "
+                    "beat_scheduler is set).",
+                ),
+                click.option(
+                    "--logfile", type=click.Path(dir_okay=False), help="Log to this file."
+                ),
+                click.option(
+                    "--pidfile",
+                    type=click.Path(dir_okay=False),
+                    help=f"Write the {what} process id here; refuse to start if it is in use.",
+                ),
+            ]
+        ):
+            function = option(function)
+        return function
+
+    return apply
+
+
+# The pool's limits: each overrides the Celery setting it names.
+_POOL_LIMITS: list[tuple[str, Any, str]] = [
+    (
+        "--max-tasks-per-child",
+        click.IntRange(min=0),
+        "Replace a child after this many tasks (worker_max_tasks_per_child).",
+    ),
+    (
+        "--prefetch-multiplier",
+        click.IntRange(min=1),
+        "Messages waiting in the manager per child (default 16, or the app's "
+        "worker_prefetch_multiplier when it is not Celery's default 4).",
+    ),
+    (
+        "--max-memory-per-child",
+        click.IntRange(min=0),
+        "Replace a child after a task leaves it above this resident memory, in KiB "
+        "(worker_max_memory_per_child).",
+    ),
+    (
+        "--max-lifetime-per-child",
+        click.FloatRange(min=0),
+        "Replace a child once it is older than this many seconds, after its current "
+        "task (pgnotify_max_lifetime_per_child).",
+    ),
+    (
+        "--time-limit",
+        click.FloatRange(min=0),
+        "Hard limit, seconds (task_time_limit): SIGUSR1, then SIGKILL after a grace period.",
+    ),
+    (
+        "--soft-time-limit",
+        click.FloatRange(min=0),
+        "Soft limit, seconds (task_soft_time_limit): SoftTimeLimitExceeded inside the task.",
+    ),
+]
+
+
+def _pool_limits(function: Any) -> Any:
+    for name, kind, text in reversed(_POOL_LIMITS):
+        function = click.option(name, type=kind, help=text)(function)
+    return function
+
+
 @main.command(context_settings={"show_default": True})
-@click.option("-A", "--app", "app_path", required=True, help="The Celery app (module[:attr]).")
+@_process("main")
 @click.option("-Q", "--queues", help="Comma-separated queues (default: the app's task queues).")
 @click.option(
     "-c",
@@ -246,58 +323,19 @@ def check(app_path: str | None, url: str | None, schema: str | None, as_json: bo
     type=click.IntRange(min=1),
     help="Pool children (default: worker_concurrency, else the number of CPUs).",
 )
-@click.option("-l", "--loglevel", default="INFO")
 @click.option("-n", "--hostname", help="Node name (default: celery@HOST).")
-@click.option(
-    "--max-tasks-per-child",
-    type=click.IntRange(min=0),
-    help="Replace a child after this many tasks (worker_max_tasks_per_child).",
-)
-@click.option(
-    "--prefetch-multiplier",
-    type=click.IntRange(min=1),
-    help="Messages waiting in the manager per child (default 16, or the "
-    "app's worker_prefetch_multiplier when it is not Celery's default 4).",
-)
-@click.option(
-    "--max-memory-per-child",
-    type=click.IntRange(min=0),
-    help="Replace a child after a task leaves it above this resident memory, in KiB "
-    "(worker_max_memory_per_child).",
-)
-@click.option(
-    "--max-lifetime-per-child",
-    type=click.FloatRange(min=0),
-    help="Replace a child once it is older than this many seconds, after its current "
-    "task (pgnotify_max_lifetime_per_child).",
-)
-@click.option(
-    "--time-limit",
-    type=click.FloatRange(min=0),
-    help="Hard limit, seconds (task_time_limit): SIGUSR1, then SIGKILL after a grace period.",
-)
-@click.option(
-    "--soft-time-limit",
-    type=click.FloatRange(min=0),
-    help="Soft limit, seconds (task_soft_time_limit): SoftTimeLimitExceeded inside the task.",
-)
+@_pool_limits
 @click.option(
     "-E",
     "--task-events",
     is_flag=True,
-    default=False,
     help="Send task and worker events (worker_send_task_events), for Flower.",
 )
-@click.option(
-    "--autoscale",
-    metavar="MAX,MIN",
-    help="Scale the pool between MIN and MAX children by demand.",
-)
+@click.option("--autoscale", metavar="MAX,MIN", help="Scale the pool between MIN and MAX children.")
 @click.option(
     "-B",
     "--beat",
     is_flag=True,
-    default=False,
     help="Also run Celery beat (the app's beat_schedule) in this process.",
 )
 @click.option(
@@ -307,21 +345,10 @@ def check(app_path: str | None, url: str | None, schema: str | None, as_json: bo
     help="Beat's schedule file (beat_schedule_filename).",
 )
 @click.option(
-    "-S",
-    "--scheduler",
-    help="Beat scheduler class (default: the PostgreSQL one, unless beat_scheduler is set).",
-)
-@click.option(
     "--start-method",
     type=click.Choice(["fork", "forkserver", "spawn"]),
     default="fork",
     help="How pool children are started.",
-)
-@click.option("--logfile", type=click.Path(dir_okay=False), help="Log to this file.")
-@click.option(
-    "--pidfile",
-    type=click.Path(dir_okay=False),
-    help="Write the main process id here; refuse to start if it is in use.",
 )
 def worker(**options: Any) -> None:
     """Run tasks: `celery -A proj worker` becomes `celery-pg worker -A proj`."""
@@ -331,23 +358,11 @@ def worker(**options: Any) -> None:
 
 
 @main.command(context_settings={"show_default": True})
-@click.option("-A", "--app", "app_path", required=True, help="The Celery app (module[:attr]).")
-@click.option("-l", "--loglevel", default="INFO")
-@click.option(
-    "-S",
-    "--scheduler",
-    help="Scheduler class (default: the PostgreSQL one, unless beat_scheduler is set).",
-)
+@_process("beat")
 @click.option(
     "--max-interval",
     type=click.FloatRange(min=0.1),
     help="Longest sleep between checks of the schedule, seconds.",
-)
-@click.option("--logfile", type=click.Path(dir_okay=False), help="Log to this file.")
-@click.option(
-    "--pidfile",
-    type=click.Path(dir_okay=False),
-    help="Write the process id here; refuse to start if it is in use.",
 )
 def beat(
     app_path: str,

@@ -18,11 +18,25 @@ A message lands in ``<schema>.dead_letters`` when
 
 from __future__ import annotations
 
+import logging
 import weakref
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import psycopg
+
+from celery_pgnotify.errors import DatabaseUnavailable
+
+if TYPE_CHECKING:
+    from celery_pgnotify.options import TransportOptions
+    from celery_pgnotify.statements import Statements
+
+logger = logging.getLogger(__name__)
 
 #: The reason recorded when a consumer rejects a message without saying why.
 REJECTED = "rejected by the consumer (requeue=False)"
+
+#: Reasons are cut to this many characters.
+MAX_REASON = 2000
 
 #: Senders of Celery's ``task_unknown`` / ``task_rejected`` signals that
 #: dead-letter with a reason of their own (``celery-pg worker``'s manager).
@@ -80,3 +94,71 @@ def connect_celery_signals() -> None:
         return
     signals.task_unknown.connect(_on_task_unknown, weak=False, dispatch_uid="pgnotify-unknown")
     signals.task_rejected.connect(_on_task_rejected, weak=False, dispatch_uid="pgnotify-rejected")
+
+
+class DeadLettering:
+    """The dead-letter methods of :class:`~celery_pgnotify.transport.Channel`."""
+
+    _stmts: Statements
+    _opts: TransportOptions
+    qos: Any
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._reject_reasons: dict[int, str] = {}
+
+    def _execute(self, query: str, params: dict[str, Any]) -> psycopg.Cursor[Any]:
+        raise NotImplementedError  # the channel's
+
+    def dead_letter(self, delivery_tag: int, reason: str) -> None:
+        """Move a leased message to ``dead_letters`` with ``reason``."""
+        self._execute(self._stmts.dead_letter, {"id": delivery_tag, "reason": reason[:MAX_REASON]})
+
+    def refuse(
+        self, queue: str, msg_id: int, reason: str, taken: tuple[int, str | None] | None
+    ) -> None:
+        """Dead-letter a row no consumer can read, as it is claimed. ``taken``
+        (its rank and payload) when a no_ack take deleted it already."""
+        logger.error("Dead-lettering message %s of queue %r: %s", msg_id, queue, reason)
+        if taken is None:
+            self.dead_letter(msg_id, reason)
+            return
+        rank, payload = taken
+        self._execute(
+            self._stmts.dead_letter_taken,
+            {
+                "id": msg_id,
+                "queue": queue,
+                "rank": rank,
+                "payload": payload,
+                "reason": reason[:MAX_REASON],
+            },
+        )
+
+    def consumer_failed(self, delivery_tag: int, exc: BaseException) -> None:
+        """The consumer's callback raised on a message: dead-letter it (if it
+        is still held), so it costs that message, never the consumer."""
+        reason = f"the consumer failed on this message: {exc!r}"
+        logger.error("Dead-lettering message %s: %s", delivery_tag, reason, exc_info=exc)
+        self.dead_letter(delivery_tag, reason)
+        self.qos._quick_ack(delivery_tag)  # its prefetch slot is free again
+
+    def note_reject_reason(self, delivery_tag: int, reason: str) -> None:
+        """Say why the next ``reject(requeue=False)`` of ``delivery_tag`` happens."""
+        self._reject_reasons[delivery_tag] = reason
+
+    def reject_reason(self, delivery_tag: int) -> str:
+        """Why ``delivery_tag`` is rejected now (said once, then forgotten)."""
+        return self._reject_reasons.pop(delivery_tag, REJECTED)
+
+    def record_reject_reason(self, delivery_tag: int, reason: str) -> None:
+        """Replace the generic reason of a message this channel dead-lettered
+        already (the stock worker says why only after rejecting)."""
+        if not self._opts.dead_letter_rejected:
+            return
+        try:
+            self._execute(
+                self._stmts.dead_letter_reason, {"id": delivery_tag, "reason": reason[:MAX_REASON]}
+            )
+        except (psycopg.Error, DatabaseUnavailable) as exc:  # the row keeps the generic reason
+            logger.debug("Could not record the reject reason: %s", exc)

@@ -42,7 +42,7 @@ from celery_pgnotify.connect import (
     forget_after_fork,
     mask_url,
 )
-from celery_pgnotify.deadletters import REJECTED, connect_celery_signals
+from celery_pgnotify.deadletters import DeadLettering, connect_celery_signals
 from celery_pgnotify.delivery import Delivery
 from celery_pgnotify.enqueue import current_connection
 from celery_pgnotify.envelope import Refused
@@ -72,8 +72,7 @@ class QoS(virtual.QoS):
         if requeue:
             self.channel.requeue_taken([delivery_tag])
         elif self.channel._opts.dead_letter_rejected:
-            reason = self.channel._reject_reasons.pop(delivery_tag, REJECTED)
-            self.channel.dead_letter(delivery_tag, reason)
+            self.channel.dead_letter(delivery_tag, self.channel.reject_reason(delivery_tag))
         else:
             self.channel._ack(delivery_tag)
         self._quick_ack(delivery_tag)
@@ -103,7 +102,7 @@ class QoS(virtual.QoS):
         return []
 
 
-class Channel(Topology, virtual.Channel):
+class Channel(Topology, DeadLettering, virtual.Channel):
     """A channel over the transport's shared work connection."""
 
     QoS = QoS
@@ -122,7 +121,6 @@ class Channel(Topology, virtual.Channel):
         self._deferred_acks: list[int] = []
         self._acks_thread: int | None = None  # the thread that deferred them
         self._no_ack_queues: set[str] = set()
-        self._reject_reasons: dict[int, str] = {}
         self.refused = 0  # rows of the last claim dead-lettered as they were taken
 
     # -- helpers -------------------------------------------------------------
@@ -289,21 +287,8 @@ class Channel(Topology, virtual.Channel):
                     reason = f"malformed message: {exc}"
                 except Exception as exc:  # noqa: BLE001 - whatever it is, it costs this row only
                     reason = f"malformed message: {exc!r}"
-            logger.error("Dead-lettering message %s of queue %r: %s", msg_id, queue, reason)
             self.refused += 1
-            if no_ack:  # already taken off the table
-                self._execute(
-                    self._stmts.dead_letter_taken,
-                    {
-                        "id": msg_id,
-                        "queue": queue,
-                        "rank": rank,
-                        "payload": payload,
-                        "reason": reason,
-                    },
-                )
-            else:
-                self.dead_letter(msg_id, reason)
+            self.refuse(queue, msg_id, reason, taken=(rank, payload) if no_ack else None)
         return messages
 
     def _payload(self, msg_id: int, payload: str, redelivered: bool) -> dict[str, Any]:
@@ -313,34 +298,6 @@ class Channel(Topology, virtual.Channel):
         props["delivery_info"]["redelivered"] = bool(redelivered)
         message["redelivered"] = bool(redelivered)
         return message
-
-    def dead_letter(self, delivery_tag: int, reason: str) -> None:
-        """Move a taken message to ``dead_letters`` with ``reason``."""
-        self._execute(self._stmts.dead_letter, {"id": delivery_tag, "reason": reason[:2000]})
-
-    def consumer_failed(self, delivery_tag: int, exc: BaseException) -> None:
-        """The consumer's callback raised on a message: dead-letter it (if it
-        is still held), so it costs that message, never the consumer."""
-        reason = f"the consumer failed on this message: {exc!r}"
-        logger.error("Dead-lettering message %s: %s", delivery_tag, reason, exc_info=exc)
-        self.dead_letter(delivery_tag, reason)
-        self.qos._quick_ack(delivery_tag)  # its prefetch slot is free again
-
-    def note_reject_reason(self, delivery_tag: int, reason: str) -> None:
-        """Say why the next ``reject(requeue=False)`` of ``delivery_tag`` happens."""
-        self._reject_reasons[delivery_tag] = reason
-
-    def record_reject_reason(self, delivery_tag: int, reason: str) -> None:
-        """Replace the generic reason of a message this channel dead-lettered
-        already (the stock worker says why only after rejecting)."""
-        if not self._opts.dead_letter_rejected:
-            return
-        try:
-            self._execute(
-                self._stmts.dead_letter_reason, {"id": delivery_tag, "reason": reason[:2000]}
-            )
-        except (psycopg.Error, DatabaseUnavailable) as exc:  # the row keeps the generic reason
-            logger.debug("Could not record the reject reason: %s", exc)
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
         """Take one message synchronously (``None`` when the queue is empty).

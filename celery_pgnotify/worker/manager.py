@@ -223,7 +223,7 @@ class Manager(ConsumerMixin):
         # A new consumer: the old one's leases were released (or run out), so
         # messages not started are back in their queues; running them too
         # would run them twice.
-        waiting = self.pool.waiting()
+        waiting = self.pool.queued(take=True)
         for job in waiting:
             inflight.pop(job.tag, None)
         dropped = len(waiting) + len(self.holding.clear())
@@ -268,7 +268,7 @@ class Manager(ConsumerMixin):
 
     def _return_unstarted(self) -> None:
         """Jobs no child started, and ETA tasks held here, go back at once."""
-        for job in self.pool.waiting():
+        for job in self.pool.queued(take=True):
             entry = self.ledger.inflight.pop(job.tag, None)
             if entry is not None:
                 settle(entry[0], "requeue")

@@ -180,17 +180,14 @@ class Pool:
             self._queue.append(job)
             self._dispatch()
 
-    def waiting(self) -> list[Job]:
-        """Take back the jobs no child has started (for warm shutdown)."""
+    def queued(self, take: bool = False) -> list[Job]:
+        """Jobs waiting for an idle child; with ``take``, taken back from the
+        pool (for warm shutdown)."""
         with self._lock:
             jobs = list(self._queue)
-            self._queue.clear()
+            if take:
+                self._queue.clear()
         return jobs
-
-    def queued(self) -> list[Job]:
-        """Jobs waiting for an idle child."""
-        with self._lock:
-            return list(self._queue)
 
     def unqueue(self, tag: int) -> bool:
         """Remove the job of delivery ``tag`` if no child started it yet."""
