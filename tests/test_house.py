@@ -74,3 +74,31 @@ def test_no_module_of_the_package_imports_itself_in_a_cycle():
     graph = _graph()
     assert "celery_pgnotify.worker.manager" in graph  # the walk found the package
     assert _cycle(graph) is None
+
+
+# A room a newcomer reads at a sitting: files and classes past these sizes
+# are split by responsibility (ARCHITECTURE.md names the rooms).
+MAX_FILE_LINES = 650
+MAX_CLASS_LINES = 320
+
+
+def _sizes() -> tuple[dict[str, int], dict[str, int]]:
+    files, classes = {}, {}
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        name = _module_name(path)
+        files[name] = text.count("\n") + 1
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno is not None:
+                classes[f"{name}.{node.name}"] = node.end_lineno - node.lineno + 1
+    return files, classes
+
+
+def test_no_file_or_class_outgrows_a_sitting():
+    files, classes = _sizes()
+    assert (
+        files["celery_pgnotify.transport"] > 100
+        and classes["celery_pgnotify.worker.pool.Pool"] > 100
+    )
+    assert {f: n for f, n in files.items() if n > MAX_FILE_LINES} == {}
+    assert {c: n for c, n in classes.items() if n > MAX_CLASS_LINES} == {}
