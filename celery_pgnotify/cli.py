@@ -128,12 +128,22 @@ def migrate(app_path: str | None, url: str | None, schema: str | None) -> None:
 @_connected
 @_json_option
 def status(conn: Any, stmts: Any, as_json: bool) -> None:
-    """Queues (ready, leased, delayed, oldest age, dead letters) and live consumers."""
+    """Queues (ready, leased, delayed, oldest age, dead letters, scheduled) and live consumers."""
     from celery_pgnotify import ops
 
     data = ops.status(conn, stmts)
     text = _table(
-        data["queues"], ["queue", "ready", "leased", "delayed", "oldest_ready_s", "dead_letters"]
+        data["queues"],
+        [
+            "queue",
+            "ready",
+            "leased",
+            "delayed",
+            "oldest_ready_s",
+            "dead_letters",
+            "scheduled",
+            "next_due_s",
+        ],
     )
     text += "\n\nconsumers (workers and their LISTEN sessions)\n"
     text += _table(

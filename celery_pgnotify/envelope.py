@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from numbers import Real
 from typing import Any
 
@@ -147,6 +147,22 @@ def parse_time(value: Any) -> float | None:
         return datetime.fromtimestamp(seconds, timezone.utc).timestamp()
     except (OverflowError, OSError, ValueError):
         raise Refused(f"{value!r:.100} is not an ISO 8601 time") from None
+
+
+def due_time(headers: dict[str, Any], threshold: float) -> datetime | None:
+    """When a task message published now may first be claimed: its ETA, if
+    that lies more than ``threshold`` seconds ahead; None (at once) for
+    anything else, a naive or unreadable ETA included (the worker judges it)."""
+    value = headers.get("eta")
+    if "task" not in headers or not isinstance(value, str):
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+        if when.tzinfo is None or when - datetime.now(timezone.utc) <= timedelta(seconds=threshold):
+            return None
+    except (ValueError, OverflowError):
+        return None
+    return when
 
 
 def _name(headers: dict[str, Any], key: str, required: bool = False) -> None:

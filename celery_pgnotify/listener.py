@@ -20,6 +20,7 @@ mode). It
   and are bounded by ``statement_timeout``, and after a gap in its own
   heartbeats (the database, a lock or this process was slow) it judges
   nobody for ``lease_timeout``: the others were most likely held up too;
+- moves its queues' scheduled tasks to them when due (``promoter.py``);
 - reconnects with capped exponential backoff, and after any gap marks every
   queue as notified so the consumer re-reads the tables;
 - can take over a consumer whose connection was lost (given its id, see
@@ -34,7 +35,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 import psycopg
 from psycopg.conninfo import make_conninfo
@@ -43,6 +44,7 @@ from celery_pgnotify.connect import SERVER_KEEPALIVES, forget_after_fork, sessio
 from celery_pgnotify.errors import DatabaseUnavailable
 from celery_pgnotify.listening import Listening
 from celery_pgnotify.options import TransportOptions
+from celery_pgnotify.promoter import Promoter
 from celery_pgnotify.reaper import STALLED, Reaper
 from celery_pgnotify.statements import Statements
 from celery_pgnotify.wakeup import WakePipe
@@ -83,6 +85,7 @@ class Listener:
         self._pid = os.getpid()
         self._reaper = Reaper(stmts, opts)
         self._last_beat = 0.0  # monotonic time of the last heartbeat that committed
+        self._promoter = Promoter(stmts, opts.heartbeat_interval / 2)
         #: The consumer id leases are taken under (set once the first session
         #: is up, or given: a parked consumer's, taken over).
         self.consumer_id: int | None = consumer_id
@@ -305,6 +308,7 @@ class Listener:
             return False
         if alive is None:
             self._declared_dead()
+        self._promoter.plan(alive[1])
         now = time.monotonic()
         if now - self._last_beat > 2 * self._opts.heartbeat_interval:
             # A gap of our own: whatever held us up most likely held the
@@ -323,7 +327,7 @@ class Listener:
                 logger.debug("Queues not touched this beat (%s)", exc)
         return True
 
-    def _declared_dead(self) -> None:
+    def _declared_dead(self) -> NoReturn:
         """This consumer was reaped while it lived (a stall or a partition
         longer than lease_timeout): its messages went back to their queues
         and may be running elsewhere. It must not go on as if nothing
@@ -345,7 +349,10 @@ class Listener:
         interval = self._opts.heartbeat_interval
         next_beat = time.monotonic() + interval
         while not self._stopping.is_set():
-            timeout = max(0.0, next_beat - time.monotonic())
+            wake_at = next_beat
+            if self._promoter.next_at is not None:
+                wake_at = min(wake_at, self._promoter.next_at)
+            timeout = max(0.0, wake_at - time.monotonic())
             notified, readable = self._listen.wait(timeout, self._ctrl.fd)
             if self._ctrl.fd in readable:
                 self._ctrl.drain()
@@ -358,6 +365,10 @@ class Listener:
                 if self._heartbeat():
                     self._reaper.reap(conn)
                 next_beat = time.monotonic() + interval
+            if self._promoter.is_due():
+                with self._lock:
+                    queues = list(self._queues.values())
+                self._promoter.promote(conn, queues)
 
 
 def _session_conninfo(conninfo: str, opts: TransportOptions) -> str:

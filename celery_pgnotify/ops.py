@@ -19,7 +19,8 @@ from celery_pgnotify.statements import Statements, statements
 
 
 def status(conn: psycopg.Connection[Any], stmts: Statements) -> dict[str, Any]:
-    """Queues (ready, leased, delayed, oldest age, dead letters) and consumers."""
+    """Queues (ready, leased, delayed, oldest age, dead letters, scheduled in the
+    database and when the next is due) and consumers."""
     delayed: dict[str, int] = {}
     now = time.time()
     for queue, eta in conn.execute(stmts.status_etas).fetchall():
@@ -33,8 +34,12 @@ def status(conn: psycopg.Connection[Any], stmts: Statements) -> dict[str, Any]:
             "delayed": delayed.get(name, 0),
             "oldest_ready_s": round(float(age), 1) if age is not None else None,
             "dead_letters": dead,
+            "scheduled": scheduled,
+            "next_due_s": round(float(due), 1) if due is not None else None,
         }
-        for name, ready, leased, age, dead in conn.execute(stmts.status_queues).fetchall()
+        for name, ready, leased, age, dead, scheduled, due in conn.execute(
+            stmts.status_queues
+        ).fetchall()
     ]
     consumers = [
         {

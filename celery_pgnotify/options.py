@@ -21,6 +21,10 @@ from typing import Any
 from celery_pgnotify.errors import ConfigurationError
 from celery_pgnotify.statements import SCHEMA_NAME
 
+#: Seconds before its ETA a scheduled task is moved to its queue: the worker
+#: holds it for at most this long, and its start never waits on the move.
+PROMOTE_AHEAD = 1.0
+
 
 def _setting(default: Any, shown: str, meaning: str) -> Any:
     """A declared setting: its default, the default as the README shows it,
@@ -74,6 +78,19 @@ class TransportOptions:
         "true",
         "claims, acks and requeues commit without waiting for the WAL flush (see "
         "*Durability*); false: they wait like every other statement",
+    )
+    broker_etas: bool = _setting(
+        True,
+        "true",
+        "a task whose ETA (`countdown`, `eta`) lies more than `broker_eta_threshold` "
+        "ahead waits in the database, not in a worker's memory, until due (see "
+        "*Scheduled tasks*); false: workers hold it, as on other brokers",
+    )
+    broker_eta_threshold: float = _setting(
+        10.0,
+        "10 s",
+        "how far ahead an ETA must lie to wait in the database; at least "
+        "`2 x heartbeat_interval + 1` s",
     )
 
     @property
@@ -132,6 +149,14 @@ class TransportOptions:
             )
         if self.claim_batch < 1:
             raise ConfigurationError(f"{setting}['claim_batch']", "must be at least 1")
+        if self.broker_eta_threshold < 2 * self.heartbeat_interval + PROMOTE_AHEAD:
+            # A consumer learns of a new scheduled task at its next heartbeat:
+            # one due sooner could be promoted late.
+            raise ConfigurationError(
+                f"{setting}['broker_eta_threshold']",
+                f"must be at least 2 x heartbeat_interval + {PROMOTE_AHEAD:g} s "
+                f"({2 * self.heartbeat_interval + PROMOTE_AHEAD:g})",
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,6 +57,48 @@ _EXPIRES_AT = "now() + nullif(%(expires)s::float8, 0) * interval '1 second'"
 _LIVE = "(expires_at IS NULL OR expires_at > now())"
 
 
+# Seconds until the first scheduled task of %(queues)s is due (one index
+# probe per queue), NULL when none is.
+_NEXT_DUE = (
+    "SELECT extract(epoch FROM min(d.due_at) - now())::float8"
+    " FROM unnest(%(queues)s::text[]) AS w(name) CROSS JOIN LATERAL"
+    " (SELECT due_at FROM {s}.scheduled WHERE queue = w.name ORDER BY due_at LIMIT 1) AS d"
+)
+_WAKE = "CASE WHEN " + _WAITED_FOR + " THEN " + _NOTIFY + " END"
+_SCHEDULED = ", due_at, task_id"
+_DUE = ", %(due)s, %(task_id)s"
+
+
+def _publish_routed(table: str, columns: str, values: str, wake: str) -> str:
+    """Insert one row per queue the exchange routes to, then ``wake`` each."""
+    return (
+        f"INSERT INTO {{s}}.{table} (queue, rank, payload, expires_at{columns})"
+        " SELECT DISTINCT b.queue, %(rank)s, %(payload)s, "
+        + _EXPIRY.format(q="q")
+        + values
+        + " FROM {s}.bindings b LEFT JOIN {s}.queues q ON q.name = b.queue"
+        " WHERE " + _DURABLE + " AND b.exchange = %(exchange)s AND (b.type = 'fanout'"
+        "  OR (b.type = 'direct' AND b.routing_key = %(rk)s)"
+        "  OR (b.type = 'topic' AND ('.' || %(rk)s) ~ b.pattern))"
+        " RETURNING queue, " + wake
+    )
+
+
+def _publish_direct(table: str, columns: str, values: str, wake: str) -> str:
+    """Insert into the queue named by the routing key, then ``wake`` it."""
+    return (
+        f"INSERT INTO {{s}}.{table} (queue, rank, payload, expires_at{columns})"
+        " SELECT %(queue)s, %(rank)s, %(payload)s, LEAST(now() + %(ttl)s::bigint"
+        "  * interval '1 millisecond', (SELECT now() + q.message_ttl_ms"
+        "  * interval '1 millisecond' FROM {s}.queues q WHERE q.name = %(queue)s))"
+        + values
+        + " WHERE "
+        + _DURABLE
+        + " RETURNING queue, "
+        + wake
+    )
+
+
 @dataclass(frozen=True)
 class ConsumerWrites:
     """What a consuming session writes: claims, takes, acks and requeues.
@@ -108,29 +150,13 @@ class _Topology:
 
     # One statement: route through the bindings, insert, and notify each
     # queue once (DISTINCT gives one row per queue) in RETURNING.
-    publish_routed: str = (
-        "INSERT INTO {s}.messages (queue, rank, payload, expires_at)"
-        " SELECT DISTINCT b.queue, %(rank)s, %(payload)s, "
-        + _EXPIRY.format(q="q")
-        + " FROM {s}.bindings b LEFT JOIN {s}.queues q ON q.name = b.queue"
-        " WHERE " + _DURABLE + " AND b.exchange = %(exchange)s AND (b.type = 'fanout'"
-        "  OR (b.type = 'direct' AND b.routing_key = %(rk)s)"
-        "  OR (b.type = 'topic' AND ('.' || %(rk)s) ~ b.pattern))"
-        " RETURNING queue, CASE WHEN " + _WAITED_FOR + " THEN " + _NOTIFY + " END"
-    )
-    publish_direct: str = (
-        "INSERT INTO {s}.messages (queue, rank, payload, expires_at)"
-        " SELECT %(queue)s, %(rank)s, %(payload)s, LEAST(now() + %(ttl)s::bigint"
-        "  * interval '1 millisecond', (SELECT now() + q.message_ttl_ms"
-        "  * interval '1 millisecond' FROM {s}.queues q WHERE q.name = %(queue)s))"
-        " WHERE "
-        + _DURABLE
-        + " RETURNING queue, CASE WHEN "
-        + _WAITED_FOR
-        + " THEN "
-        + _NOTIFY
-        + " END"
-    )
+    publish_routed: str = _publish_routed("messages", "", "", _WAKE)
+    publish_direct: str = _publish_direct("messages", "", "", _WAKE)
+    # A task whose ETA lies ahead waits in ``scheduled``, where no claim
+    # looks, until a consumer of its queue moves it (``promote``); nobody is
+    # woken for it now.
+    schedule_routed: str = _publish_routed("scheduled", _SCHEDULED, _DUE, "NULL")
+    schedule_direct: str = _publish_direct("scheduled", _SCHEDULED, _DUE, "NULL")
     # A queue keeps the settings of its first declaration; the row returned
     # tells the declarer whether its own settings agree.
     declare_queue: str = (
@@ -144,9 +170,12 @@ class _Topology:
         "SELECT count(*) FROM {s}.messages WHERE queue = %(name)s AND consumer_id IS NULL"
         " AND (expires_at IS NULL OR expires_at > now())"
     )
+    # Purging a queue also drops its tasks scheduled for later.
     purge: str = (
         "WITH gone AS (DELETE FROM {s}.messages WHERE queue = %(name)s"
-        " AND consumer_id IS NULL RETURNING 1) SELECT count(*) FROM gone"
+        " AND consumer_id IS NULL RETURNING 1),"
+        " later AS (DELETE FROM {s}.scheduled WHERE queue = %(name)s RETURNING 1)"
+        " SELECT (SELECT count(*) FROM gone) + (SELECT count(*) FROM later)"
     )
     # Ready messages through messages_ready, leased ones through
     # messages_leased: no sequential scan of the table (every `celery
@@ -156,6 +185,7 @@ class _Topology:
         "  AND consumer_id IS NULL),"
         " leased AS (DELETE FROM {s}.messages WHERE consumer_id IS NOT NULL"
         "  AND queue = %(name)s),"
+        " later AS (DELETE FROM {s}.scheduled WHERE queue = %(name)s),"
         " b AS (DELETE FROM {s}.bindings WHERE queue = %(name)s)"
         " DELETE FROM {s}.queues WHERE name = %(name)s"
     )
@@ -200,9 +230,28 @@ class _Consumers:
     )
     # No row: the consumer was declared dead (reaped) and must not go on as
     # if nothing happened (see Listener._declared_dead).
+    # Also says in how many seconds the next scheduled task of its queues is
+    # due (NULL: none), so the consumer can promote it in time.
     heartbeat: str = (
         "UPDATE {s}.consumers SET heartbeat_at = now(), queues = %(queues)s"
-        " WHERE id = %(id)s RETURNING id"
+        " WHERE id = %(id)s RETURNING id, (" + _NEXT_DUE + ")"
+    )
+    next_due: str = _NEXT_DUE
+    # Tasks due within ``ahead`` seconds move from ``scheduled`` to their
+    # queue in due order (their new ids follow it: FIFO among due tasks), and
+    # each queue is notified once. SKIP LOCKED: consumers promoting at the
+    # same moment share the rows rather than wait on each other.
+    promote: str = (
+        "WITH due AS (DELETE FROM {s}.scheduled WHERE id IN ("
+        " SELECT id FROM {s}.scheduled WHERE queue = ANY(%(queues)s)"
+        "  AND due_at <= now() + %(ahead)s * interval '1 second'"
+        " ORDER BY due_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+        " RETURNING queue, rank, payload, expires_at, due_at, id),"
+        " moved AS (INSERT INTO {s}.messages (queue, rank, payload, created_at, expires_at)"
+        " SELECT queue, rank, payload, LEAST(due_at, now()), expires_at FROM due"
+        " ORDER BY due_at, id RETURNING queue)"
+        " SELECT queue, n, CASE WHEN " + _WAITED_FOR + " THEN " + _NOTIFY + " END"
+        " FROM (SELECT queue, count(*) AS n FROM moved GROUP BY queue) AS q"
     )
     # A consumer declared dead comes back under its own id, with nothing
     # leased: whatever it claimed after it was reaped goes back.
@@ -333,12 +382,16 @@ class _Operations:
     status_queues: str = (
         "WITH names AS (SELECT name FROM {s}.queues"
         " UNION SELECT DISTINCT queue FROM {s}.messages"
-        " UNION SELECT DISTINCT queue FROM {s}.dead_letters)"
+        " UNION SELECT DISTINCT queue FROM {s}.dead_letters"
+        " UNION SELECT DISTINCT queue FROM {s}.scheduled)"
         " SELECT n.name,"
         " count(m.id) FILTER (WHERE m.consumer_id IS NULL),"
         " count(m.id) FILTER (WHERE m.consumer_id IS NOT NULL),"
         " extract(epoch FROM now() - min(m.created_at) FILTER (WHERE m.consumer_id IS NULL)),"
-        " (SELECT count(*) FROM {s}.dead_letters d WHERE d.queue = n.name)"
+        " (SELECT count(*) FROM {s}.dead_letters d WHERE d.queue = n.name),"
+        " (SELECT count(*) FROM {s}.scheduled t WHERE t.queue = n.name),"
+        " (SELECT extract(epoch FROM min(t.due_at) - now()) FROM {s}.scheduled t"
+        "  WHERE t.queue = n.name)"
         " FROM names n LEFT JOIN {s}.messages m ON m.queue = n.name"
         " GROUP BY n.name ORDER BY n.name"
     )

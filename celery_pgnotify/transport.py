@@ -184,12 +184,20 @@ class Channel(Topology, DeadLettering, virtual.Channel):
             "ttl": milliseconds(expiration, "expiration"),
             "prefix": self._stmts.channel_prefix,
         }
+        # A task due later waits in the database, not in a worker's memory.
+        due = envelope.due_time(headers, self._opts.broker_eta_threshold)
+        if due is not None and self._opts.broker_etas:
+            task_id = headers.get("id")
+            params.update(due=due, task_id=None if task_id is None else str(task_id))
+            routed, direct = self._stmts.schedule_routed, self._stmts.schedule_direct
+        else:
+            routed, direct = self._stmts.publish_routed, self._stmts.publish_direct
         # Inside enqueue_in(conn): the row is written in the caller's transaction.
         through = current_connection(headers)
         execute = through.execute if through is not None else self._execute
         if exchange:
             params.update(exchange=exchange, rk=routing_key or "")
-            rows = execute(self._stmts.publish_routed, params).fetchall()
+            rows = execute(routed, params).fetchall()
             if not rows:
                 rk = routing_key
                 # A broadcast nobody listens to (no worker up for `celery
@@ -199,7 +207,7 @@ class Channel(Topology, DeadLettering, virtual.Channel):
                 log("Message to exchange %r key %r matched no queue; dropped", exchange, rk)
         else:
             params["queue"] = check_name("queue", routing_key)
-            execute(self._stmts.publish_direct, params)
+            execute(direct, params)
 
     # -- consuming ---------------------------------------------------------------
 

@@ -1,4 +1,4 @@
--- The schema as celery-pgnotify declares it, at version 7: what the
+-- The schema as celery-pgnotify declares it, at version 8: what the
 -- migrations (NNNN_*.sql in this folder, applied in order) build, in one
 -- reading. A new schema is created from this file; an existing one is brought
 -- up to date by the migrations it lacks. tests/test_schema.py checks that both
@@ -54,6 +54,21 @@ CREATE TABLE {s}.messages (
 CREATE INDEX messages_ready ON {s}.messages (queue, rank DESC, id) WHERE consumer_id IS NULL;
 CREATE INDEX messages_leased ON {s}.messages (consumer_id) WHERE consumer_id IS NOT NULL;
 CREATE INDEX messages_expiring ON {s}.messages (expires_at) WHERE expires_at IS NOT NULL;
+-- Tasks whose ETA lies ahead wait here, where no claim looks, until a
+-- consumer of their queue moves them to ``messages`` when due: neither
+-- workers' memory nor the queue's ready index holds them meanwhile.
+CREATE TABLE {s}.scheduled (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    queue       text NOT NULL,
+    rank        smallint NOT NULL DEFAULT 0,
+    payload     text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    expires_at  timestamptz,
+    due_at      timestamptz NOT NULL,
+    task_id     text
+) WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_insert_scale_factor = 0.05);
+CREATE INDEX scheduled_due ON {s}.scheduled (queue, due_at);
+CREATE INDEX scheduled_task ON {s}.scheduled (task_id) WHERE task_id IS NOT NULL;
 CREATE TABLE {s}.dead_letters (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     queue       text NOT NULL,
@@ -129,7 +144,8 @@ CREATE TABLE {s}.beat_leader (
 -- Enqueue from SQL: writes a Celery (protocol 2, JSON) task message any
 -- Celery worker accepts, in the caller's transaction, and returns its id.
 -- ``priority`` is stored as given: 9 runs first, as with the default
--- priority_order 'desc'.
+-- priority_order 'desc'. A countdown over 10 seconds waits in ``scheduled``
+-- until a consumer of the queue moves it there when due.
 CREATE FUNCTION {s}.send_task(
     task_name  text,
     args       jsonb DEFAULT '[]',
@@ -149,6 +165,7 @@ DECLARE
     task_id  uuid := gen_random_uuid();
     body     text;
     eta      text;
+    message  text;
 BEGIN
     IF task_name IS NULL OR task_name = '' THEN
         RAISE EXCEPTION 'send_task: task_name is required';
@@ -171,10 +188,7 @@ BEGIN
     END IF;
     body := jsonb_build_array(args, kwargs, jsonb_build_object(
         'callbacks', NULL, 'errbacks', NULL, 'chain', NULL, 'chord', NULL))::text;
-    INSERT INTO {s}.messages (queue, rank, payload) VALUES (
-        queue,
-        coalesce(priority, 0),
-        jsonb_build_object(
+    message := jsonb_build_object(
             'body', translate(encode(convert_to(body, 'UTF8'), 'base64'), chr(10), ''),
             'content-encoding', 'utf-8',
             'content-type', 'application/json',
@@ -190,7 +204,14 @@ BEGIN
                 'correlation_id', task_id, 'reply_to', '', 'delivery_mode', 2,
                 'delivery_info', jsonb_build_object('exchange', '', 'routing_key', queue),
                 'priority', coalesce(priority, 0), 'body_encoding', 'base64')
-        )::text);
+        )::text;
+    IF countdown > 10 THEN
+        INSERT INTO {s}.scheduled (queue, rank, payload, due_at, task_id) VALUES (
+            queue, coalesce(priority, 0), message,
+            clock_timestamp() + countdown * interval '1 second', task_id::text);
+        RETURN task_id;
+    END IF;
+    INSERT INTO {s}.messages (queue, rank, payload) VALUES (queue, coalesce(priority, 0), message);
     -- Wake consumers at COMMIT, only if some consumer reads the queue.
     IF EXISTS (SELECT 1 FROM {s}.consumers c WHERE queue = ANY(c.queues)) THEN
         PERFORM pg_notify('pgn_' || left(md5('{schema}'), 8) || '_' || md5(queue), '');
