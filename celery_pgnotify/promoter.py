@@ -14,9 +14,11 @@ a consumer always hears of a new task before it must promote it.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from typing import Any
+from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
 
 import psycopg
 
@@ -71,3 +73,76 @@ class Promoter:
             self.next_at = time.monotonic() + self._retry_after
             return
         self.plan(due[0] if due else None)
+
+
+def inspect_entry(
+    payload: str, due_at: datetime, rank: int, hostname: str
+) -> dict[str, Any] | None:
+    """A scheduled task as ``celery inspect scheduled`` shows one (None for a
+    row that is not a task message: the claim will dead-letter it)."""
+    try:
+        message = json.loads(payload)
+        headers = message["headers"]
+        props = message.get("properties") or {}
+        if not isinstance(headers, dict) or not isinstance(props, dict):
+            return None
+    except (ValueError, TypeError, KeyError):
+        return None
+    return {
+        "eta": headers.get("eta") or due_at.isoformat(),
+        "priority": props.get("priority", rank),
+        "request": {
+            "id": headers.get("id"),
+            "name": headers.get("task"),
+            "args": headers.get("argsrepr"),
+            "kwargs": headers.get("kwargsrepr"),
+            "type": headers.get("task"),
+            "hostname": hostname,
+            "time_start": None,
+            "acknowledged": False,
+            "delivery_info": props.get("delivery_info"),
+            "worker_pid": None,
+            # Not in this worker's memory: waiting in the database until due.
+            "held_by": "broker",
+        },
+    }
+
+
+@runtime_checkable
+class ListsScheduled(Protocol):
+    """A transport that holds scheduled tasks (pgnotify's)."""
+
+    def scheduled(self, hostname: str) -> list[dict[str, Any]]: ...
+
+
+_EXTENDED = False
+
+
+def extend_inspect_scheduled() -> None:
+    """Make the stock worker's ``inspect scheduled`` (and its alias
+    ``dump_schedule``) also list the tasks its broker holds, after those in
+    its own timer. Celery's remote control handlers are a registry
+    (``Panel.data``), so this is Celery's own extension point."""
+    global _EXTENDED
+    if _EXTENDED:
+        return
+    try:
+        from celery.worker.control import Panel
+    except ImportError:  # kombu without Celery
+        return
+    own = Panel.data.get("scheduled")
+    if own is None:
+        return
+
+    def scheduled(state: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        entries = list(own(state, **kwargs))
+        transport = state.consumer.connection.transport
+        if isinstance(transport, ListsScheduled):
+            entries += transport.scheduled(state.hostname)
+        return entries
+
+    scheduled.__doc__ = own.__doc__
+    for name, handler in list(Panel.data.items()):
+        if handler is own:
+            Panel.data[name] = scheduled
+    _EXTENDED = True

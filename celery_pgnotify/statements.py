@@ -401,6 +401,17 @@ class _Operations:
         'SELECT queue, substring(payload FROM \'"eta":\\s*"([^"]+)"\')'
         " FROM {s}.messages WHERE consumer_id IS NOT NULL"
     )
+    # ``celery inspect scheduled``: the first ``limit`` scheduled tasks of
+    # these queues, reported by the consumer with the lowest id among those
+    # consuming each queue, so that no task is listed by two workers.
+    inspect_scheduled: str = (
+        "SELECT t.payload, t.due_at, t.rank FROM unnest(%(queues)s::text[]) AS w(name)"
+        " CROSS JOIN LATERAL (SELECT payload, due_at, rank FROM {s}.scheduled"
+        "  WHERE queue = w.name ORDER BY due_at LIMIT %(limit)s) AS t"
+        " WHERE NOT EXISTS (SELECT 1 FROM {s}.consumers c"
+        "  WHERE w.name = ANY(c.queues) AND c.id < %(me)s)"
+        " ORDER BY t.due_at LIMIT %(limit)s"
+    )
     status_consumers: str = (
         "SELECT id, hostname, pid, queues, started_at,"
         " extract(epoch FROM now() - heartbeat_at)"

@@ -53,10 +53,14 @@ from celery_pgnotify.errors import (
 )
 from celery_pgnotify.listener import Listener
 from celery_pgnotify.options import TransportOptions
+from celery_pgnotify.promoter import extend_inspect_scheduled, inspect_entry
 from celery_pgnotify.session import ConsumerSession
 from celery_pgnotify.topology import Topology, check_name, milliseconds
 
 logger = logging.getLogger(__name__)
+
+#: Most broker-held tasks one worker lists in ``celery inspect scheduled``.
+INSPECT_SCHEDULED_LIMIT = 1000
 
 
 class QoS(virtual.QoS):
@@ -505,6 +509,19 @@ class Transport(virtual.Transport):
         nothing new until its next heartbeat says."""
         return self.session.alive_for_sure()
 
+    def scheduled(
+        self, hostname: str, limit: int = INSPECT_SCHEDULED_LIMIT
+    ) -> list[dict[str, Any]]:
+        """The tasks of this consumer's queues waiting in the database until
+        due, as ``celery inspect scheduled`` lists them (see promoter.py)."""
+        me = self.session.consumer_id_or_none()
+        if me is None:
+            return []
+        params = {"queues": sorted(self.delivery.consumers), "limit": limit, "me": me}
+        rows = self.work_conn().execute(self.stmts.inspect_scheduled, params).fetchall()
+        entries = (inspect_entry(payload, due, rank, hostname) for payload, due, rank in rows)
+        return [entry for entry in entries if entry is not None]
+
     def park(self) -> None:
         """This connection is lost, not closed: its consumer carries on on the
         process's next connection to the same database and schema.
@@ -532,6 +549,7 @@ class Transport(virtual.Transport):
         return self.session.reconcile(held)
 
     def _consume(self, queue: str, channel: _Channel) -> None:
+        extend_inspect_scheduled()  # a consuming process may be a stock worker
         self.delivery.consume(queue, channel)
         self.listener().set_queues(self.delivery.consumers)
 

@@ -169,10 +169,13 @@ def test_inspect_answers_in_celerys_format(e2e: E2E):
     active = next(iter(inspect.active().values()))
     assert [t["name"] for t in active] == ["tests.e2e_app.slow"]
     assert active[0]["worker_pid"]
-    e2e.send("record", "sched", countdown=30)
+    held = e2e.send("record", "sched", countdown=5)  # the worker holds it
+    later = e2e.send("record", "sched", countdown=30)  # waits in the database
     time.sleep(0.5)
     scheduled = next(iter(inspect.scheduled().values()))
-    assert [s["request"]["name"] for s in scheduled] == ["tests.e2e_app.record"]
+    assert [s["request"]["id"] for s in scheduled] == [held.id, later.id]
+    assert [s["request"]["name"] for s in scheduled] == ["tests.e2e_app.record"] * 2
+    assert scheduled[1]["request"]["held_by"] == "broker"
     stats = next(iter(inspect.stats().values()))
     assert stats["pool"]["max-concurrency"] == 2
     assert len(stats["pool"]["processes"]) == 2

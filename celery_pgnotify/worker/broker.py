@@ -43,6 +43,9 @@ class Broker(Protocol):
     def wakeup(self) -> None:
         """Make a blocked ``drain_events`` return (thread-safe)."""
 
+    def scheduled(self, hostname: str) -> list[dict[str, Any]]:
+        """Tasks waiting in the broker until due, in ``inspect scheduled``'s format."""
+
 
 class Plain:
     """Any other kombu transport: no handover, acks one by one, always alive,
@@ -65,6 +68,9 @@ class Plain:
 
     def wakeup(self) -> None:
         pass
+
+    def scheduled(self, hostname: str) -> list[dict[str, Any]]:
+        return []
 
 
 PLAIN = Plain()

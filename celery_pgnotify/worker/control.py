@@ -68,7 +68,8 @@ def reserved(state: WorkerState, **kwargs: Any) -> list[dict[str, Any]]:
 
 @handler
 def scheduled(state: WorkerState, **kwargs: Any) -> list[dict[str, Any]]:
-    return state.holding.scheduled(state.hostname)
+    # What this worker holds until due, then what waits in the broker.
+    return state.holding.scheduled(state.hostname) + state.held_by_broker()
 
 
 @handler

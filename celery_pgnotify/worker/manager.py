@@ -319,3 +319,6 @@ class Manager(ConsumerMixin):
 
     def reset_rate_limit(self, task_name: str) -> None:
         self.holding.reset_rate_limit(task_name)
+
+    def held_by_broker(self) -> list[dict[str, Any]]:
+        return broker_of(self._active).scheduled(self.hostname)

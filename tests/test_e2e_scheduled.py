@@ -1,0 +1,67 @@
+"""Broker-held ETAs with real workers of both kinds: on time, listed by
+``celery inspect scheduled``, and neither early nor twice when every worker
+is SIGKILLed while they wait."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.workers import E2E
+
+pytestmark = pytest.mark.e2e
+
+KINDS = ["worker", "pg_worker"]
+
+
+def start(e2e: E2E, kind: str, **kwargs: Any) -> Any:
+    worker = e2e.worker(**kwargs) if kind == "worker" else e2e.pg_worker(**kwargs)
+    worker.wait_for("ready")
+    return worker
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inspect_scheduled_lists_what_the_broker_holds(e2e: E2E, kind: str) -> None:
+    start(e2e, kind)
+    later = e2e.send("record", "listed", countdown=600)
+    replies = e2e.app.control.inspect(timeout=5).scheduled()
+    entries = [entry for per_worker in replies.values() for entry in per_worker]
+    assert [e["request"]["id"] for e in entries] == [later.id]
+    assert entries[0]["request"]["name"] == "tests.e2e_app.record"
+    assert entries[0]["request"]["held_by"] == "broker"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_backlog_of_etas_survives_sigkill_of_every_worker(
+    e2e: E2E, db: psycopg.Connection[Any], kind: str
+) -> None:
+    schema = e2e.options["schema"]
+    # Due 11 to 14 s from now: past broker_eta_threshold, so they wait in
+    # the database; the first worker is killed before any is due.
+    sent = {}
+    for i in range(40):
+        countdown = 11 + (i % 4)
+        sent[f"eta-{i}"] = (
+            time.time() + countdown,
+            e2e.send("record", f"eta-{i}", countdown=countdown),
+        )
+    first = start(e2e, kind)
+    row = db.execute(f'SELECT count(*) FROM "{schema}".scheduled').fetchone()
+    assert row == (40,)
+    time.sleep(3)
+    first.kill()
+    first.stop()
+    start(e2e, kind, name="second")
+    for tag in sent:
+        assert e2e.wait_events(tag, ["run"], timeout=40) == ["run"]
+    time.sleep(1.5)  # a second run, were there one, would have happened by now
+    for tag, (eta, _result) in sent.items():
+        (ran_at,) = e2e.times(tag)  # exactly once
+        # Never early: the clocks are this machine's. A little slack for the
+        # rounding of the ETA header to microseconds.
+        assert ran_at >= eta - 0.01, (tag, ran_at, eta)
+    row = db.execute(f'SELECT count(*) FROM "{schema}".scheduled').fetchone()
+    assert row == (0,)
