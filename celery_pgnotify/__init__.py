@@ -25,6 +25,8 @@ TRANSPORT_PATH = "celery_pgnotify.transport:Transport"
 
 __all__ = [
     "enqueue_in",
+    "pause_queue",
+    "resume_queue",
     "SCHEME",
     "TRANSPORT_PATH",
     "ConfigurationError",
@@ -48,4 +50,8 @@ def __getattr__(name: str) -> object:
         from celery_pgnotify.enqueue import enqueue_in
 
         return enqueue_in
+    if name in ("pause_queue", "resume_queue"):
+        from celery_pgnotify import ops
+
+        return getattr(ops, name)
     raise AttributeError(f"module 'celery_pgnotify' has no attribute {name!r}")

@@ -143,6 +143,7 @@ def status(conn: Any, stmts: Any, as_json: bool) -> None:
             "dead_letters",
             "scheduled",
             "next_due_s",
+            "paused",
         ],
     )
     text += "\n\nconsumers (workers and their LISTEN sessions)\n"
@@ -151,6 +152,28 @@ def status(conn: Any, stmts: Any, as_json: bool) -> None:
         ["hostname", "pid", "queues", "last_heartbeat_s", "started_at"],
     )
     _emit(data, as_json, text)
+
+
+@main.command()
+@click.argument("queue")
+@_connected
+def pause(conn: Any, stmts: Any, queue: str) -> None:
+    """Stop workers taking tasks from QUEUE; publishing goes on."""
+    from celery_pgnotify import ops
+
+    done = ops.pause(conn, stmts, queue)
+    click.echo(f"{queue!r} paused" if done else f"{queue!r} was paused already")
+
+
+@main.command()
+@click.argument("queue")
+@_connected
+def resume(conn: Any, stmts: Any, queue: str) -> None:
+    """Let workers take tasks from QUEUE again (its backlog drains at once)."""
+    from celery_pgnotify import ops
+
+    done = ops.resume(conn, stmts, queue)
+    click.echo(f"{queue!r} resumed" if done else f"{queue!r} was not paused")
 
 
 @main.command()

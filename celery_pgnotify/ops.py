@@ -36,8 +36,9 @@ def status(conn: psycopg.Connection[Any], stmts: Statements) -> dict[str, Any]:
             "dead_letters": dead,
             "scheduled": scheduled,
             "next_due_s": round(float(due), 1) if due is not None else None,
+            "paused": paused,
         }
-        for name, ready, leased, age, dead, scheduled, due in conn.execute(
+        for name, ready, leased, age, dead, scheduled, due, paused in conn.execute(
             stmts.status_queues
         ).fetchall()
     ]
@@ -71,6 +72,41 @@ def purge(conn: psycopg.Connection[Any], stmts: Statements, queue: str) -> int:
     """Delete the ready messages of ``queue`` (leased ones finish normally)."""
     row = conn.execute(stmts.purge, {"name": queue}).fetchone()
     return int(row[0]) if row else 0
+
+
+def pause(conn: psycopg.Connection[Any], stmts: Statements, queue: str) -> bool:
+    """Stop every claim from ``queue`` (publishing goes on); False when it
+    was paused already."""
+    return conn.execute(stmts.pause_queue, {"name": queue}).fetchone() is not None
+
+
+def resume(conn: psycopg.Connection[Any], stmts: Statements, queue: str) -> bool:
+    """Let ``queue`` be claimed from again, waking its consumers; False when
+    it was not paused."""
+    params = {"name": queue, "prefix": stmts.channel_prefix}
+    return conn.execute(stmts.resume_queue, params).fetchone() is not None
+
+
+def pause_queue(app: Any, queue: str) -> bool:
+    """:func:`pause` through the broker connection of Celery ``app``."""
+    return _through_app(app, pause, queue)
+
+
+def resume_queue(app: Any, queue: str) -> bool:
+    """:func:`resume` through the broker connection of Celery ``app``."""
+    return _through_app(app, resume, queue)
+
+
+def _through_app(app: Any, action: Any, queue: str) -> bool:
+    from celery_pgnotify.errors import ConfigurationError
+    from celery_pgnotify.transport import Transport
+
+    with app.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1)
+        transport = connection.transport
+        if not isinstance(transport, Transport):
+            raise ConfigurationError("broker_url", "pausing a queue needs a pgnotify:// broker")
+        return bool(action(transport.work_conn(), transport.stmts, queue))
 
 
 def _selection(queue: str | None, ids: list[int] | None) -> dict[str, Any]:

@@ -27,7 +27,13 @@ _EXPIRY = (
 _NOTIFY = "pg_notify(%(prefix)s || md5(queue), '')"
 # Notify only when some live consumer reads the queue: NOTIFY serialises
 # committing transactions, and a publish nobody waits for should not pay it.
-_WAITED_FOR = "EXISTS (SELECT 1 FROM {s}.consumers c WHERE queue = ANY(c.queues))"
+# A paused queue's consumers are not woken either: they could claim nothing.
+_WAITED_FOR = (
+    "EXISTS (SELECT 1 FROM {s}.consumers c WHERE queue = ANY(c.queues))"
+    " AND NOT EXISTS (SELECT 1 FROM {s}.paused_queues p WHERE p.name = queue)"
+)
+# A claim takes nothing from a paused queue (one probe of a tiny table).
+_NOT_PAUSED = "NOT EXISTS (SELECT 1 FROM {s}.paused_queues p WHERE p.name = %(queue)s)"
 
 # Appended to the statements a consumer runs (claim, ack, requeue): they
 # commit without waiting for the WAL flush. A server crash can undo the last
@@ -115,7 +121,7 @@ class ConsumerWrites:
         " picked AS ("
         " SELECT id FROM {s}.messages"
         " WHERE queue = %(queue)s AND consumer_id IS NULL"
-        "  AND (expires_at IS NULL OR expires_at > now()) AND {nf}"
+        "  AND (expires_at IS NULL OR expires_at > now()) AND {nf} AND " + _NOT_PAUSED + ""
         " ORDER BY rank DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
         " UPDATE {s}.messages m SET consumer_id = %(consumer)s, leased_at = now()"
         " FROM picked WHERE m.id = picked.id"
@@ -123,16 +129,19 @@ class ConsumerWrites:
         # dead-lettered by id.
         " RETURNING m.id, m.rank,"
         " CASE WHEN octet_length(m.payload) <= %(max_size)s THEN m.payload END,"
-        " m.redelivered, octet_length(m.payload)"
+        " m.redelivered, octet_length(m.payload),"
+        # Revoked while no worker was there to hear it (see revoking.py).
+        " m.task_id IS NOT NULL AND EXISTS (SELECT 1 FROM {s}.revoked r"
+        "  WHERE r.task_id = m.task_id AND r.expires_at > now())"
     )
     # no_ack consumers (Celery's pidbox) take messages for good, in one go.
     take_no_ack: str = (
         "DELETE FROM {s}.messages WHERE id IN ("
         " SELECT id FROM {s}.messages"
         " WHERE queue = %(queue)s AND consumer_id IS NULL"
-        "  AND (expires_at IS NULL OR expires_at > now()) AND {nf}"
+        "  AND (expires_at IS NULL OR expires_at > now()) AND {nf} AND " + _NOT_PAUSED + ""
         " ORDER BY rank DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
-        " RETURNING id, rank, payload, redelivered, octet_length(payload)"
+        " RETURNING id, rank, payload, redelivered, octet_length(payload), false"
     )
     ack: str = "DELETE FROM {s}.messages WHERE id = %(id)s AND {nf}"
     ack_many: str = "DELETE FROM {s}.messages WHERE id = ANY(%(ids)s) AND {nf}"
@@ -150,8 +159,8 @@ class _Topology:
 
     # One statement: route through the bindings, insert, and notify each
     # queue once (DISTINCT gives one row per queue) in RETURNING.
-    publish_routed: str = _publish_routed("messages", "", "", _WAKE)
-    publish_direct: str = _publish_direct("messages", "", "", _WAKE)
+    publish_routed: str = _publish_routed("messages", ", task_id", ", %(task_id)s", _WAKE)
+    publish_direct: str = _publish_direct("messages", ", task_id", ", %(task_id)s", _WAKE)
     # A task whose ETA lies ahead waits in ``scheduled``, where no claim
     # looks, until a consumer of its queue moves it (``promote``); nobody is
     # woken for it now.
@@ -246,9 +255,10 @@ class _Consumers:
         " SELECT id FROM {s}.scheduled WHERE queue = ANY(%(queues)s)"
         "  AND due_at <= now() + %(ahead)s * interval '1 second'"
         " ORDER BY due_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
-        " RETURNING queue, rank, payload, expires_at, due_at, id),"
-        " moved AS (INSERT INTO {s}.messages (queue, rank, payload, created_at, expires_at)"
-        " SELECT queue, rank, payload, LEAST(due_at, now()), expires_at FROM due"
+        " RETURNING queue, rank, payload, expires_at, due_at, id, task_id),"
+        " moved AS (INSERT INTO {s}.messages"
+        " (queue, rank, payload, created_at, expires_at, task_id)"
+        " SELECT queue, rank, payload, LEAST(due_at, now()), expires_at, task_id FROM due"
         " ORDER BY due_at, id RETURNING queue)"
         " SELECT queue, n, CASE WHEN " + _WAITED_FOR + " THEN " + _NOTIFY + " END"
         " FROM (SELECT queue, count(*) AS n FROM moved GROUP BY queue) AS q"
@@ -383,7 +393,8 @@ class _Operations:
         "WITH names AS (SELECT name FROM {s}.queues"
         " UNION SELECT DISTINCT queue FROM {s}.messages"
         " UNION SELECT DISTINCT queue FROM {s}.dead_letters"
-        " UNION SELECT DISTINCT queue FROM {s}.scheduled)"
+        " UNION SELECT DISTINCT queue FROM {s}.scheduled"
+        " UNION SELECT name FROM {s}.paused_queues)"
         " SELECT n.name,"
         " count(m.id) FILTER (WHERE m.consumer_id IS NULL),"
         " count(m.id) FILTER (WHERE m.consumer_id IS NOT NULL),"
@@ -391,7 +402,8 @@ class _Operations:
         " (SELECT count(*) FROM {s}.dead_letters d WHERE d.queue = n.name),"
         " (SELECT count(*) FROM {s}.scheduled t WHERE t.queue = n.name),"
         " (SELECT extract(epoch FROM min(t.due_at) - now()) FROM {s}.scheduled t"
-        "  WHERE t.queue = n.name)"
+        "  WHERE t.queue = n.name),"
+        " EXISTS (SELECT 1 FROM {s}.paused_queues p WHERE p.name = n.name)"
         " FROM names n LEFT JOIN {s}.messages m ON m.queue = n.name"
         " GROUP BY n.name ORDER BY n.name"
     )
@@ -400,6 +412,28 @@ class _Operations:
     status_etas: str = (
         'SELECT queue, substring(payload FROM \'"eta":\\s*"([^"]+)"\')'
         " FROM {s}.messages WHERE consumer_id IS NOT NULL"
+    )
+    # A revoke recorded for workers yet to start, until it expires (later, for
+    # a task scheduled beyond that: its revoke must outlast its wait).
+    record_revokes: str = (
+        "INSERT INTO {s}.revoked AS r (task_id, expires_at)"
+        " SELECT v.id, GREATEST(now(), (SELECT max(t.due_at) FROM {s}.scheduled t"
+        "  WHERE t.task_id = v.id)) + %(expires)s * interval '1 second'"
+        " FROM unnest(%(ids)s::text[]) AS v(id)"
+        " ON CONFLICT (task_id) DO UPDATE"
+        " SET expires_at = GREATEST(r.expires_at, EXCLUDED.expires_at)"
+    )
+    forget_expired_revokes: str = (
+        "DELETE FROM {s}.revoked WHERE expires_at <= now() AND task_id <> ALL(%(ids)s::text[])"
+    )
+    pause_queue: str = (
+        "INSERT INTO {s}.paused_queues (name) VALUES (%(name)s)"
+        " ON CONFLICT (name) DO NOTHING RETURNING name"
+    )
+    # Resuming wakes the queue's consumers: its backlog drains at once.
+    resume_queue: str = (
+        "WITH gone AS (DELETE FROM {s}.paused_queues WHERE name = %(name)s RETURNING name)"
+        " SELECT queue, " + _NOTIFY + " FROM (SELECT name AS queue FROM gone) AS q"
     )
     # ``celery inspect scheduled``: the first ``limit`` scheduled tasks of
     # these queues, reported by the consumer with the lowest id among those

@@ -54,6 +54,7 @@ from celery_pgnotify.errors import (
 from celery_pgnotify.listener import Listener
 from celery_pgnotify.options import TransportOptions
 from celery_pgnotify.promoter import extend_inspect_scheduled, inspect_entry
+from celery_pgnotify.revoking import REVOKE_EXPIRES, remember_revoked, revoked_by
 from celery_pgnotify.session import ConsumerSession
 from celery_pgnotify.topology import Topology, check_name, milliseconds
 
@@ -168,6 +169,12 @@ class Channel(Topology, DeadLettering, virtual.Channel):
         self, message: dict[str, Any], exchange: str, routing_key: str, **kwargs: Any
     ) -> None:
         """Route, store and notify in one statement (one round trip)."""
+        revoked = revoked_by(message, exchange)
+        if revoked:
+            # Recorded before the broadcast: a worker starting meanwhile
+            # misses the broadcast but finds the record.
+            self._execute(self._stmts.forget_expired_revokes, {"ids": revoked})
+            self._execute(self._stmts.record_revokes, {"ids": revoked, "expires": REVOKE_EXPIRES})
         self._inplace_augment_message(message, exchange, routing_key)
         props = message["properties"]
         payload = envelope.dumps(message)
@@ -187,12 +194,12 @@ class Channel(Topology, DeadLettering, virtual.Channel):
             "payload": payload,
             "ttl": milliseconds(expiration, "expiration"),
             "prefix": self._stmts.channel_prefix,
+            "task_id": None if headers.get("id") is None else str(headers["id"]),
         }
         # A task due later waits in the database, not in a worker's memory.
         due = envelope.due_time(headers, self._opts.broker_eta_threshold)
         if due is not None and self._opts.broker_etas:
-            task_id = headers.get("id")
-            params.update(due=due, task_id=None if task_id is None else str(task_id))
+            params["due"] = due
             routed, direct = self._stmts.schedule_routed, self._stmts.schedule_direct
         else:
             routed, direct = self._stmts.publish_routed, self._stmts.publish_direct
@@ -288,17 +295,21 @@ class Channel(Topology, DeadLettering, virtual.Channel):
         rows.sort(key=lambda r: (-r[1], r[0]))
         self.refused = 0
         messages = []
-        for msg_id, rank, payload, redelivered, size in rows:
+        for msg_id, rank, payload, redelivered, size, revoked in rows:
             if payload is None or size > max_size:
                 reason = f"message of {size} bytes exceeds max_message_size ({max_size})"
             else:
                 try:
-                    messages.append(self._payload(msg_id, payload, redelivered))
-                    continue
+                    message = self._payload(msg_id, payload, redelivered)
                 except Refused as exc:
                     reason = f"malformed message: {exc}"
                 except Exception as exc:  # noqa: BLE001 - whatever it is, it costs this row only
                     reason = f"malformed message: {exc!r}"
+                else:
+                    if revoked:  # revoked while no worker was there to hear it
+                        remember_revoked((message.get("headers") or {}).get("id"))
+                    messages.append(message)
+                    continue
             self.refused += 1
             self.refuse(queue, msg_id, reason, taken=(rank, payload) if no_ack else None)
         return messages

@@ -294,3 +294,29 @@ def test_results_shared_across_threads(results: Results) -> None:
         t.join(60)
     assert not errors, errors
     assert got == {i: i for i in range(24)}
+
+
+def test_a_task_revoked_while_no_worker_runs_never_runs(
+    results: Results, kind: str, db: psycopg.Connection[Any]
+) -> None:
+    schema = results.e2e.options["schema"]
+    doomed = results.send("add", 1, 1)
+    later = results.send("add", 2, 2, countdown=600)  # waits in the database
+    results.app.control.revoke(doomed.id)  # a broadcast nobody hears
+    results.app.control.revoke(later.id)
+    # The revoke of a scheduled task outlasts its wait.
+    row = db.execute(
+        f'SELECT r.expires_at > t.due_at FROM "{schema}".revoked r'
+        f' JOIN "{schema}".scheduled t USING (task_id) WHERE r.task_id = %s',
+        (later.id,),
+    ).fetchone()
+    assert row == (True,)
+    results.start(kind)
+    assert results.send("add", 3, 3).get(timeout=30) == 6
+    deadline = time.monotonic() + 15
+    while doomed.state != "REVOKED" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    # Discarded as a revoke the worker heard: REVOKED, never run, acked.
+    assert doomed.state == "REVOKED"
+    left = db.execute(f'SELECT count(*) FROM "{schema}".messages WHERE task_id = %s', (doomed.id,))
+    assert left.fetchone() == (0,)

@@ -49,7 +49,8 @@ CREATE TABLE {s}.messages (
     expires_at   timestamptz,
     consumer_id  integer,
     leased_at    timestamptz,
-    redelivered  boolean NOT NULL DEFAULT false
+    redelivered  boolean NOT NULL DEFAULT false,
+    task_id      text
 ) WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_insert_scale_factor = 0.05);
 CREATE INDEX messages_ready ON {s}.messages (queue, rank DESC, id) WHERE consumer_id IS NULL;
 CREATE INDEX messages_leased ON {s}.messages (consumer_id) WHERE consumer_id IS NOT NULL;
@@ -69,6 +70,19 @@ CREATE TABLE {s}.scheduled (
 ) WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_insert_scale_factor = 0.05);
 CREATE INDEX scheduled_due ON {s}.scheduled (queue, due_at);
 CREATE INDEX scheduled_task ON {s}.scheduled (task_id) WHERE task_id IS NOT NULL;
+-- Revokes that outlive the workers: a task revoked while no worker runs is
+-- still revoked when one starts (``revoke()`` records it here as well as
+-- broadcasting it), until ``expires_at``.
+CREATE TABLE {s}.revoked (
+    task_id     text PRIMARY KEY,
+    revoked_at  timestamptz NOT NULL DEFAULT now(),
+    expires_at  timestamptz NOT NULL
+);
+-- Queues no claim takes from until resumed; publishing goes on.
+CREATE TABLE {s}.paused_queues (
+    name       text PRIMARY KEY,
+    paused_at  timestamptz NOT NULL DEFAULT now()
+);
 CREATE TABLE {s}.dead_letters (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     queue       text NOT NULL,
@@ -211,7 +225,8 @@ BEGIN
             clock_timestamp() + countdown * interval '1 second', task_id::text);
         RETURN task_id;
     END IF;
-    INSERT INTO {s}.messages (queue, rank, payload) VALUES (queue, coalesce(priority, 0), message);
+    INSERT INTO {s}.messages (queue, rank, payload, task_id)
+        VALUES (queue, coalesce(priority, 0), message, task_id::text);
     -- Wake consumers at COMMIT, only if some consumer reads the queue.
     IF EXISTS (SELECT 1 FROM {s}.consumers c WHERE queue = ANY(c.queues)) THEN
         PERFORM pg_notify('pgn_' || left(md5('{schema}'), 8) || '_' || md5(queue), '');

@@ -14,6 +14,7 @@ import time
 from typing import Any, Protocol
 
 from celery.utils.collections import LimitedSet
+from celery.worker import state as celery_state
 from kombu.message import Message
 
 from celery_pgnotify.worker.holding import Holding
@@ -26,8 +27,10 @@ class Ledger:
     def __init__(self) -> None:
         #: delivery tag -> (message, task) of every job given to the pool
         self.inflight: dict[int, tuple[Message, Any]] = {}
-        #: ids revoked by broadcast (Celery's own bounded, expiring set)
-        self.revoked = LimitedSet(maxlen=50_000, expires=3 * 3600)
+        #: ids revoked: Celery's own bounded, expiring set of the process,
+        #: where broadcasts land and the transport adds the revokes recorded
+        #: while this worker was not there (see revoking.py)
+        self.revoked: LimitedSet = celery_state.revoked
         #: task name -> tasks finished (``inspect stats``' "total")
         self.total: collections.Counter[str] = collections.Counter()
         self.born = time.time()

@@ -1,3 +1,7 @@
+-- A message's task id (Celery's ``id`` header), so that a claim can see
+-- whether its task was revoked.
+ALTER TABLE {s}.messages ADD COLUMN task_id text;
+
 -- Tasks whose ETA lies ahead wait here, where no claim looks, until a
 -- consumer of their queue moves them to ``messages`` when due: neither
 -- workers' memory nor the queue's ready index holds them meanwhile.
@@ -13,6 +17,20 @@ CREATE TABLE {s}.scheduled (
 ) WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_insert_scale_factor = 0.05);
 CREATE INDEX scheduled_due ON {s}.scheduled (queue, due_at);
 CREATE INDEX scheduled_task ON {s}.scheduled (task_id) WHERE task_id IS NOT NULL;
+
+-- Revokes that outlive the workers: a task revoked while no worker runs is
+-- still revoked when one starts (``revoke()`` records it here as well as
+-- broadcasting it), until ``expires_at``.
+CREATE TABLE {s}.revoked (
+    task_id     text PRIMARY KEY,
+    revoked_at  timestamptz NOT NULL DEFAULT now(),
+    expires_at  timestamptz NOT NULL
+);
+-- Queues no claim takes from until resumed; publishing goes on.
+CREATE TABLE {s}.paused_queues (
+    name       text PRIMARY KEY,
+    paused_at  timestamptz NOT NULL DEFAULT now()
+);
 
 -- Enqueue from SQL: writes a Celery (protocol 2, JSON) task message any
 -- Celery worker accepts, in the caller's transaction, and returns its id.
@@ -84,7 +102,8 @@ BEGIN
             clock_timestamp() + countdown * interval '1 second', task_id::text);
         RETURN task_id;
     END IF;
-    INSERT INTO {s}.messages (queue, rank, payload) VALUES (queue, coalesce(priority, 0), message);
+    INSERT INTO {s}.messages (queue, rank, payload, task_id)
+        VALUES (queue, coalesce(priority, 0), message, task_id::text);
     -- Wake consumers at COMMIT, only if some consumer reads the queue.
     IF EXISTS (SELECT 1 FROM {s}.consumers c WHERE queue = ANY(c.queues)) THEN
         PERFORM pg_notify('pgn_' || left(md5('{schema}'), 8) || '_' || md5(queue), '');

@@ -1,0 +1,131 @@
+"""Queues that pause, and revokes recorded for workers yet to start."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from celery import Celery
+from kombu import Connection, Consumer, Producer, Queue
+
+from celery_pgnotify import ops
+from celery_pgnotify.revoking import REVOKE_EXPIRES
+from celery_pgnotify.statements import statements
+from tests.test_scheduled import task
+from tests.test_transport import collect, drain_until
+from tests.workers import close_app
+
+
+def publish(conn: Connection, queue: Queue, *bodies: Any) -> None:
+    producer = Producer(conn.default_channel)
+    for body in bodies:
+        producer.publish(body, routing_key=queue.name, declare=[queue])
+
+
+@pytest.fixture
+def transport_options(schema: str) -> dict[str, Any]:
+    # No fallback re-read within a test: only a notification wakes a consumer.
+    return {"schema": schema, "polling_interval": 120.0}
+
+
+def test_a_paused_queue_gives_nothing_while_others_run_and_drains_on_resume(
+    make_connection: Any, db: psycopg.Connection[Any], schema: str
+) -> None:
+    producer, consumer = make_connection(), make_connection()
+    held, other = Queue(f"h{uuid.uuid4().hex[:8]}"), Queue(f"o{uuid.uuid4().hex[:8]}")
+    publish(producer, held, *range(5))
+    stmts = statements(schema)
+    assert ops.pause(db, stmts, held.name) is True
+    assert ops.pause(db, stmts, held.name) is False  # paused already
+    publish(producer, held, 5)  # publishing goes on
+    publish(producer, other, *range(3))
+    received: list[Any] = []
+    with Consumer(consumer.default_channel, [held, other], callbacks=[collect(received)]):
+        drain_until(consumer, received, 3)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                consumer.drain_events(timeout=0.5)
+            except TimeoutError:
+                pass
+        assert sorted(body for body, _m in received) == [0, 1, 2]  # the other queue only
+        status = {q["queue"]: q for q in ops.status(db, stmts)["queues"]}
+        assert status[held.name]["paused"] is True and status[held.name]["ready"] == 6
+        assert status[other.name]["paused"] is False
+        # Resuming notifies: the blocked consumer drains the backlog at once.
+        assert ops.resume(db, stmts, held.name) is True
+        drain_until(consumer, received, 9, timeout=10)
+    assert ops.resume(db, stmts, held.name) is False
+    assert sorted(body for body, _m in received) == [0, 0, 1, 1, 2, 2, 3, 4, 5]
+
+
+def test_basic_get_respects_a_pause(
+    connection: Connection, db: psycopg.Connection[Any], schema: str
+) -> None:
+    queue = Queue(f"q{uuid.uuid4().hex[:8]}")
+    publish(connection, queue, "x")
+    ops.pause(db, statements(schema), queue.name)
+    channel = connection.default_channel
+    assert channel.basic_get(queue.name) is None
+    ops.resume(db, statements(schema), queue.name)
+    message = channel.basic_get(queue.name)
+    assert message is not None and message.payload == "x"
+    message.ack()
+
+
+@pytest.fixture
+def app(broker_url: str, transport_options: dict[str, Any]) -> Iterator[Celery]:
+    app = Celery("revoker", broker=broker_url, set_as_current=False)
+    app.conf.broker_transport_options = transport_options
+    yield app
+    close_app(app)
+
+
+def test_the_python_api_pauses_through_the_apps_broker(
+    app: Celery, db: psycopg.Connection[Any], schema: str
+) -> None:
+    import celery_pgnotify
+
+    assert celery_pgnotify.pause_queue(app, "reports") is True
+    paused = db.execute(f'SELECT name FROM "{schema}".paused_queues').fetchall()
+    assert paused == [("reports",)]
+    assert celery_pgnotify.resume_queue(app, "reports") is True
+    assert db.execute(f'SELECT count(*) FROM "{schema}".paused_queues').fetchone() == (0,)
+
+
+def test_a_revoke_is_recorded_with_its_expiry(
+    app: Celery, db: psycopg.Connection[Any], schema: str
+) -> None:
+    app.control.revoke("one")
+    app.control.revoke(["two", "three"], terminate=True)
+    app.control.broadcast("ping")  # other commands are not recorded
+    rows = db.execute(
+        f'SELECT task_id, extract(epoch FROM expires_at - now()) FROM "{schema}".revoked'
+        " ORDER BY task_id"
+    ).fetchall()
+    assert [r[0] for r in rows] == ["one", "three", "two"]
+    assert all(REVOKE_EXPIRES - 60 < float(r[1]) <= REVOKE_EXPIRES for r in rows)
+
+
+def test_a_claim_tells_the_worker_of_a_revoke_it_did_not_hear(
+    make_connection: Any, app: Celery
+) -> None:
+    from celery.worker import state
+
+    producer, consumer = make_connection(), make_connection()
+    queue = Queue(f"q{uuid.uuid4().hex[:8]}")
+    doomed, _ = task(producer, queue, eta_in=None)
+    spared, _ = task(producer, queue, eta_in=None)
+    app.control.revoke(doomed)
+    state.revoked.discard(doomed)  # this process stands for a worker that was not up
+    received: list[Any] = []
+    with Consumer(consumer.default_channel, [queue], callbacks=[collect(received)]):
+        drain_until(consumer, received, 2)
+    # Both are delivered (the worker discards the revoked one, as Celery
+    # does), and the worker now knows the revoke.
+    assert doomed in state.revoked and spared not in state.revoked
+    state.revoked.discard(doomed)
