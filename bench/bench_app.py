@@ -52,3 +52,15 @@ def noop(sent_at: float | None = None) -> None:
 @app.task(name="bench.echo", ignore_result=False)
 def echo(value: int) -> int:
     return value
+
+
+DUE = os.path.join(os.environ.get("BENCH_DIR", "."), "due")
+
+
+@app.task(name="bench.due")
+def due(eta: float) -> None:
+    """Record how late (seconds after its ETA) this run started, and in which
+    worker (its process group: the benchmark starts each in a session of its own)."""
+    late = time.time() - eta
+    with open(DUE, "a") as f:  # one short line per write: appends do not interleave
+        f.write(f"{due.request.id} {late:.6f} {os.getpgid(0)}\n")

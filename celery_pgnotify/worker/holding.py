@@ -48,6 +48,10 @@ class Holding:
             out.append((message, is_eta))
         return out
 
+    def next_at(self) -> float | None:
+        """When the earliest held message is due (UNIX time; None: none held)."""
+        return self._heap[0][0] if self._heap else None
+
     def messages(self) -> list[Message]:
         return [message for _, _, message, _ in self._heap]
 

@@ -26,6 +26,7 @@ import collections
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -174,6 +175,27 @@ class Manager(ConsumerMixin):
         # (a stall or a freeze past lease_timeout): a thawed process cannot
         # know before its next heartbeat, and its jobs may be running elsewhere.
         return broker_of(self._active).alive_for_sure()
+
+    def consume(
+        self, limit: Any = None, timeout: Any = None, safety_interval: float = 1.0, **kwargs: Any
+    ) -> Iterator[None]:
+        """kombu's consuming loop, with each wait cut short at the time the
+        earliest held message is due: a task held until its ETA starts then,
+        not at the loop's next one-second tick."""
+        with self.consumer_context(**kwargs) as (conn, _channel, _consumers):
+            while not self.should_stop:
+                self.on_iteration()
+                due = self.holding.next_at()
+                wait = safety_interval if due is None else due - time.time()
+                try:
+                    conn.drain_events(timeout=min(safety_interval, max(wait, 0.001)))
+                except TimeoutError:
+                    conn.heartbeat_check()
+                except OSError:
+                    if not self.should_stop:
+                        raise
+                else:
+                    yield None
 
     def on_iteration(self) -> None:
         # drain_events comes next: the acks leave with its claim.
