@@ -171,7 +171,8 @@ class Worker:
                 "--without-gossip",
                 "--without-heartbeat",
             ]
-        argv += ["-c", "2", "-Q", queue, "-l", "warning", "-n", f"bench-{queue}@%h"]
+        node = queue.replace(",", "-")
+        argv += ["-c", "2", "-Q", queue, "-l", "warning", "-n", f"bench-{node}-{kind}@%h"]
         self.log = open(os.path.join(workdir, "worker.log"), "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
             argv, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True

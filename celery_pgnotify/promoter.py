@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from datetime import datetime
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import psycopg
 
@@ -106,43 +106,3 @@ def inspect_entry(
             "held_by": "broker",
         },
     }
-
-
-@runtime_checkable
-class ListsScheduled(Protocol):
-    """A transport that holds scheduled tasks (pgnotify's)."""
-
-    def scheduled(self, hostname: str) -> list[dict[str, Any]]: ...
-
-
-_EXTENDED = False
-
-
-def extend_inspect_scheduled() -> None:
-    """Make the stock worker's ``inspect scheduled`` (and its alias
-    ``dump_schedule``) also list the tasks its broker holds, after those in
-    its own timer. Celery's remote control handlers are a registry
-    (``Panel.data``), so this is Celery's own extension point."""
-    global _EXTENDED
-    if _EXTENDED:
-        return
-    try:
-        from celery.worker.control import Panel
-    except ImportError:  # kombu without Celery
-        return
-    own = Panel.data.get("scheduled")
-    if own is None:
-        return
-
-    def scheduled(state: Any, **kwargs: Any) -> list[dict[str, Any]]:
-        entries = list(own(state, **kwargs))
-        transport = state.consumer.connection.transport
-        if isinstance(transport, ListsScheduled):
-            entries += transport.scheduled(state.hostname)
-        return entries
-
-    scheduled.__doc__ = own.__doc__
-    for name, handler in list(Panel.data.items()):
-        if handler is own:
-            Panel.data[name] = scheduled
-    _EXTENDED = True

@@ -36,7 +36,7 @@ import psycopg
 from kombu.transport import virtual
 from kombu.transport.virtual.base import BrokerState
 
-from celery_pgnotify import envelope, migrations, statements
+from celery_pgnotify import envelope, migrations, ops, statements
 from celery_pgnotify.connect import (
     conninfo_from_url,
     forget_after_fork,
@@ -53,7 +53,8 @@ from celery_pgnotify.errors import (
 )
 from celery_pgnotify.listener import Listener
 from celery_pgnotify.options import TransportOptions
-from celery_pgnotify.promoter import extend_inspect_scheduled, inspect_entry
+from celery_pgnotify.promoter import inspect_entry
+from celery_pgnotify.remote import extend_remote_control
 from celery_pgnotify.revoking import REVOKE_EXPIRES, remember_revoked, revoked_by
 from celery_pgnotify.session import ConsumerSession
 from celery_pgnotify.topology import Topology, check_name, milliseconds
@@ -533,6 +534,12 @@ class Transport(virtual.Transport):
         entries = (inspect_entry(payload, due, rank, hostname) for payload, due, rank in rows)
         return [entry for entry in entries if entry is not None]
 
+    def set_paused(self, queue: str, paused: bool) -> bool:
+        """Pause or resume ``queue`` for every worker (see ``celery-pg pause``);
+        False when it was so already."""
+        action = ops.pause if paused else ops.resume
+        return action(self.work_conn(), self.stmts, check_name("queue", queue))
+
     def park(self) -> None:
         """This connection is lost, not closed: its consumer carries on on the
         process's next connection to the same database and schema.
@@ -560,7 +567,7 @@ class Transport(virtual.Transport):
         return self.session.reconcile(held)
 
     def _consume(self, queue: str, channel: _Channel) -> None:
-        extend_inspect_scheduled()  # a consuming process may be a stock worker
+        extend_remote_control()  # a consuming process may be a stock worker
         self.delivery.consume(queue, channel)
         self.listener().set_queues(self.delivery.consumers)
 

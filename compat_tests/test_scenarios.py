@@ -157,3 +157,25 @@ def test_canvas_with_results(compat_results: Compat):
     else:  # pragma: no cover - the assertion below reports it
         raise AssertionError("fails() did not raise")
     assert failed.state == "FAILURE"
+
+
+def test_inspect_scheduled_lists_a_countdown_task(compat: Compat):
+    # On pgnotify a countdown this long waits in the database, not in the
+    # worker: inspect still lists it, once, as Celery documents.
+    result = compat.send("echo", "listed", countdown=60)
+    deadline = time.monotonic() + 10
+    ids: list[str] = []
+    while time.monotonic() < deadline and not ids:
+        replies = compat.app.control.inspect(timeout=2).scheduled() or {}
+        ids = [entry["request"]["id"] for per in replies.values() for entry in per]
+    assert ids == [result.id]
+    compat.app.control.revoke(result.id)
+
+
+def test_revoke_of_a_task_due_later(compat: Compat):
+    result = compat.send("echo", "revoked-later", countdown=11)
+    compat.app.control.revoke(result.id)
+    time.sleep(12)
+    compat.send("echo", "control-later")
+    assert len(compat.wait("control-later", 1)) == 1
+    assert compat.events("revoked-later") == []

@@ -1,6 +1,6 @@
-"""Broker-held ETAs with real workers of both kinds: on time, listed by
-``celery inspect scheduled``, and neither early nor twice when every worker
-is SIGKILLed while they wait."""
+"""What the broker holds, with real workers of both kinds: ETAs (on time,
+listed by ``celery inspect scheduled``, neither early nor twice when every
+worker is SIGKILLed while they wait) and paused queues (by remote control)."""
 
 from __future__ import annotations
 
@@ -65,3 +65,26 @@ def test_a_backlog_of_etas_survives_sigkill_of_every_worker(
         assert ran_at >= eta - 0.01, (tag, ran_at, eta)
     row = db.execute(f'SELECT count(*) FROM "{schema}".scheduled').fetchone()
     assert row == (0,)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_remote_control_pauses_and_resumes_a_queue(
+    e2e: E2E, db: psycopg.Connection[Any], kind: str
+) -> None:
+    schema = e2e.options["schema"]
+    start(e2e, kind)
+    control = e2e.app.control
+    replies = control.broadcast("pause_queue", arguments={"queue": "celery"}, reply=True, timeout=5)
+    assert [next(iter(r.values())) for r in replies] == [{"ok": "queue 'celery' paused"}]
+    paused = e2e.send("record", "while-paused")
+    time.sleep(2)
+    assert e2e.events("while-paused") == []  # published, not claimed
+    row = db.execute(f'SELECT count(*) FROM "{schema}".messages WHERE task_id = %s', (paused.id,))
+    assert row.fetchone() == (1,)
+    replies = control.broadcast(
+        "resume_queue", arguments={"queue": "celery"}, reply=True, timeout=5
+    )
+    assert [next(iter(r.values())) for r in replies] == [{"ok": "queue 'celery' resumed"}]
+    assert e2e.wait_events("while-paused", ["run"]) == ["run"]
+    replies = control.broadcast("pause_queue", arguments={}, reply=True, timeout=5)
+    assert "error" in next(iter(replies[0].values()))

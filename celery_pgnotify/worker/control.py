@@ -73,6 +73,16 @@ def scheduled(state: WorkerState, **kwargs: Any) -> list[dict[str, Any]]:
 
 
 @handler
+def pause_queue(state: WorkerState, queue: Any = "", **kwargs: Any) -> dict[str, str]:
+    return state.pause_queue(queue, True)
+
+
+@handler
+def resume_queue(state: WorkerState, queue: Any = "", **kwargs: Any) -> dict[str, str]:
+    return state.pause_queue(queue, False)
+
+
+@handler
 def registered(state: WorkerState, taskinfoitems: Any = None, **kwargs: Any) -> list[str]:
     return sorted(name for name in state.app.tasks if not name.startswith("celery."))
 

@@ -36,6 +36,7 @@ from kombu.mixins import ConsumerMixin
 
 from celery_pgnotify import deadletters
 from celery_pgnotify.options import AppSettings
+from celery_pgnotify.remote import HoldsTasks, pause_reply
 from celery_pgnotify.worker import control
 from celery_pgnotify.worker.autoscale import Autoscaler
 from celery_pgnotify.worker.broker import broker_of
@@ -344,3 +345,7 @@ class Manager(ConsumerMixin):
 
     def held_by_broker(self) -> list[dict[str, Any]]:
         return broker_of(self._active).scheduled(self.hostname)
+
+    def pause_queue(self, queue: Any, paused: bool) -> dict[str, str]:
+        broker = broker_of(self._active)
+        return pause_reply(broker if isinstance(broker, HoldsTasks) else None, queue, paused)

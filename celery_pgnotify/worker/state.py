@@ -55,6 +55,10 @@ class WorkerState(Protocol):
 
     def reset_rate_limit(self, task_name: str) -> None: ...
 
+    def pause_queue(self, queue: Any, paused: bool) -> dict[str, str]:
+        """Pause or resume a queue for every worker; a control reply."""
+        ...
+
     def held_by_broker(self) -> list[dict[str, Any]]:
         """Scheduled tasks waiting in the broker until due (inspect's format)."""
         ...
