@@ -154,26 +154,22 @@ def status(conn: Any, stmts: Any, as_json: bool) -> None:
     _emit(data, as_json, text)
 
 
-@main.command()
-@click.argument("queue")
-@_connected
-def pause(conn: Any, stmts: Any, queue: str) -> None:
-    """Stop workers taking tasks from QUEUE; publishing goes on."""
-    from celery_pgnotify import ops
+def _pausing(name: str, paused: bool, summary: str) -> None:
+    """``celery-pg pause`` and ``celery-pg resume``."""
 
-    done = ops.pause(conn, stmts, queue)
-    click.echo(f"{queue!r} paused" if done else f"{queue!r} was paused already")
+    @main.command(name=name, help=summary)
+    @click.argument("queue")
+    @_connected
+    def command(conn: Any, stmts: Any, queue: str) -> None:
+        from celery_pgnotify import ops
+
+        changed = (ops.pause if paused else ops.resume)(conn, stmts, queue)
+        verb = "paused" if paused else "resumed"
+        click.echo(f"{queue!r} {verb}" if changed else f"{queue!r} was {verb} already")
 
 
-@main.command()
-@click.argument("queue")
-@_connected
-def resume(conn: Any, stmts: Any, queue: str) -> None:
-    """Let workers take tasks from QUEUE again (its backlog drains at once)."""
-    from celery_pgnotify import ops
-
-    done = ops.resume(conn, stmts, queue)
-    click.echo(f"{queue!r} resumed" if done else f"{queue!r} was not paused")
+_pausing("pause", True, "Stop workers taking tasks from QUEUE; publishing goes on.")
+_pausing("resume", False, "Let workers take tasks from QUEUE again (its backlog drains at once).")
 
 
 @main.command()

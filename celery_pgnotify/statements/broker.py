@@ -1,108 +1,20 @@
-"""Every SQL statement the project runs, in one typed catalogue.
-
-:class:`Statements` names each statement as an attribute whose default is
-its template, with ``{s}`` standing for the quoted schema name;
-:func:`statements` renders them once per schema. Values are always bound
-parameters; queue and exchange names are data, never SQL. The schema itself
-and its migrations are the ``.sql`` files of ``schema/`` (``migrations.py``).
-"""
+"""The broker's statements: publishing and topology, consumers, operations."""
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import re
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
-#: Schema names are plain identifiers: they are quoted, but never contain quotes.
-SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-
-# --- named statements -------------------------------------------------------
-
-_EXPIRY = (
-    "LEAST(now() + %(ttl)s::bigint * interval '1 millisecond', "
-    "now() + {q}.message_ttl_ms * interval '1 millisecond')"
+from celery_pgnotify.statements.fragments import (
+    DUE,
+    NEXT_DUE,
+    NOT_PAUSED,
+    NOTIFY,
+    SCHEDULED,
+    WAITED_FOR,
+    WAKE,
+    publish_direct_into,
+    publish_routed_into,
 )
-_NOTIFY = "pg_notify(%(prefix)s || md5(queue), '')"
-# Notify only when some live consumer reads the queue: NOTIFY serialises
-# committing transactions, and a publish nobody waits for should not pay it.
-# A paused queue's consumers are not woken either: they could claim nothing.
-_WAITED_FOR = (
-    "EXISTS (SELECT 1 FROM {s}.consumers c WHERE queue = ANY(c.queues))"
-    " AND NOT EXISTS (SELECT 1 FROM {s}.paused_queues p WHERE p.name = queue)"
-)
-# A claim takes nothing from a paused queue (one probe of a tiny table).
-_NOT_PAUSED = "NOT EXISTS (SELECT 1 FROM {s}.paused_queues p WHERE p.name = %(queue)s)"
-
-# Appended to the statements a consumer runs (claim, ack, requeue): they
-# commit without waiting for the WAL flush. A server crash can undo the last
-# of them, and an undone claim or ack only delivers a message again; the
-# message itself was committed by its publish, which always waits. Rendered
-# as ``true`` when the ``async_acks`` transport option is off.
-_NO_FLUSH = "(SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL"
-
-# Prepended to a publish's conditions: the message's COMMIT waits for the
-# WAL flush even when the server, database or role runs with
-# synchronous_commit off (a stronger setting, such as remote_apply, stays).
-_DURABLE = (
-    "(SELECT set_config('synchronous_commit', CASE current_setting('synchronous_commit')"
-    " WHEN 'off' THEN 'on' ELSE current_setting('synchronous_commit') END, true)) IS NOT NULL"
-)
-
-# A queue table's statistics are seldom right: analysed while a queue was
-# short (or never, with autovacuum off), the planner expects a few rows and
-# picks a bitmap scan plus a sort of the whole backlog for every claim, so a
-# drain of n messages costs O(n^2); reading messages_ready in its order stops
-# after the rows wanted. Sessions that claim run only this module's
-# statements, none of which needs a sort, so sorting is off for them.
-CLAIMING_SESSION = "SET enable_sort = off"
-
-# A row's end of life: ``expires`` seconds from now, or never when NULL/0.
-_EXPIRES_AT = "now() + nullif(%(expires)s::float8, 0) * interval '1 second'"
-_LIVE = "(expires_at IS NULL OR expires_at > now())"
-
-
-# Seconds until the first scheduled task of %(queues)s is due (one index
-# probe per queue), NULL when none is.
-_NEXT_DUE = (
-    "SELECT extract(epoch FROM min(d.due_at) - now())::float8"
-    " FROM unnest(%(queues)s::text[]) AS w(name) CROSS JOIN LATERAL"
-    " (SELECT due_at FROM {s}.scheduled WHERE queue = w.name ORDER BY due_at LIMIT 1) AS d"
-)
-_WAKE = "CASE WHEN " + _WAITED_FOR + " THEN " + _NOTIFY + " END"
-_SCHEDULED = ", due_at, task_id"
-_DUE = ", %(due)s, %(task_id)s"
-
-
-def _publish_routed(table: str, columns: str, values: str, wake: str) -> str:
-    """Insert one row per queue the exchange routes to, then ``wake`` each."""
-    return (
-        f"INSERT INTO {{s}}.{table} (queue, rank, payload, expires_at{columns})"
-        " SELECT DISTINCT b.queue, %(rank)s, %(payload)s, "
-        + _EXPIRY.format(q="q")
-        + values
-        + " FROM {s}.bindings b LEFT JOIN {s}.queues q ON q.name = b.queue"
-        " WHERE " + _DURABLE + " AND b.exchange = %(exchange)s AND (b.type = 'fanout'"
-        "  OR (b.type = 'direct' AND b.routing_key = %(rk)s)"
-        "  OR (b.type = 'topic' AND ('.' || %(rk)s) ~ b.pattern))"
-        " RETURNING queue, " + wake
-    )
-
-
-def _publish_direct(table: str, columns: str, values: str, wake: str) -> str:
-    """Insert into the queue named by the routing key, then ``wake`` it."""
-    return (
-        f"INSERT INTO {{s}}.{table} (queue, rank, payload, expires_at{columns})"
-        " SELECT %(queue)s, %(rank)s, %(payload)s, LEAST(now() + %(ttl)s::bigint"
-        "  * interval '1 millisecond', (SELECT now() + q.message_ttl_ms"
-        "  * interval '1 millisecond' FROM {s}.queues q WHERE q.name = %(queue)s))"
-        + values
-        + " WHERE "
-        + _DURABLE
-        + " RETURNING queue, "
-        + wake
-    )
 
 
 @dataclass(frozen=True)
@@ -121,7 +33,7 @@ class ConsumerWrites:
         " picked AS ("
         " SELECT id FROM {s}.messages"
         " WHERE queue = %(queue)s AND consumer_id IS NULL"
-        "  AND (expires_at IS NULL OR expires_at > now()) AND {nf} AND " + _NOT_PAUSED + ""
+        "  AND (expires_at IS NULL OR expires_at > now()) AND {nf} AND " + NOT_PAUSED + ""
         " ORDER BY rank DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
         " UPDATE {s}.messages m SET consumer_id = %(consumer)s, leased_at = now()"
         " FROM picked WHERE m.id = picked.id"
@@ -139,7 +51,7 @@ class ConsumerWrites:
         "DELETE FROM {s}.messages WHERE id IN ("
         " SELECT id FROM {s}.messages"
         " WHERE queue = %(queue)s AND consumer_id IS NULL"
-        "  AND (expires_at IS NULL OR expires_at > now()) AND {nf} AND " + _NOT_PAUSED + ""
+        "  AND (expires_at IS NULL OR expires_at > now()) AND {nf} AND " + NOT_PAUSED + ""
         " ORDER BY rank DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
         " RETURNING id, rank, payload, redelivered, octet_length(payload), false"
     )
@@ -149,23 +61,23 @@ class ConsumerWrites:
         "WITH back AS ("
         " UPDATE {s}.messages SET consumer_id = NULL, leased_at = NULL, redelivered = true"
         " WHERE id = ANY(%(ids)s) AND consumer_id = %(consumer)s AND {nf} RETURNING queue)"
-        " SELECT queue, " + _NOTIFY + " FROM (SELECT DISTINCT queue FROM back) AS q"
+        " SELECT queue, " + NOTIFY + " FROM (SELECT DISTINCT queue FROM back) AS q"
     )
 
 
 @dataclass(frozen=True)
-class _Topology:
+class TopologyStatements:
     """Publishing, and declaring queues, exchanges and bindings."""
 
     # One statement: route through the bindings, insert, and notify each
     # queue once (DISTINCT gives one row per queue) in RETURNING.
-    publish_routed: str = _publish_routed("messages", ", task_id", ", %(task_id)s", _WAKE)
-    publish_direct: str = _publish_direct("messages", ", task_id", ", %(task_id)s", _WAKE)
+    publish_routed: str = publish_routed_into("messages", ", task_id", ", %(task_id)s", WAKE)
+    publish_direct: str = publish_direct_into("messages", ", task_id", ", %(task_id)s", WAKE)
     # A task whose ETA lies ahead waits in ``scheduled``, where no claim
     # looks, until a consumer of its queue moves it (``promote``); nobody is
     # woken for it now.
-    schedule_routed: str = _publish_routed("scheduled", _SCHEDULED, _DUE, "NULL")
-    schedule_direct: str = _publish_direct("scheduled", _SCHEDULED, _DUE, "NULL")
+    schedule_routed: str = publish_routed_into("scheduled", SCHEDULED, DUE, "NULL")
+    schedule_direct: str = publish_direct_into("scheduled", SCHEDULED, DUE, "NULL")
     # A queue keeps the settings of its first declaration; the row returned
     # tells the declarer whether its own settings agree.
     declare_queue: str = (
@@ -230,7 +142,7 @@ class _Topology:
 
 
 @dataclass(frozen=True)
-class _Consumers:
+class ConsumerStatements:
     """The life of a consumer: registration, heartbeat, leases, reaping."""
 
     register_consumer: str = (
@@ -243,9 +155,9 @@ class _Consumers:
     # due (NULL: none), so the consumer can promote it in time.
     heartbeat: str = (
         "UPDATE {s}.consumers SET heartbeat_at = now(), queues = %(queues)s"
-        " WHERE id = %(id)s RETURNING id, (" + _NEXT_DUE + ")"
+        " WHERE id = %(id)s RETURNING id, (" + NEXT_DUE + ")"
     )
-    next_due: str = _NEXT_DUE
+    next_due: str = NEXT_DUE
     # Tasks due within ``ahead`` seconds move from ``scheduled`` to their
     # queue in due order (their new ids follow it: FIFO among due tasks), and
     # each queue is notified once. SKIP LOCKED: consumers promoting at the
@@ -260,7 +172,7 @@ class _Consumers:
         " (queue, rank, payload, created_at, expires_at, task_id)"
         " SELECT queue, rank, payload, LEAST(due_at, now()), expires_at, task_id FROM due"
         " ORDER BY due_at, id RETURNING queue)"
-        " SELECT queue, n, CASE WHEN " + _WAITED_FOR + " THEN " + _NOTIFY + " END"
+        " SELECT queue, n, CASE WHEN " + WAITED_FOR + " THEN " + NOTIFY + " END"
         " FROM (SELECT queue, count(*) AS n FROM moved GROUP BY queue) AS q"
     )
     # A consumer declared dead comes back under its own id, with nothing
@@ -271,7 +183,7 @@ class _Consumers:
         " ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), queues = EXCLUDED.queues),"
         " back AS (UPDATE {s}.messages SET consumer_id = NULL, leased_at = NULL,"
         " redelivered = true WHERE consumer_id = %(id)s RETURNING queue)"
-        " SELECT queue, " + _NOTIFY + " FROM (SELECT DISTINCT queue FROM back) AS q"
+        " SELECT queue, " + NOTIFY + " FROM (SELECT DISTINCT queue FROM back) AS q"
     )
     resume_consumer: str = (
         "UPDATE {s}.consumers SET heartbeat_at = now(), hostname = %(hostname)s,"
@@ -283,7 +195,7 @@ class _Consumers:
         " UPDATE {s}.messages SET consumer_id = NULL, leased_at = NULL, redelivered = true"
         " WHERE consumer_id = %(consumer)s AND NOT (id = ANY(%(held)s::bigint[]))"
         " RETURNING queue)"
-        " SELECT queue, count(*), " + _NOTIFY + " FROM back GROUP BY queue"
+        " SELECT queue, count(*), " + NOTIFY + " FROM back GROUP BY queue"
     )
     touch_queues: str = "UPDATE {s}.queues SET last_used_at = now() WHERE name = ANY(%(queues)s)"
     unregister_consumer: str = (
@@ -291,7 +203,7 @@ class _Consumers:
         " UPDATE {s}.messages SET consumer_id = NULL, leased_at = NULL, redelivered = true"
         " WHERE consumer_id = %(id)s RETURNING queue),"
         " gone AS (DELETE FROM {s}.consumers WHERE id = %(id)s)"
-        " SELECT queue, " + _NOTIFY + " FROM (SELECT DISTINCT queue FROM back) AS q"
+        " SELECT queue, " + NOTIFY + " FROM (SELECT DISTINCT queue FROM back) AS q"
     )
     # A consumer is dead when it has been silent for lease_timeout, or when
     # its session lock is gone and it missed its heartbeats for lock_grace.
@@ -324,7 +236,7 @@ class _Consumers:
         "  (SELECT name FROM stale_queues)),"
         " stale_messages AS (DELETE FROM {s}.messages WHERE queue IN"
         "  (SELECT name FROM stale_queues))"
-        " SELECT queue, " + _NOTIFY + " FROM (SELECT DISTINCT queue FROM back) AS q"
+        " SELECT queue, " + NOTIFY + " FROM (SELECT DISTINCT queue FROM back) AS q"
     )
     # Leases of consumers that no longer exist (a row deleted by hand). The
     # consumer ids holding leases are found by a skip scan of the leased
@@ -344,13 +256,13 @@ class _Consumers:
         "   AND NOT EXISTS (SELECT 1 FROM {s}.consumers c WHERE c.id = h.id))"
         "  AND m.leased_at < now() - %(lease_timeout)s * interval '1 second'"
         " RETURNING m.queue)"
-        " SELECT queue, " + _NOTIFY + " FROM (SELECT DISTINCT queue FROM orphans) AS q"
+        " SELECT queue, " + NOTIFY + " FROM (SELECT DISTINCT queue FROM orphans) AS q"
     )
     take_lock: str = "SELECT pg_try_advisory_lock(%(ns)s, %(id)s)"
 
 
 @dataclass(frozen=True)
-class _Operations:
+class OperationStatements:
     """Dead letters, and what ``celery-pg status`` reads."""
 
     dead_letter: str = (
@@ -380,7 +292,7 @@ class _Operations:
         " AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s)) RETURNING queue, rank, payload),"
         " m AS (INSERT INTO {s}.messages (queue, rank, payload)"
         " SELECT queue, rank, payload FROM d RETURNING queue)"
-        " SELECT queue, count(*), " + _NOTIFY + " FROM m GROUP BY queue"
+        " SELECT queue, count(*), " + NOTIFY + " FROM m GROUP BY queue"
     )
     dead_letters_drop: str = (
         "WITH d AS (DELETE FROM {s}.dead_letters"
@@ -433,7 +345,7 @@ class _Operations:
     # Resuming wakes the queue's consumers: its backlog drains at once.
     resume_queue: str = (
         "WITH gone AS (DELETE FROM {s}.paused_queues WHERE name = %(name)s RETURNING name)"
-        " SELECT queue, " + _NOTIFY + " FROM (SELECT name AS queue FROM gone) AS q"
+        " SELECT queue, " + NOTIFY + " FROM (SELECT name AS queue FROM gone) AS q"
     )
     # ``celery inspect scheduled``: the first ``limit`` scheduled tasks of
     # these queues, reported by the consumer with the lowest id among those
@@ -450,196 +362,4 @@ class _Operations:
         "SELECT id, hostname, pid, queues, started_at,"
         " extract(epoch FROM now() - heartbeat_at)"
         " FROM {s}.consumers ORDER BY hostname, pid"
-    )
-
-
-@dataclass(frozen=True)
-class _Results:
-    """The result backend: results, groups, chords, their expiry."""
-
-    # One statement stores and wakes the waiter. A SUCCESS is final (a lost
-    # worker's late FAILURE must not overwrite it), unless it already expired.
-    store_result: str = (
-        "INSERT INTO {s}.results AS r (task_id, status, meta, name, args, kwargs,"
-        " worker, retries, queue, traceback, date_done, expires_at)"
-        " VALUES (%(id)s, %(status)s, %(meta)s, %(name)s, %(args)s, %(kwargs)s,"
-        " %(worker)s, %(retries)s, %(queue)s, %(traceback)s,"
-        " CASE WHEN %(ready)s THEN now() END, " + _EXPIRES_AT + ")"
-        " ON CONFLICT (task_id) DO UPDATE SET status = EXCLUDED.status,"
-        " meta = EXCLUDED.meta, name = coalesce(EXCLUDED.name, r.name),"
-        " args = coalesce(EXCLUDED.args, r.args), kwargs = coalesce(EXCLUDED.kwargs, r.kwargs),"
-        " worker = coalesce(EXCLUDED.worker, r.worker), retries = EXCLUDED.retries,"
-        " queue = coalesce(EXCLUDED.queue, r.queue), traceback = EXCLUDED.traceback,"
-        " date_done = EXCLUDED.date_done, expires_at = EXCLUDED.expires_at"
-        " WHERE r.status <> 'SUCCESS' OR r.expires_at <= now()"
-        " RETURNING pg_notify(%(channel)s, '')"
-    )
-    get_result: str = "SELECT meta FROM {s}.results WHERE task_id = %(id)s AND " + _LIVE
-    get_results: str = (
-        "SELECT task_id, meta FROM {s}.results WHERE task_id = ANY(%(ids)s) AND " + _LIVE
-    )
-    save_group: str = (
-        "INSERT INTO {s}.result_groups AS g (group_id, meta, expires_at)"
-        " VALUES (%(id)s, %(meta)s, " + _EXPIRES_AT + ")"
-        " ON CONFLICT (group_id) DO UPDATE SET meta = EXCLUDED.meta,"
-        " expires_at = EXCLUDED.expires_at"
-    )
-    get_group: str = "SELECT meta FROM {s}.result_groups WHERE group_id = %(id)s AND " + _LIVE
-    # Atomic: concurrent header tasks each see a distinct count.
-    # Once per header task (``part``): a repeated increment reads the count.
-    chord_incr_once: str = (
-        "WITH part AS (INSERT INTO {s}.chord_parts (group_id, task_id, expires_at)"
-        " VALUES (%(id)s, %(part)s, " + _EXPIRES_AT + ")"
-        " ON CONFLICT DO NOTHING RETURNING group_id),"
-        " bumped AS (INSERT INTO {s}.chord_counters AS c (group_id, counter, expires_at)"
-        " SELECT group_id, 1, " + _EXPIRES_AT + " FROM part"
-        " ON CONFLICT (group_id) DO UPDATE SET counter = c.counter + 1,"
-        " expires_at = EXCLUDED.expires_at RETURNING counter)"
-        " SELECT counter FROM bumped UNION ALL SELECT counter FROM {s}.chord_counters"
-        " WHERE group_id = %(id)s AND NOT EXISTS (SELECT 1 FROM part)"
-    )
-    chord_incr: str = (
-        "INSERT INTO {s}.chord_counters AS c (group_id, counter, expires_at)"
-        " VALUES (%(id)s, 1, " + _EXPIRES_AT + ")"
-        " ON CONFLICT (group_id) DO UPDATE SET counter = c.counter + 1,"
-        " expires_at = EXCLUDED.expires_at RETURNING counter"
-    )
-    cleanup_results: str = (
-        "WITH r AS (DELETE FROM {s}.results WHERE expires_at <= now() RETURNING 1),"
-        " g AS (DELETE FROM {s}.result_groups WHERE expires_at <= now() RETURNING 1),"
-        " c AS (DELETE FROM {s}.chord_counters WHERE expires_at <= now() RETURNING 1),"
-        " p AS (DELETE FROM {s}.chord_parts WHERE expires_at <= now())"
-        " SELECT (SELECT count(*) FROM r), (SELECT count(*) FROM g), (SELECT count(*) FROM c)"
-    )
-    # Every key-value table of the result backend is deleted from, and given a
-    # new lifetime, by key the same way.
-    delete_result: str = "DELETE FROM {s}.results WHERE task_id = %(id)s"
-    delete_group: str = "DELETE FROM {s}.result_groups WHERE group_id = %(id)s"
-    delete_chord: str = "DELETE FROM {s}.chord_counters WHERE group_id = %(id)s"
-    expire_result: str = (
-        "UPDATE {s}.results SET expires_at = " + _EXPIRES_AT + " WHERE task_id = %(id)s"
-    )
-    expire_group: str = (
-        "UPDATE {s}.result_groups SET expires_at = " + _EXPIRES_AT + " WHERE group_id = %(id)s"
-    )
-    expire_chord: str = (
-        "UPDATE {s}.chord_counters SET expires_at = " + _EXPIRES_AT + " WHERE group_id = %(id)s"
-    )
-
-
-@dataclass(frozen=True)
-class _Beat:
-    """Beat's schedule state and its leader lease."""
-
-    beat_state: str = (
-        "SELECT name, schedule, last_run_at, total_run_count FROM {s}.beat_entries"
-        " WHERE name = ANY(%(names)s)"
-    )
-    # New entries start from the last_run_at Celery gives them; existing ones
-    # keep their state and take the (possibly changed) schedule.
-    beat_register: str = (
-        "INSERT INTO {s}.beat_entries AS e (name, schedule, last_run_at)"
-        " SELECT * FROM unnest(%(names)s::text[], %(schedules)s::text[],"
-        "  %(last_runs)s::timestamptz[])"
-        " ON CONFLICT (name) DO UPDATE SET schedule = EXCLUDED.schedule,"
-        " updated_at = now() WHERE e.schedule <> EXCLUDED.schedule"
-    )
-    beat_forget_others: str = "DELETE FROM {s}.beat_entries WHERE NOT (name = ANY(%(names)s))"
-    # The firing itself: succeeds for exactly one process per (entry, last
-    # run), and only for the holder of the current lease (the fence: the
-    # lease row is share-locked, so no takeover commits before the firing).
-    beat_advance: str = (
-        "WITH lead AS (SELECT 1 FROM {s}.beat_leader WHERE id = 1 AND holder = %(holder)s"
-        " AND term = %(term)s AND expires_at > now() FOR SHARE)"
-        " UPDATE {s}.beat_entries SET last_run_at = %(new)s, last_due_at = %(due)s,"
-        " total_run_count = total_run_count + 1, updated_at = now()"
-        " WHERE name = %(name)s AND last_run_at IS NOT DISTINCT FROM %(old)s"
-        " AND EXISTS (SELECT 1 FROM lead) RETURNING total_run_count"
-    )
-    # Take the lease if it ran out, or renew it if it is ours: the term of
-    # the lease held, or no row.
-    beat_lead: str = (
-        "INSERT INTO {s}.beat_leader AS l (id, holder, term, expires_at)"
-        " VALUES (1, %(holder)s, 1, now() + %(lease)s * interval '1 second')"
-        " ON CONFLICT (id) DO UPDATE SET holder = EXCLUDED.holder,"
-        " expires_at = EXCLUDED.expires_at,"
-        " term = CASE WHEN l.holder = EXCLUDED.holder THEN l.term ELSE l.term + 1 END"
-        " WHERE l.holder = EXCLUDED.holder OR l.expires_at <= now()"
-        " RETURNING term"
-    )
-    beat_resign: str = (
-        "UPDATE {s}.beat_leader SET expires_at = now() WHERE id = 1 AND holder = %(holder)s"
-    )
-
-
-@dataclass(frozen=True)
-class Statements(_Topology, _Consumers, _Operations, _Results, _Beat):
-    """Every statement the project runs, as attributes (by room, in the
-    base classes above).
-
-    ``Statements()`` holds the templates (``{s}``: the quoted schema);
-    :func:`statements` renders them for one schema.
-    """
-
-    schema: str = ""
-    #: what a consumer writes, committed as the server is configured ...
-    durable_writes: ConsumerWrites = ConsumerWrites()
-    #: ... and without waiting for the WAL flush
-    async_writes: ConsumerWrites = ConsumerWrites()
-
-    def writes(self, async_acks: bool) -> ConsumerWrites:
-        """The consumer's statements for the ``async_acks`` transport option."""
-        return self.async_writes if async_acks else self.durable_writes
-
-    @functools.cached_property
-    def _digest(self) -> bytes:
-        return hashlib.md5(self.schema.encode()).digest()
-
-    @functools.cached_property
-    def channel_prefix(self) -> str:
-        """Prefix of the NOTIFY channel of every queue: ``prefix || md5(queue)``."""
-        return "pgn_" + self._digest[:4].hex() + "_"
-
-    @functools.cached_property
-    def lock_namespace(self) -> int:
-        """First key of the two-key advisory lock each consumer session holds
-        (the second is the consumer id): one namespace per schema."""
-        return int.from_bytes(self._digest[4:8], "big") & 0x7FFFFFFF
-
-    @functools.cached_property
-    def result_channel_prefix(self) -> str:
-        """Prefix of the NOTIFY channel a task's result is announced on."""
-        return "pgr_" + self._digest[:4].hex() + "_"
-
-    def channel(self, queue: str) -> str:
-        """The NOTIFY channel of ``queue`` (always a short, safe identifier)."""
-        return self.channel_prefix + hashlib.md5(queue.encode("utf-8")).hexdigest()
-
-    def result_channel(self, task_id: str) -> str:
-        """The NOTIFY channel announcing the result of ``task_id``."""
-        return self.result_channel_prefix + hashlib.md5(task_id.encode("utf-8")).hexdigest()
-
-
-def _rendered(templates: Any, ident: str, no_flush: bool = False) -> dict[str, str]:
-    out = {}
-    for field in fields(templates):
-        value = getattr(templates, field.name)
-        if isinstance(value, str) and field.name != "schema":
-            value = value.replace("{s}", ident)
-            out[field.name] = value.replace("{nf}", _NO_FLUSH if no_flush else "true")
-    return out
-
-
-@functools.cache
-def statements(schema: str) -> Statements:
-    """The statements for ``schema`` (rendered once, then cached)."""
-    if not SCHEMA_NAME.match(schema):
-        raise ValueError(f"schema name {schema!r} is not a plain identifier")
-    ident = f'"{schema}"'  # a plain identifier (checked above) quotes safely
-    writes = ConsumerWrites()
-    return Statements(
-        schema=schema,
-        durable_writes=ConsumerWrites(**_rendered(writes, ident)),
-        async_writes=ConsumerWrites(**_rendered(writes, ident, no_flush=True)),
-        **_rendered(Statements(), ident),
     )

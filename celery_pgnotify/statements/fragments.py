@@ -1,0 +1,88 @@
+"""Pieces of SQL the statements of several rooms share (``{s}``: the
+quoted schema, ``{nf}``: see :data:`NO_FLUSH`)."""
+
+from __future__ import annotations
+
+EXPIRY = (
+    "LEAST(now() + %(ttl)s::bigint * interval '1 millisecond', "
+    "now() + {q}.message_ttl_ms * interval '1 millisecond')"
+)
+NOTIFY = "pg_notify(%(prefix)s || md5(queue), '')"
+# Notify only when some live consumer reads the queue: NOTIFY serialises
+# committing transactions, and a publish nobody waits for should not pay it.
+# A paused queue's consumers are not woken either: they could claim nothing.
+WAITED_FOR = (
+    "EXISTS (SELECT 1 FROM {s}.consumers c WHERE queue = ANY(c.queues))"
+    " AND NOT EXISTS (SELECT 1 FROM {s}.paused_queues p WHERE p.name = queue)"
+)
+# A claim takes nothing from a paused queue (one probe of a tiny table).
+NOT_PAUSED = "NOT EXISTS (SELECT 1 FROM {s}.paused_queues p WHERE p.name = %(queue)s)"
+
+# Appended to the statements a consumer runs (claim, ack, requeue): they
+# commit without waiting for the WAL flush. A server crash can undo the last
+# of them, and an undone claim or ack only delivers a message again; the
+# message itself was committed by its publish, which always waits. Rendered
+# as ``true`` when the ``async_acks`` transport option is off.
+NO_FLUSH = "(SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL"
+
+# Prepended to a publish's conditions: the message's COMMIT waits for the
+# WAL flush even when the server, database or role runs with
+# synchronous_commit off (a stronger setting, such as remote_apply, stays).
+DURABLE = (
+    "(SELECT set_config('synchronous_commit', CASE current_setting('synchronous_commit')"
+    " WHEN 'off' THEN 'on' ELSE current_setting('synchronous_commit') END, true)) IS NOT NULL"
+)
+
+# A queue table's statistics are seldom right: analysed while a queue was
+# short (or never, with autovacuum off), the planner expects a few rows and
+# picks a bitmap scan plus a sort of the whole backlog for every claim, so a
+# drain of n messages costs O(n^2); reading messages_ready in its order stops
+# after the rows wanted. Sessions that claim run only this module's
+# statements, none of which needs a sort, so sorting is off for them.
+CLAIMING_SESSION = "SET enable_sort = off"
+
+# A row's end of life: ``expires`` seconds from now, or never when NULL/0.
+EXPIRES_AT = "now() + nullif(%(expires)s::float8, 0) * interval '1 second'"
+LIVE = "(expires_at IS NULL OR expires_at > now())"
+
+
+# Seconds until the first scheduled task of %(queues)s is due (one index
+# probe per queue), NULL when none is.
+NEXT_DUE = (
+    "SELECT extract(epoch FROM min(d.due_at) - now())::float8"
+    " FROM unnest(%(queues)s::text[]) AS w(name) CROSS JOIN LATERAL"
+    " (SELECT due_at FROM {s}.scheduled WHERE queue = w.name ORDER BY due_at LIMIT 1) AS d"
+)
+WAKE = "CASE WHEN " + WAITED_FOR + " THEN " + NOTIFY + " END"
+SCHEDULED = ", due_at, task_id"
+DUE = ", %(due)s, %(task_id)s"
+
+
+def publish_routed_into(table: str, columns: str, values: str, wake: str) -> str:
+    """Insert one row per queue the exchange routes to, then ``wake`` each."""
+    return (
+        f"INSERT INTO {{s}}.{table} (queue, rank, payload, expires_at{columns})"
+        " SELECT DISTINCT b.queue, %(rank)s, %(payload)s, "
+        + EXPIRY.format(q="q")
+        + values
+        + " FROM {s}.bindings b LEFT JOIN {s}.queues q ON q.name = b.queue"
+        " WHERE " + DURABLE + " AND b.exchange = %(exchange)s AND (b.type = 'fanout'"
+        "  OR (b.type = 'direct' AND b.routing_key = %(rk)s)"
+        "  OR (b.type = 'topic' AND ('.' || %(rk)s) ~ b.pattern))"
+        " RETURNING queue, " + wake
+    )
+
+
+def publish_direct_into(table: str, columns: str, values: str, wake: str) -> str:
+    """Insert into the queue named by the routing key, then ``wake`` it."""
+    return (
+        f"INSERT INTO {{s}}.{table} (queue, rank, payload, expires_at{columns})"
+        " SELECT %(queue)s, %(rank)s, %(payload)s, LEAST(now() + %(ttl)s::bigint"
+        "  * interval '1 millisecond', (SELECT now() + q.message_ttl_ms"
+        "  * interval '1 millisecond' FROM {s}.queues q WHERE q.name = %(queue)s))"
+        + values
+        + " WHERE "
+        + DURABLE
+        + " RETURNING queue, "
+        + wake
+    )
