@@ -2,10 +2,11 @@
 
 Run it with ``python bench/etas.py --tasks 1000000``. For each broker that
 answers, in one run: a worker is started, ``--tasks`` tasks with countdowns
-spread uniformly over a day are published into it, and the resident memory
-of the worker's processes (main process and pool children, summed) is
-sampled throughout; then ``--probes`` tasks due within the next minute are
-published, and how late each starts after its ETA is recorded.
+spread uniformly over the day after the first hour are published into it,
+and the resident memory of the worker's processes (main process and pool
+children, summed) is sampled throughout; then ``--probes`` tasks due within
+the next minute are published, and how late each starts after its ETA is
+recorded.
 
 - pgnotify: the stock ``celery worker -c 2`` and ``celery-pg worker -c 2``
   run side by side on the queue (the scheduled tasks wait in the database);
@@ -123,11 +124,11 @@ def sender(broker: Broker, queue: str):  # type: ignore[no-untyped-def]
     return app
 
 
-def send_due(app, queue: str, countdown: float) -> float:  # type: ignore[no-untyped-def]
+def send_due(app, queue: str, countdown: float) -> str:  # type: ignore[no-untyped-def]
+    """Publish a task due in ``countdown`` seconds; returns its id."""
     eta = time.time() + countdown
     when = datetime.fromtimestamp(eta, timezone.utc)
-    app.send_task("bench.due", args=(eta,), eta=when, queue=queue)
-    return eta
+    return str(app.send_task("bench.due", args=(eta,), eta=when, queue=queue).id)
 
 
 def read_due(workdir: str) -> list[tuple[str, float, int]]:
@@ -155,22 +156,21 @@ def memory_run(broker: Broker, kinds: list[str], tasks: int, probes: int) -> dic
         sampler.start()
         time.sleep(2)
         started = time.monotonic()
-        for _ in range(tasks):
-            send_due(app, queue, random.uniform(300.0, DAY))
+        for _ in range(tasks):  # none due before the run ends
+            send_due(app, queue, random.uniform(3600.0, DAY))
         publish_s = time.monotonic() - started
         # Let the workers take in what they will (the stock worker on
         # Redis and RabbitMQ receives every ETA task and holds it).
         time.sleep(30)
-        sent = {}
-        for i in range(probes):
-            eta = send_due(app, queue, 5.0 + 55.0 * i / max(probes - 1, 1))
-            sent[eta] = i
+        probe_ids = {
+            send_due(app, queue, 5.0 + 55.0 * i / max(probes - 1, 1)) for i in range(probes)
+        }
         deadline = time.monotonic() + 120
         while len(read_due(workdir)) < probes and time.monotonic() < deadline:
             time.sleep(1)
         sampler.done.set()
         sampler.join()
-        late = sorted(abs_late for _id, abs_late, _pid in read_due(workdir))
+        late = sorted(lateness for i, lateness, _pid in read_due(workdir) if i in probe_ids)
         for kind, samples in sampler.samples.items():
             start, peak, end = samples[0], max(samples), samples[-1]
             out[kind] = (
