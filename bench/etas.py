@@ -15,8 +15,10 @@ recorded.
   every ETA task in memory, as on every broker but pgnotify.
 
 ``--kill`` runs the durability check instead: ``--tasks`` tasks due 20 to
-40 s ahead, both pgnotify workers SIGKILLed before any is due and started
-again; every task must run exactly once and none before its ETA.
+40 s ahead, both pgnotify workers SIGKILLed ``--kill-at`` seconds from the
+first ETA (before any is due by default; while they run with a positive
+value) and started again; every task must run exactly once and none before
+its ETA.
 """
 
 from __future__ import annotations
@@ -208,7 +210,7 @@ def memory_run(broker: Broker, kinds: list[str], tasks: int, probes: int) -> dic
     return out
 
 
-def kill_run(tasks: int) -> None:
+def kill_run(tasks: int, kill_at: float) -> None:
     schema = f"etas_{uuid.uuid4().hex[:8]}"
     broker = Broker("pgnotify", f"pgnotify://{PG}", {"schema": schema})
     queue = "etas"
@@ -232,12 +234,12 @@ def kill_run(tasks: int) -> None:
             etas[result.id] = eta
         print(f"  {tasks} tasks due 20-40 s ahead published in {time.monotonic() - started:.1f} s")
         first_due = min(etas.values())
-        time.sleep(max(0.0, first_due - time.time() - 8))
+        time.sleep(max(0.0, first_due + kill_at - time.time()))
         for worker in workers:
             os.killpg(worker.proc.pid, signal.SIGKILL)
             worker.proc.wait()
             worker.log.close()
-        print(f"  SIGKILLed both workers {first_due - time.time():.1f} s before the first ETA")
+        print(f"  SIGKILLed both workers {time.time() - first_due:+.1f} s from the first ETA")
         ran_before = len(read_due(workdir))
         workers = [Worker(broker, queue, workdir, 10**9, kind=k) for k in kinds]
         deadline = time.time() + 120
@@ -285,10 +287,16 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=100)
     parser.add_argument("--brokers", default="pgnotify,redis,rabbitmq")
     parser.add_argument("--kill", action="store_true", help="the SIGKILL durability check")
+    parser.add_argument(
+        "--kill-at",
+        type=float,
+        default=-8.0,
+        help="with --kill: when, in seconds from the first ETA (positive: while tasks run)",
+    )
     args = parser.parse_args()
     if args.kill:
         print(f"SIGKILL of every worker with {args.tasks} ETA tasks waiting (pgnotify)")
-        kill_run(args.tasks)
+        kill_run(args.tasks, args.kill_at)
         return
     redis = PlainRedis()
     candidates = {
