@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from kombu import Consumer, Exchange, Queue
 
-from tests.test_transport import collect, count_rows, drain_until, publish
+from tests.test_transport import collect, count_rows, drain_for, drain_until, publish
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,12 +66,7 @@ def test_sigkilled_consumer_messages_return_within_10s_with_defaults(
             assert count_rows(db, schema, "consumer_id IS NOT NULL") == 2
             with Consumer(survivor, [queue], callbacks=[collect(received)]):
                 # The survivor has been up for a while, as in production.
-                deadline = time.monotonic() + 9
-                while time.monotonic() < deadline:
-                    try:
-                        survivor.drain_events(timeout=0.5)
-                    except TimeoutError:
-                        pass
+                drain_for(survivor, 9)
                 assert received == []
                 holder.send_signal(signal.SIGKILL)
                 holder.wait()

@@ -27,6 +27,16 @@ def drain_until(conn: Connection, received: list[Any], count: int, timeout: floa
             pass
 
 
+def drain_for(conn: Connection, seconds: float) -> None:
+    """Let ``conn`` deliver whatever comes for ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            conn.drain_events(timeout=min(0.5, max(deadline - time.monotonic(), 0.01)))
+        except TimeoutError:
+            pass
+
+
 def collect(received: list[Any], ack: bool = True) -> Any:
     def on_message(body: Any, message: Any) -> None:
         received.append((body, message))
