@@ -86,7 +86,7 @@ def inspect_entry(
         props = message.get("properties") or {}
         if not isinstance(headers, dict) or not isinstance(props, dict):
             return None
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):  # any row may be written by SQL
         return None
     return {
         "eta": headers.get("eta") or due_at.isoformat(),

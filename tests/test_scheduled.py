@@ -182,3 +182,13 @@ def test_status_counts_them_and_purge_drops_them(
     assert 590 <= row["next_due_s"] <= 600
     assert connection.default_channel.queue_purge(queue.name) == 3
     assert counts(db, schema) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    ["not json", "[1, 2]", '"text"', "[" * 100_000, '{"headers": [], "body": ""}', "{}"],
+)
+def test_a_scheduled_row_that_is_no_task_is_left_out_of_inspect(payload: str) -> None:
+    from celery_pgnotify.promoter import inspect_entry
+
+    assert inspect_entry(payload, datetime.now(timezone.utc), 0, "w@h") is None
