@@ -88,3 +88,19 @@ def test_remote_control_pauses_and_resumes_a_queue(
     assert e2e.wait_events("while-paused", ["run"]) == ["run"]
     replies = control.broadcast("pause_queue", arguments={}, reply=True, timeout=5)
     assert "error" in next(iter(replies[0].values()))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_scheduled_task_that_expires_before_it_is_due_never_runs(
+    e2e: E2E, db: psycopg.Connection[Any], kind: str
+) -> None:
+    schema = e2e.options["schema"]
+    start(e2e, kind)
+    doomed = e2e.send("record", "expired-while-scheduled", countdown=11, expires=5)
+    assert db.execute(f'SELECT count(*) FROM "{schema}".scheduled').fetchone() == (1,)
+    e2e.send("record", "due-control", countdown=11)
+    assert e2e.wait_events("due-control", ["run"], timeout=30) == ["run"]
+    time.sleep(1)
+    assert e2e.events("expired-while-scheduled") == []
+    row = db.execute(f'SELECT count(*) FROM "{schema}".messages WHERE task_id = %s', (doomed.id,))
+    assert row.fetchone() == (0,)  # discarded and acked, as Celery does
