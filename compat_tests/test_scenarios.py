@@ -165,10 +165,12 @@ def test_inspect_scheduled_lists_a_countdown_task(compat: Compat):
     result = compat.send("echo", "listed", countdown=60)
     deadline = time.monotonic() + 10
     ids: list[str] = []
-    while time.monotonic() < deadline and not ids:
+    while time.monotonic() < deadline and result.id not in ids:
+        # Every worker on a reference broker answers (they share its
+        # remote-control exchange), each with its own tasks: look for ours.
         replies = compat.app.control.inspect(timeout=2).scheduled() or {}
         ids = [entry["request"]["id"] for per in replies.values() for entry in per]
-    assert ids == [result.id]
+    assert ids.count(result.id) == 1
     compat.app.control.revoke(result.id)
 
 
