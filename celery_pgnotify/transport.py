@@ -174,7 +174,6 @@ class Channel(Topology, DeadLettering, virtual.Channel):
         if revoked:
             # Recorded before the broadcast: a worker starting meanwhile
             # misses the broadcast but finds the record.
-            self._execute(self._stmts.forget_expired_revokes, {"ids": revoked})
             self._execute(self._stmts.record_revokes, {"ids": revoked, "expires": REVOKE_EXPIRES})
         self._inplace_augment_message(message, exchange, routing_key)
         props = message["properties"]

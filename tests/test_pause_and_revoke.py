@@ -103,6 +103,11 @@ def test_a_revoke_is_recorded_with_its_expiry(
     ).fetchall()
     assert [r[0] for r in rows] == ["one", "three", "two"]
     assert all(REVOKE_EXPIRES - 60 < float(r[1]) <= REVOKE_EXPIRES for r in rows)
+    # Expired records go as the next revoke is written.
+    db.execute(f"UPDATE \"{schema}\".revoked SET expires_at = now() - interval '1 s'")
+    app.control.revoke("four")
+    left = db.execute(f'SELECT task_id FROM "{schema}".revoked').fetchall()
+    assert left == [("four",)]
 
 
 def test_a_claim_tells_the_worker_of_a_revoke_it_did_not_hear(

@@ -327,16 +327,17 @@ class OperationStatements:
     )
     # A revoke recorded for workers yet to start, until it expires (later, for
     # a task scheduled beyond that: its revoke must outlast its wait).
+    # Expired revokes go in the same statement (not the ids being revoked
+    # again: a row is changed once per statement).
     record_revokes: str = (
-        "INSERT INTO {s}.revoked AS r (task_id, expires_at)"
+        "WITH expired AS (DELETE FROM {s}.revoked"
+        "  WHERE expires_at <= now() AND task_id <> ALL(%(ids)s::text[]))"
+        " INSERT INTO {s}.revoked AS r (task_id, expires_at)"
         " SELECT v.id, GREATEST(now(), (SELECT max(t.due_at) FROM {s}.scheduled t"
         "  WHERE t.task_id = v.id)) + %(expires)s * interval '1 second'"
         " FROM unnest(%(ids)s::text[]) AS v(id)"
         " ON CONFLICT (task_id) DO UPDATE"
         " SET expires_at = GREATEST(r.expires_at, EXCLUDED.expires_at)"
-    )
-    forget_expired_revokes: str = (
-        "DELETE FROM {s}.revoked WHERE expires_at <= now() AND task_id <> ALL(%(ids)s::text[])"
     )
     pause_queue: str = (
         "INSERT INTO {s}.paused_queues (name) VALUES (%(name)s)"
