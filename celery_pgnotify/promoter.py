@@ -38,6 +38,10 @@ class Promoter:
     def __init__(self, stmts: Statements, retry_after: float) -> None:
         self._stmts = stmts
         self._retry_after = retry_after
+        # Batches stop after this long: the thread also owes the heartbeat,
+        # and a backlog fallen due at once (after an outage) must not delay
+        # it past lease_timeout. What is left is moved on the next turn.
+        self._budget = retry_after
         #: Monotonic time of the next promotion; None while nothing is scheduled.
         self.next_at: float | None = None
 
@@ -60,13 +64,18 @@ class Promoter:
             "limit": PROMOTE_BATCH,
             "prefix": self._stmts.channel_prefix,
         }
+        stop_at = time.monotonic() + self._budget
         try:
-            moved = PROMOTE_BATCH
-            while moved >= PROMOTE_BATCH:
+            while True:  # at least one batch a turn
                 rows = conn.execute(self._stmts.promote, params).fetchall()
                 moved = sum(n for _queue, n, _notified in rows)
                 if moved:
                     logger.debug("%d scheduled task(s) due: moved to their queues", moved)
+                if moved < PROMOTE_BATCH:
+                    break
+                if time.monotonic() >= stop_at:
+                    self.next_at = time.monotonic()  # more are due: next turn
+                    return
             due = conn.execute(self._stmts.next_due, {"queues": queues}).fetchone()
         except STALLED as exc:
             logger.warning("Scheduled tasks not moved to their queues yet (%s); retrying", exc)

@@ -192,3 +192,28 @@ def test_a_scheduled_row_that_is_no_task_is_left_out_of_inspect(payload: str) ->
     from celery_pgnotify.promoter import inspect_entry
 
     assert inspect_entry(payload, datetime.now(timezone.utc), 0, "w@h") is None
+
+
+def test_a_backlog_fallen_due_is_moved_a_batch_a_turn(
+    db: psycopg.Connection[Any], schema: str
+) -> None:
+    # After an outage thousands may be due at once: each turn of the LISTEN
+    # thread moves at least one batch and then yields to the heartbeat.
+    from celery_pgnotify.promoter import PROMOTE_BATCH, Promoter
+    from celery_pgnotify.statements import statements
+
+    migrations.migrate(db, schema)
+    stmts = statements(schema)
+    db.execute(
+        f'INSERT INTO "{schema}".scheduled (queue, payload, due_at)'
+        " SELECT 'q', '{}', now() - interval '1 hour' FROM generate_series(1, %s)",
+        (PROMOTE_BATCH + 10,),
+    )
+    promoter = Promoter(stmts, retry_after=0.0)  # no time for a second batch
+    promoter.promote(db, ["q"])
+    assert counts(db, schema) == (10, PROMOTE_BATCH)
+    assert promoter.is_due()  # the rest on the next turn
+    promoter.promote(db, ["q"])
+    assert counts(db, schema) == (0, PROMOTE_BATCH + 10)
+    assert promoter.next_at is None  # nothing scheduled any more
+    db.execute(f'DROP SCHEMA "{schema}" CASCADE')
