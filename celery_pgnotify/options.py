@@ -79,6 +79,13 @@ class TransportOptions:
         "claims, acks and requeues commit without waiting for the WAL flush (see "
         "*Durability*); false: they wait like every other statement",
     )
+    durable_publish: bool = _setting(
+        True,
+        "true",
+        "a publish returns once its COMMIT is flushed to the WAL; false: without "
+        "waiting for the flush, faster, and a server crash may lose the messages "
+        "published in its last `3 x wal_writer_delay` (see *Durability*)",
+    )
     broker_etas: bool = _setting(
         True,
         "true",

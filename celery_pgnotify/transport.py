@@ -123,6 +123,10 @@ class Channel(Topology, DeadLettering, virtual.Channel):
         # What a consumer writes (claims, acks, requeues) may commit without
         # waiting for the WAL flush: see the async_acks transport option.
         self._writes = self._stmts.writes(self._opts.async_acks)
+        # Publishes wait for the WAL flush unless durable_publish is off; one
+        # inside enqueue_in(conn) always does (the caller's transaction is
+        # never made less durable than it is).
+        self._publishes = self._stmts.publishes(self._opts.durable_publish)
         self._declared_exchanges: dict[str, str] = {}
         self._deferred_acks: list[int] = []
         self._acks_thread: int | None = None  # the thread that deferred them
@@ -197,14 +201,15 @@ class Channel(Topology, DeadLettering, virtual.Channel):
             "task_id": None if headers.get("id") is None else str(headers["id"]),
         }
         # A task due later waits in the database, not in a worker's memory.
+        # Inside enqueue_in(conn): the row is written in the caller's transaction.
+        through = current_connection(headers)
+        publishes = self._stmts.durable_publishes if through is not None else self._publishes
         due = envelope.due_time(headers, self._opts.broker_eta_threshold)
         if due is not None and self._opts.broker_etas:
             params["due"] = due
-            routed, direct = self._stmts.schedule_routed, self._stmts.schedule_direct
+            routed, direct = publishes.schedule_routed, publishes.schedule_direct
         else:
-            routed, direct = self._stmts.publish_routed, self._stmts.publish_direct
-        # Inside enqueue_in(conn): the row is written in the caller's transaction.
-        through = current_connection(headers)
+            routed, direct = publishes.publish_routed, publishes.publish_direct
         execute = through.execute if through is not None else self._execute
         if exchange:
             params.update(exchange=exchange, rk=routing_key or "")

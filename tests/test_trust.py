@@ -132,6 +132,45 @@ def test_a_publish_is_durable_whatever_the_session_says(
     assert row == ("on",)
 
 
+@pytest.mark.parametrize("durable", [True, False])
+def test_durable_publish_decides_whether_a_publish_waits_for_the_flush(
+    make_connection: Any, db: psycopg.Connection[Any], pg_dsn: str, durable: bool
+) -> None:
+    """durable_publish: False commits a publish without waiting for the WAL
+    flush, and that statement only; inside enqueue_in(conn) a publish never
+    makes the caller's transaction less durable."""
+    connection = make_connection(durable_publish=durable)
+    with connection:
+        channel = connection.default_channel
+        queue = Queue("flushed", Exchange("flushed"), "flushed")
+        Producer(channel).publish("warm", declare=[queue], routing_key="flushed")
+        publishes = channel._publishes
+        params = {
+            "queue": "flushed",
+            "exchange": "flushed",
+            "rk": "flushed",
+            "rank": 0,
+            "payload": "{}",
+            "ttl": None,
+            "prefix": channel._stmts.channel_prefix,
+            "task_id": None,
+        }
+        for name in ("publish_direct", "publish_routed"):
+            with db.transaction(force_rollback=True):
+                db.execute(getattr(publishes, name), params)
+                row = db.execute("SHOW synchronous_commit").fetchone()
+            assert row == ("on" if durable else "off",), name
+        work = connection.transport.work_conn()
+        Producer(channel).publish("x", routing_key="flushed", exchange="")
+        assert work.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        with psycopg.connect(pg_dsn) as conn, conn.transaction():
+            with enqueue_in(conn):
+                Producer(channel).publish("y", routing_key="flushed", exchange="")
+            assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        got = [channel.basic_get("flushed", no_ack=True) for _ in range(3)]
+        assert sorted(m.payload for m in got if m is not None) == ["warm", "x", "y"]
+
+
 def test_an_extra_property_json_cannot_carry_is_left_out(connection: Connection) -> None:
     queue = Queue("extras", Exchange("extras"), "extras")
     producer = Producer(connection.default_channel)

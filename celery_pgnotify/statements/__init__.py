@@ -23,12 +23,20 @@ from celery_pgnotify.statements.broker import (
     ConsumerStatements,
     ConsumerWrites,
     OperationStatements,
+    Publishes,
     TopologyStatements,
 )
-from celery_pgnotify.statements.fragments import CLAIMING_SESSION, NO_FLUSH
+from celery_pgnotify.statements.fragments import CLAIMING_SESSION, DURABLE, NO_FLUSH
 from celery_pgnotify.statements.results import BeatStatements, ResultStatements
 
-__all__ = ["CLAIMING_SESSION", "SCHEMA_NAME", "ConsumerWrites", "Statements", "statements"]
+__all__ = [
+    "CLAIMING_SESSION",
+    "SCHEMA_NAME",
+    "ConsumerWrites",
+    "Publishes",
+    "Statements",
+    "statements",
+]
 
 #: Schema names are plain identifiers: they are quoted, but never contain quotes.
 SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -51,9 +59,18 @@ class Statements(
     #: ... and without waiting for the WAL flush
     async_writes: ConsumerWrites = ConsumerWrites()
 
+    #: publishing, waiting for the WAL flush whatever the session says ...
+    durable_publishes: Publishes = Publishes()
+    #: ... and without waiting for it
+    fast_publishes: Publishes = Publishes()
+
     def writes(self, async_acks: bool) -> ConsumerWrites:
         """The consumer's statements for the ``async_acks`` transport option."""
         return self.async_writes if async_acks else self.durable_writes
+
+    def publishes(self, durable: bool) -> Publishes:
+        """The publishing statements for the ``durable_publish`` transport option."""
+        return self.durable_publishes if durable else self.fast_publishes
 
     @functools.cached_property
     def _digest(self) -> bytes:
@@ -90,6 +107,7 @@ def _rendered(templates: Any, ident: str, no_flush: bool = False) -> dict[str, s
         value = getattr(templates, field.name)
         if isinstance(value, str) and field.name != "schema":
             value = value.replace("{s}", ident)
+            value = value.replace("{dur}", NO_FLUSH if no_flush else DURABLE)
             out[field.name] = value.replace("{nf}", NO_FLUSH if no_flush else "true")
     return out
 
@@ -100,10 +118,12 @@ def statements(schema: str) -> Statements:
     if not SCHEMA_NAME.match(schema):
         raise ValueError(f"schema name {schema!r} is not a plain identifier")
     ident = f'"{schema}"'  # a plain identifier (checked above) quotes safely
-    writes = ConsumerWrites()
+    writes, publishes = ConsumerWrites(), Publishes()
     return Statements(
         schema=schema,
         durable_writes=ConsumerWrites(**_rendered(writes, ident)),
         async_writes=ConsumerWrites(**_rendered(writes, ident, no_flush=True)),
+        durable_publishes=Publishes(**_rendered(publishes, ident)),
+        fast_publishes=Publishes(**_rendered(publishes, ident, no_flush=True)),
         **_rendered(Statements(), ident),
     )

@@ -66,8 +66,13 @@ class ConsumerWrites:
 
 
 @dataclass(frozen=True)
-class TopologyStatements:
-    """Publishing, and declaring queues, exchanges and bindings."""
+class Publishes:
+    """Publishing a message: one statement routes, stores and wakes.
+
+    Rendered twice (see :meth:`Statements.publishes`): waiting for the WAL
+    flush whatever the session says, and, for ``durable_publish: False``,
+    committing without waiting for it (``{dur}`` in a template).
+    """
 
     # One statement: route through the bindings, insert, and notify each
     # queue once (DISTINCT gives one row per queue) in RETURNING.
@@ -78,6 +83,12 @@ class TopologyStatements:
     # woken for it now.
     schedule_routed: str = publish_routed_into("scheduled", SCHEDULED, DUE, "NULL")
     schedule_direct: str = publish_direct_into("scheduled", SCHEDULED, DUE, "NULL")
+
+
+@dataclass(frozen=True)
+class TopologyStatements:
+    """Declaring queues, exchanges and bindings."""
+
     # A queue keeps the settings of its first declaration; the row returned
     # tells the declarer whether its own settings agree.
     declare_queue: str = (

@@ -1,5 +1,6 @@
 """Pieces of SQL the statements of several rooms share (``{s}``: the
-quoted schema, ``{nf}``: see :data:`NO_FLUSH`)."""
+quoted schema, ``{nf}``: see :data:`NO_FLUSH`, ``{dur}``: :data:`DURABLE`
+or :data:`NO_FLUSH`, by the ``durable_publish`` transport option)."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def publish_routed_into(table: str, columns: str, values: str, wake: str) -> str
         + EXPIRY.format(q="q")
         + values
         + " FROM {s}.bindings b LEFT JOIN {s}.queues q ON q.name = b.queue"
-        " WHERE " + DURABLE + " AND b.exchange = %(exchange)s AND (b.type = 'fanout'"
+        " WHERE {dur} AND b.exchange = %(exchange)s AND (b.type = 'fanout'"
         "  OR (b.type = 'direct' AND b.routing_key = %(rk)s)"
         "  OR (b.type = 'topic' AND ('.' || %(rk)s) ~ b.pattern))"
         " RETURNING queue, " + wake
@@ -81,8 +82,6 @@ def publish_direct_into(table: str, columns: str, values: str, wake: str) -> str
         "  * interval '1 millisecond', (SELECT now() + q.message_ttl_ms"
         "  * interval '1 millisecond' FROM {s}.queues q WHERE q.name = %(queue)s))"
         + values
-        + " WHERE "
-        + DURABLE
-        + " RETURNING queue, "
+        + " WHERE {dur} RETURNING queue, "
         + wake
     )
