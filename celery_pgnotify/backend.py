@@ -20,14 +20,18 @@ from ``result_expires``: reads ignore expired rows, and :meth:`cleanup`
 Waiting
 =======
 Storing a result and announcing it is one statement: the row is upserted and
-``pg_notify`` runs in its ``RETURNING``, on a channel derived from the task id.
-The notification carries nothing: any role that can connect may NOTIFY any
+``pg_notify`` runs in its ``RETURNING``, on a channel derived from the task id,
+when someone waits for it. A waiter says so in the task's row
+(:meth:`PgNotifyBackend.await_results`, which makes the row, empty, when the
+result is not there yet): a result nobody waits for notifies nobody. The
+notification carries nothing: any role that can connect may NOTIFY any
 channel, so a notification only wakes the waiter, which reads the result from
 the table. A process starts listening for a task before it publishes it
-(:meth:`PgNotifyBackend.on_task_call`), and a waiter reads the table once after
-it starts listening, so no result can slip between the two; while it waits it
-re-reads the table every :data:`~celery_pgnotify.waiting.REREAD_INTERVAL`
-seconds in case a notification was lost (``waiting.py``).
+(:meth:`PgNotifyBackend.on_task_call`); a waiter marks the row, then reads the
+table, so no result can slip between the two (a store in flight makes the mark
+wait for its commit); while it waits it re-reads the table every
+:data:`~celery_pgnotify.waiting.REREAD_INTERVAL` seconds in case a
+notification was lost (``waiting.py``).
 """
 
 from __future__ import annotations
@@ -200,6 +204,13 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
         super().forget(task_id)
         self.result_consumer.cancel_for(task_id)
 
+    def await_results(self, task_ids: Sequence[str]) -> None:
+        """Mark ``task_ids`` as waited for, once listening for them: storing
+        their results will notify (see *Waiting*)."""
+        ids = list(dict.fromkeys(task_ids))
+        if ids:
+            self._execute(self.stmts.await_results, {"ids": ids, "expires": self.expires or None})
+
     def fetch_metas(self, task_ids: Sequence[str]) -> list[dict[str, Any]]:
         """The stored metas of ``task_ids`` (those that have one)."""
         rows = self._execute(self.stmts.get_results, {"ids": list(task_ids)}).fetchall()
@@ -244,6 +255,7 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
         waiting = list(dict.fromkeys(r.id for r in members))
         for task_id in waiting:
             self.result_consumer.consume_from(task_id)
+        self.await_results(waiting)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:

@@ -91,7 +91,10 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
                 self._lock.release()
 
     def on_wait_for_pending(self, result: Any, **kwargs: Any) -> None:
-        # Listening already: a result stored before that is in the table.
+        # Listening already: say we wait, then read; a result stored before
+        # that is in the table, one stored after it notifies.
+        members = getattr(result, "results", None)
+        self.backend.await_results([r.id for r in members] if members else [result.id])
         for meta in result._iter_meta(**kwargs):
             if meta is not None:
                 self.on_state_change(meta, None)

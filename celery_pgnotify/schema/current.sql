@@ -1,4 +1,4 @@
--- The schema as celery-pgnotify declares it, at version 8: what the
+-- The schema as celery-pgnotify declares it, at version 9: what the
 -- migrations (NNNN_*.sql in this folder, applied in order) build, in one
 -- reading. A new schema is created from this file; an existing one is brought
 -- up to date by the migrations it lacks. tests/test_schema.py checks that both
@@ -111,7 +111,9 @@ CREATE TABLE {s}.results (
     queue       text,
     traceback   text,
     date_done   timestamptz,
-    expires_at  timestamptz
+    expires_at  timestamptz,
+    -- someone waits for this result: storing it notifies (see await_results)
+    waited      boolean NOT NULL DEFAULT false
 ) WITH (autovacuum_vacuum_scale_factor = 0.05);
 CREATE INDEX results_expiring ON {s}.results (expires_at) WHERE expires_at IS NOT NULL;
 CREATE TABLE {s}.result_groups (

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from celery_pgnotify.statements.fragments import (
-    EXPIRES_AT,
-    LIVE,
-)
+from celery_pgnotify.statements.fragments import EXPIRES_AT, LIVE, NO_FLUSH
+
+# A row a waiter made before its task's result was stored (see
+# ``await_results``) holds no result: reads pass it by.
+STORED = "octet_length(meta) > 0"
 
 
 @dataclass(frozen=True)
 class ResultStatements:
     """The result backend: results, groups, chords, their expiry."""
 
-    # One statement stores and wakes the waiter. A SUCCESS is final (a lost
-    # worker's late FAILURE must not overwrite it), unless it already expired.
+    # One statement stores and wakes the waiter, if there is one: a result
+    # nobody waits for notifies nobody (a NOTIFY serialises committing
+    # transactions, and wakes every listening session of the database). A
+    # SUCCESS is final (a lost worker's late FAILURE must not overwrite it),
+    # unless it already expired.
     store_result: str = (
         "INSERT INTO {s}.results AS r (task_id, status, meta, name, args, kwargs,"
         " worker, retries, queue, traceback, date_done, expires_at)"
@@ -29,11 +33,28 @@ class ResultStatements:
         " queue = coalesce(EXCLUDED.queue, r.queue), traceback = EXCLUDED.traceback,"
         " date_done = EXCLUDED.date_done, expires_at = EXCLUDED.expires_at"
         " WHERE r.status <> 'SUCCESS' OR r.expires_at <= now()"
-        " RETURNING pg_notify(%(channel)s, '')"
+        " RETURNING CASE WHEN r.waited THEN pg_notify(%(channel)s, '') END"
     )
-    get_result: str = "SELECT meta FROM {s}.results WHERE task_id = %(id)s AND " + LIVE
+    # A waiter says it waits, after it LISTENs and before it reads: a result
+    # stored later finds ``waited`` and notifies. The same row is written by
+    # both, so neither can miss the other: a store in flight makes this wait
+    # for its commit, and the read that follows sees it. A waiter's row holds
+    # no result (``STORED``) and expires like one (a day when results never do).
+    await_results: str = (
+        "INSERT INTO {s}.results AS r (task_id, status, meta, waited, expires_at)"
+        " SELECT id, 'PENDING', ''::bytea, true, now()"
+        "  + coalesce(nullif(%(expires)s::float8, 0), 86400) * interval '1 second'"
+        " FROM unnest(%(ids)s::text[]) AS w(id) WHERE " + NO_FLUSH + ""
+        " ON CONFLICT (task_id) DO UPDATE SET waited = true WHERE NOT r.waited"
+    )
+    get_result: str = (
+        "SELECT meta FROM {s}.results WHERE task_id = %(id)s AND " + LIVE + " AND " + STORED
+    )
     get_results: str = (
-        "SELECT task_id, meta FROM {s}.results WHERE task_id = ANY(%(ids)s) AND " + LIVE
+        "SELECT task_id, meta FROM {s}.results WHERE task_id = ANY(%(ids)s) AND "
+        + LIVE
+        + " AND "
+        + STORED
     )
     save_group: str = (
         "INSERT INTO {s}.result_groups AS g (group_id, meta, expires_at)"
