@@ -146,6 +146,7 @@ class Worker:
         every: int,
         kind: str = "celery",
         backend: str = "",
+        size: tuple[str, ...] = ("-c", "2"),
     ) -> None:
         env = dict(os.environ)
         env.update(
@@ -172,7 +173,8 @@ class Worker:
                 "--without-heartbeat",
             ]
         node = queue.replace(",", "-")
-        argv += ["-c", "2", "-Q", queue, "-l", "warning", "-n", f"bench-{node}-{kind}@%h"]
+        node += f"-{uuid.uuid4().hex[:6]}"  # several workers of one queue
+        argv += [*size, "-Q", queue, "-l", "warning", "-n", f"bench-{node}-{kind}@%h"]
         self.log = open(os.path.join(workdir, "worker.log"), "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
             argv, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
