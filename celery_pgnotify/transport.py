@@ -37,6 +37,7 @@ from kombu.transport import virtual
 from kombu.transport.virtual.base import BrokerState
 
 from celery_pgnotify import envelope, migrations, ops, statements
+from celery_pgnotify.batching import PublishBatch, gather_groups
 from celery_pgnotify.connect import (
     conninfo_from_url,
     forget_after_fork,
@@ -131,6 +132,7 @@ class Channel(Topology, DeadLettering, virtual.Channel):
         self._deferred_acks: list[int] = []
         self._acks_thread: int | None = None  # the thread that deferred them
         self._no_ack_queues: set[str] = set()
+        self._batch: PublishBatch | None = None  # a group's messages (batching.py)
         self.refused = 0  # rows of the last claim dead-lettered as they were taken
 
     # -- helpers -------------------------------------------------------------
@@ -210,6 +212,11 @@ class Channel(Topology, DeadLettering, virtual.Channel):
             routed, direct = publishes.schedule_routed, publishes.schedule_direct
         else:
             routed, direct = publishes.publish_routed, publishes.publish_direct
+        if through is None and self._batch is not None:
+            if not exchange:
+                check_name("queue", routing_key)
+            self._batch.add(exchange, routing_key or "", params)
+            return
         execute = through.execute if through is not None else self._execute
         if exchange:
             params.update(exchange=exchange, rk=routing_key or "")
@@ -224,6 +231,16 @@ class Channel(Topology, DeadLettering, virtual.Channel):
         else:
             params["queue"] = check_name("queue", routing_key)
             execute(direct, params)
+
+    def _publish_many(self, batch: PublishBatch) -> None:
+        rows = self._execute(
+            self._publishes.publish_many, batch.params(self._stmts.channel_prefix)
+        ).fetchall()
+        for n, queue, _ in rows:
+            if queue is None:
+                exchange, rk = batch.exchanges[n - 1], batch.rks[n - 1]
+                log = logger.debug if self._exchange_type(exchange) == "fanout" else logger.warning
+                log("Message to exchange %r key %r matched no queue; dropped", exchange, rk)
 
     # -- consuming ---------------------------------------------------------------
 
@@ -625,3 +642,4 @@ class Transport(virtual.Transport):
 
 
 connect_celery_signals()
+gather_groups()

@@ -83,6 +83,36 @@ class Publishes:
     # woken for it now.
     schedule_routed: str = publish_routed_into("scheduled", SCHEDULED, DUE, "NULL")
     schedule_direct: str = publish_direct_into("scheduled", SCHEDULED, DUE, "NULL")
+    # Many messages in one statement (a group's, see batching.py): each is
+    # routed (``''``: straight to the queue its routing key names), stored in
+    # publish order, in ``messages`` or, due later, in ``scheduled``; each
+    # queue is woken once. Rows without ``queue`` name the messages (1-based
+    # positions) that matched no queue.
+    publish_many: str = (
+        "WITH m AS (SELECT * FROM unnest(%(exchanges)s::text[], %(rks)s::text[],"
+        "  %(ranks)s::smallint[], %(payloads)s::text[], %(ttls)s::bigint[],"
+        "  %(task_ids)s::text[], %(dues)s::timestamptz[])"
+        "  WITH ORDINALITY AS m(exchange, rk, rank, payload, ttl, task_id, due, n)),"
+        " routed AS (SELECT DISTINCT m.n, b.queue FROM m JOIN {s}.bindings b"
+        "  ON m.exchange <> '' AND b.exchange = m.exchange AND (b.type = 'fanout'"
+        "   OR (b.type = 'direct' AND b.routing_key = m.rk)"
+        "   OR (b.type = 'topic' AND ('.' || m.rk) ~ b.pattern))"
+        "  UNION ALL SELECT m.n, m.rk FROM m WHERE m.exchange = ''),"
+        " stored AS (SELECT r.queue, m.rank, m.payload, m.task_id, m.due, m.n,"
+        "  LEAST(now() + m.ttl * interval '1 millisecond',"
+        "   now() + q.message_ttl_ms * interval '1 millisecond') AS expires_at"
+        "  FROM routed r JOIN m ON m.n = r.n LEFT JOIN {s}.queues q ON q.name = r.queue"
+        "  WHERE {dur}),"
+        " now_ AS (INSERT INTO {s}.messages (queue, rank, payload, expires_at, task_id)"
+        "  SELECT queue, rank, payload, expires_at, task_id FROM stored WHERE due IS NULL"
+        "  ORDER BY n, queue RETURNING queue),"
+        " later AS (INSERT INTO {s}.scheduled (queue, rank, payload, expires_at, due_at, task_id)"
+        "  SELECT queue, rank, payload, expires_at, due, task_id FROM stored"
+        "  WHERE due IS NOT NULL ORDER BY n, queue)"
+        " SELECT NULL::bigint, queue, " + WAKE + " FROM (SELECT DISTINCT queue FROM now_) AS w"
+        " UNION ALL SELECT m.n, NULL, NULL FROM m"
+        "  WHERE NOT EXISTS (SELECT 1 FROM routed r WHERE r.n = m.n)"
+    )
 
 
 @dataclass(frozen=True)
