@@ -1,14 +1,14 @@
-"""Many publishes, one statement: a group's tasks, and an ``enqueue_in`` block's.
+"""Many publishes, one statement: the tasks of a group.
 
 A ``group`` (and so a chord's header, ``chunks``, ``starmap``...) publishes
 its tasks one by one through one producer. On a pgnotify channel they are
 gathered instead and stored by one statement in one transaction when the
 group's publishing ends (``publish_many``): one commit and one NOTIFY per
 queue for the whole group, not one per task. ``group.apply_async()`` returns
-once they are committed, as before; a failure raises from it, and stores
-none of the group's messages. Celery's ``group._apply_tasks`` (how every group
-publishes) is wrapped once, when the transport is first loaded; for other
-brokers it runs as it is.
+once they are committed, as before; a failure raises from it. A group larger
+than :data:`MANY` is stored :data:`MANY` messages at a time. Celery's
+``group._apply_tasks`` (how every group publishes) is wrapped once, when the
+transport is first loaded; for other brokers it runs as it is.
 
 Inside an ``enqueue_in(conn)`` block messages are not gathered: each goes
 into the caller's transaction as it is published (see ``enqueue.py``).
@@ -17,51 +17,55 @@ into the caller's transaction as it is published (see ``enqueue.py``).
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-logger = logging.getLogger(__name__)
+# exchange, routing key, rank, payload, ttl (ms), task id, due
+_Row = tuple[str, str, int, str, "int | None", "str | None", "datetime | None"]
+
+#: Most messages one ``publish_many`` statement stores: a larger group is
+#: stored in statements (and commits) of this many, so that memory stays bounded.
+MANY = 1000
 
 
 class PublishBatch:
     """Messages gathered for one ``publish_many`` statement."""
 
-    def __init__(self) -> None:
-        self.depth = 0  # groups nested in groups publish with the outermost
-        self.exchanges: list[str] = []
-        self.rks: list[str] = []
-        self.ranks: list[int] = []
-        self.payloads: list[str] = []
-        self.ttls: list[int | None] = []
-        self.task_ids: list[str | None] = []
-        self.dues: list[datetime | None] = []
+    def __init__(self, depth: int = 0, rows: list[_Row] | None = None) -> None:
+        self.depth = depth  # groups nested in groups publish with the outermost
+        self.rows: list[_Row] = rows if rows is not None else []
 
     def __len__(self) -> int:
-        return len(self.payloads)
+        return len(self.rows)
 
     def add(self, exchange: str, routing_key: str, params: dict[str, Any]) -> None:
-        self.exchanges.append(exchange)
-        self.rks.append(routing_key)
-        self.ranks.append(params["rank"])
-        self.payloads.append(params["payload"])
-        self.ttls.append(params["ttl"])
-        self.task_ids.append(params["task_id"])
-        self.dues.append(params.get("due"))
+        self.rows.append(
+            (
+                exchange,
+                routing_key,
+                params["rank"],
+                params["payload"],
+                params["ttl"],
+                params["task_id"],
+                params.get("due"),
+            )
+        )
+
+    def take(self) -> PublishBatch:
+        """The messages gathered so far, leaving this batch empty."""
+        rows, self.rows = self.rows, []
+        return PublishBatch(rows=rows)
+
+    def route(self, n: int) -> tuple[str, str]:
+        """Exchange and routing key of the ``n``-th message (1-based)."""
+        return self.rows[n - 1][0], self.rows[n - 1][1]
 
     def params(self, prefix: str) -> dict[str, Any]:
-        return {
-            "exchanges": self.exchanges,
-            "rks": self.rks,
-            "ranks": self.ranks,
-            "payloads": self.payloads,
-            "ttls": self.ttls,
-            "task_ids": self.task_ids,
-            "dues": self.dues,
-            "prefix": prefix,
-        }
+        names = ("exchanges", "rks", "ranks", "payloads", "ttls", "task_ids", "dues")
+        columns = zip(*self.rows, strict=True) if self.rows else [()] * len(names)
+        return {"prefix": prefix, **{n: list(c) for n, c in zip(names, columns, strict=True)}}
 
 
 @contextmanager

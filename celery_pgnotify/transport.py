@@ -37,7 +37,7 @@ from kombu.transport import virtual
 from kombu.transport.virtual.base import BrokerState
 
 from celery_pgnotify import envelope, migrations, ops, statements
-from celery_pgnotify.batching import PublishBatch, gather_groups
+from celery_pgnotify.batching import MANY, PublishBatch, gather_groups
 from celery_pgnotify.connect import (
     conninfo_from_url,
     forget_after_fork,
@@ -216,6 +216,8 @@ class Channel(Topology, DeadLettering, virtual.Channel):
             if not exchange:
                 check_name("queue", routing_key)
             self._batch.add(exchange, routing_key or "", params)
+            if len(self._batch) >= MANY:
+                self._publish_many(self._batch.take())
             return
         execute = through.execute if through is not None else self._execute
         if exchange:
@@ -238,7 +240,7 @@ class Channel(Topology, DeadLettering, virtual.Channel):
         ).fetchall()
         for n, queue, _ in rows:
             if queue is None:
-                exchange, rk = batch.exchanges[n - 1], batch.rks[n - 1]
+                exchange, rk = batch.route(n)
                 log = logger.debug if self._exchange_type(exchange) == "fanout" else logger.warning
                 log("Message to exchange %r key %r matched no queue; dropped", exchange, rk)
 

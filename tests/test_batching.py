@@ -11,6 +11,7 @@ import pytest
 from celery import Celery, group
 from kombu.exceptions import EncodeError
 
+from celery_pgnotify.batching import MANY
 from celery_pgnotify.transport import Channel
 from tests.workers import close_app
 
@@ -100,3 +101,14 @@ def test_a_group_member_matching_no_queue_is_reported_and_the_rest_stored(
     assert "matched no queue" in caplog.text
     first, _, last = result.results
     assert _stored(db, schema)[1:] == [first.id, last.id]
+
+
+def test_a_group_larger_than_one_statement_holds_is_stored_in_several(
+    app: Celery, db: psycopg.Connection[Any], schema: str, statements: list[str]
+) -> None:
+    add = app.signature("tests.add")
+    add.delay(0, 0)
+    statements.clear()
+    result = group(add.clone((i, i)) for i in range(2 * MANY + 1)).apply_async()
+    assert len(statements) == 3
+    assert _stored(db, schema)[1:] == [r.id for r in result.results]
