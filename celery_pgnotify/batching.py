@@ -62,10 +62,14 @@ class PublishBatch:
         """Exchange and routing key of the ``n``-th message (1-based)."""
         return self.rows[n - 1][0], self.rows[n - 1][1]
 
-    def params(self, prefix: str) -> dict[str, Any]:
+    def params(self, prefix: str, fresh: float) -> dict[str, Any]:
         names = ("exchanges", "rks", "ranks", "payloads", "ttls", "task_ids", "dues")
         columns = zip(*self.rows, strict=True) if self.rows else [()] * len(names)
-        return {"prefix": prefix, **{n: list(c) for n, c in zip(names, columns, strict=True)}}
+        return {
+            "prefix": prefix,
+            "fresh": fresh,
+            **{n: list(c) for n, c in zip(names, columns, strict=True)},
+        }
 
 
 @contextmanager

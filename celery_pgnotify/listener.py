@@ -4,9 +4,10 @@ One :class:`Listener` runs per consuming transport, on its own dedicated
 connection (never pooled: LISTEN does not survive PgBouncer's transaction
 mode). It
 
-- LISTENs on the NOTIFY channel of every queue the process consumes and
-  wakes the consuming side through a pipe (a file descriptor Celery's event
-  loop or ``select()`` can watch);
+- LISTENs on the NOTIFY channel of every queue the process consumes, and on
+  a channel of its own per queue (a publish wakes one consumer that has room
+  there, see ``fragments.wake``), and wakes the consuming side through a
+  pipe (a file descriptor Celery's event loop or ``select()`` can watch);
 - registers the consumer (a row in ``consumers``) and holds a session-level
   advisory lock keyed by the consumer id, so the consumer's liveness is the
   liveness of this session: a SIGKILLed process drops the session and with
@@ -75,6 +76,7 @@ class Listener:
         self._hostname = socket.gethostname()
         self._lock = threading.Lock()
         self._queues: dict[str, str] = {}  # channel -> queue
+        self._own: dict[str, str] = {}  # this consumer's own channel -> queue
         self._listen = Listening(self._on_channel)
         self._notified: set[str] = set()
         self._woken = WakePipe()  # for the consuming side: queues were notified
@@ -138,6 +140,7 @@ class Listener:
         """LISTEN on exactly these queues (and advertise them for routing/expiry)."""
         with self._lock:
             self._queues = {self._stmts.channel(q): q for q in queues}
+            self._own = {}
         self._poke()
 
     def wake(self) -> None:
@@ -277,6 +280,12 @@ class Listener:
     def _sync_listen(self) -> None:
         with self._lock:
             wanted = dict(self._queues)
+            if self.consumer_id is not None:
+                # Its own channel per queue: a publish wakes one consumer.
+                for queue in list(wanted.values()):
+                    mine = self._stmts.consumer_channel(queue, self.consumer_id)
+                    self._own[mine] = queue
+                wanted.update(self._own)
         if self._listen.sync(wanted):
             self._heartbeat()
             # Messages may have arrived before the LISTEN: look once.
@@ -284,7 +293,7 @@ class Listener:
 
     def _on_channel(self, channel: str) -> None:
         with self._lock:
-            queue = self._queues.get(channel)
+            queue = self._queues.get(channel) or self._own.get(channel)
         if queue is not None:
             self._wake((queue,))
 

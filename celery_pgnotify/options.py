@@ -101,6 +101,12 @@ class TransportOptions:
     )
 
     @property
+    def fresh(self) -> float:
+        """How recent a consumer's heartbeat must be for a publish to wake it
+        alone (an older one may be gone: see ``fragments.wake``)."""
+        return 1.5 * self.heartbeat_interval
+
+    @property
     def lock_grace(self) -> float:
         """How long a consumer may lack its session lock before it is dead."""
         return 2 * self.heartbeat_interval

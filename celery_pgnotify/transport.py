@@ -200,6 +200,7 @@ class Channel(Topology, DeadLettering, virtual.Channel):
             "payload": payload,
             "ttl": milliseconds(expiration, "expiration"),
             "prefix": self._stmts.channel_prefix,
+            "fresh": self._opts.fresh,
             "task_id": None if headers.get("id") is None else str(headers["id"]),
         }
         # A task due later waits in the database, not in a worker's memory.
@@ -224,25 +225,22 @@ class Channel(Topology, DeadLettering, virtual.Channel):
             params.update(exchange=exchange, rk=routing_key or "")
             rows = execute(routed, params).fetchall()
             if not rows:
-                rk = routing_key
-                # A broadcast nobody listens to (no worker up for `celery
-                # inspect`) is routine; a direct or topic message matching no
-                # queue is lost data.
-                log = logger.debug if self._exchange_type(exchange) == "fanout" else logger.warning
-                log("Message to exchange %r key %r matched no queue; dropped", exchange, rk)
+                self._unrouted(exchange, routing_key)
         else:
             params["queue"] = check_name("queue", routing_key)
             execute(direct, params)
 
     def _publish_many(self, batch: PublishBatch) -> None:
-        rows = self._execute(
-            self._publishes.publish_many, batch.params(self._stmts.channel_prefix)
-        ).fetchall()
-        for n, queue, _ in rows:
+        params = batch.params(self._stmts.channel_prefix, self._opts.fresh)
+        for n, queue, _ in self._execute(self._publishes.publish_many, params).fetchall():
             if queue is None:
-                exchange, rk = batch.route(n)
-                log = logger.debug if self._exchange_type(exchange) == "fanout" else logger.warning
-                log("Message to exchange %r key %r matched no queue; dropped", exchange, rk)
+                self._unrouted(*batch.route(n))
+
+    def _unrouted(self, exchange: str, routing_key: str) -> None:
+        # A broadcast nobody listens to (no worker up for `celery inspect`)
+        # is routine; a direct or topic message matching no queue is lost data.
+        log = logger.debug if self._exchange_type(exchange) == "fanout" else logger.warning
+        log("Message to exchange %r key %r matched no queue; dropped", exchange, routing_key)
 
     # -- consuming ---------------------------------------------------------------
 
@@ -310,6 +308,8 @@ class Channel(Topology, DeadLettering, virtual.Channel):
                 "consumer": self.connection.consumer_id(),
                 "max_size": max_size,
                 "acks": acks,
+                "prefix": self._stmts.channel_prefix,
+                "fresh": self._opts.fresh,
             }
             try:
                 rows = conn.execute(self._writes.claim, params).fetchall()

@@ -296,7 +296,15 @@ def test_only_consumer_writes_skip_the_wal_flush(make_connection, db, schema, as
         statements = {
             "claim": (
                 channel._writes.claim,
-                {"queue": "flush", "limit": 1, "consumer": 0, "max_size": 1, "acks": []},
+                {
+                    "queue": "flush",
+                    "limit": 1,
+                    "consumer": 0,
+                    "max_size": 1,
+                    "acks": [],
+                    "prefix": channel._stmts.channel_prefix,
+                    "fresh": 3.0,
+                },
             ),
             "take_no_ack": (channel._writes.take_no_ack, {"queue": "flush", "limit": 1}),
             "ack": (channel._writes.ack, {"id": -1}),
@@ -334,7 +342,15 @@ def test_a_claim_reads_the_ready_index_in_order_and_never_sorts_the_backlog(conn
             " SELECT 'plan', json_build_object('body', repeat('x', 900))"
             " FROM generate_series(1, 10000)"
         )
-        params = {"queue": "plan", "limit": 4, "consumer": 0, "max_size": 1 << 20, "acks": []}
+        params = {
+            "queue": "plan",
+            "limit": 4,
+            "consumer": 0,
+            "max_size": 1 << 20,
+            "acks": [],
+            "prefix": "p",
+            "fresh": 3.0,
+        }
         session = connection.transport.claim_conn()
         for query in (channel._writes.claim, channel._writes.take_no_ack):
             plan = "\n".join(r[0] for r in session.execute("EXPLAIN " + query, params))

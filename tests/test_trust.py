@@ -153,6 +153,7 @@ def test_durable_publish_decides_whether_a_publish_waits_for_the_flush(
             "payload": "{}",
             "ttl": None,
             "prefix": channel._stmts.channel_prefix,
+            "fresh": 3.0,
             "task_id": None,
         }
         for name in ("publish_direct", "publish_routed"):

@@ -1,4 +1,4 @@
--- The schema as celery-pgnotify declares it, at version 9: what the
+-- The schema as celery-pgnotify declares it, at version 10: what the
 -- migrations (NNNN_*.sql in this folder, applied in order) build, in one
 -- reading. A new schema is created from this file; an existing one is brought
 -- up to date by the migrations it lacks. tests/test_schema.py checks that both
@@ -38,7 +38,11 @@ CREATE TABLE {s}.consumers (
     pid           integer NOT NULL,
     queues        text[] NOT NULL DEFAULT '{}',
     started_at    timestamptz NOT NULL DEFAULT now(),
-    heartbeat_at  timestamptz NOT NULL DEFAULT now()
+    heartbeat_at  timestamptz NOT NULL DEFAULT now(),
+    -- its last claim got fewer messages than it asked for: it has room, and
+    -- waits to be woken (see fragments.WAKE)
+    hungry        boolean NOT NULL DEFAULT false,
+    fed_at        timestamptz NOT NULL DEFAULT now()
 );
 CREATE TABLE {s}.messages (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

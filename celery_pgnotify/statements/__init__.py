@@ -96,6 +96,11 @@ class Statements(
         """The NOTIFY channel of ``queue`` (always a short, safe identifier)."""
         return self.channel_prefix + hashlib.md5(queue.encode("utf-8")).hexdigest()
 
+    def consumer_channel(self, queue: str, consumer_id: int) -> str:
+        """The NOTIFY channel waking only consumer ``consumer_id`` for ``queue``."""
+        digest = hashlib.md5(f"{consumer_id}/{queue}".encode()).hexdigest()
+        return self.channel_prefix + digest
+
     def result_channel(self, task_id: str) -> str:
         """The NOTIFY channel announcing the result of ``task_id``."""
         return self.result_channel_prefix + hashlib.md5(task_id.encode("utf-8")).hexdigest()

@@ -14,6 +14,20 @@ from celery_pgnotify.statements.fragments import (
     WAKE,
     publish_direct_into,
     publish_routed_into,
+    wake,
+)
+
+# One more hungry consumer of %(queue)s (not this one) woken: one fed
+# longest ago. No ORDER BY: sessions that claim run with sorting off (see
+# CLAIMING_SESSION), which would price a sort out of all reason.
+_OTHER_HUNGRY = (
+    " FROM {s}.consumers o WHERE %(queue)s = ANY(o.queues) AND o.hungry"
+    " AND o.id <> %(consumer)s AND o.heartbeat_at > now() - %(fresh)s * interval '1 second'"
+)
+PASS_ON = (
+    "(SELECT bool_or(pg_notify(%(prefix)s || md5(t.id || '/' || %(queue)s), '') IS NULL)"
+    " FROM (SELECT o.id" + _OTHER_HUNGRY + ""
+    "  AND o.fed_at = (SELECT min(o.fed_at)" + _OTHER_HUNGRY + ") LIMIT 1) AS t)"
 )
 
 
@@ -34,17 +48,29 @@ class ConsumerWrites:
         " SELECT id FROM {s}.messages"
         " WHERE queue = %(queue)s AND consumer_id IS NULL"
         "  AND (expires_at IS NULL OR expires_at > now()) AND {nf} AND " + NOT_PAUSED + ""
-        " ORDER BY rank DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
-        " UPDATE {s}.messages m SET consumer_id = %(consumer)s, leased_at = now()"
+        " ORDER BY rank DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED),"
+        " leased AS (UPDATE {s}.messages m SET consumer_id = %(consumer)s, leased_at = now()"
         " FROM picked WHERE m.id = picked.id"
         # A message over max_message_size is not sent over the wire: it is
         # dead-lettered by id.
         " RETURNING m.id, m.rank,"
-        " CASE WHEN octet_length(m.payload) <= %(max_size)s THEN m.payload END,"
-        " m.redelivered, octet_length(m.payload),"
+        " CASE WHEN octet_length(m.payload) <= %(max_size)s THEN m.payload END AS payload,"
+        " m.redelivered, octet_length(m.payload) AS size,"
         # Revoked while no worker was there to hear it (see revoking.py).
         " m.task_id IS NOT NULL AND EXISTS (SELECT 1 FROM {s}.revoked r"
-        "  WHERE r.task_id = m.task_id AND r.expires_at > now())"
+        "  WHERE r.task_id = m.task_id AND r.expires_at > now()) AS revoked),"
+        # The consumer says whether it has room left (``hungry``: it got fewer
+        # than it asked for) and when it was last fed: publishes wake the
+        # hungry consumer fed longest ago (fragments.wake). Written only when
+        # that changes: an empty claim of a hungry consumer writes nothing.
+        " got AS (SELECT count(*) AS n FROM picked),"
+        " fed AS (UPDATE {s}.consumers c SET hungry = got.n < %(limit)s,"
+        "  fed_at = CASE WHEN got.n > 0 THEN now() ELSE c.fed_at END FROM got"
+        "  WHERE c.id = %(consumer)s AND (got.n > 0 OR NOT c.hungry)),"
+        # A full claim may leave more behind: it passes the wake-up on to the
+        # next hungry consumer of the queue.
+        " passed AS (SELECT " + PASS_ON + " AS sent FROM got WHERE got.n >= %(limit)s)"
+        " SELECT leased.* FROM leased LEFT JOIN passed ON true"
     )
     # no_ack consumers (Celery's pidbox) take messages for good, in one go.
     take_no_ack: str = (
@@ -109,7 +135,8 @@ class Publishes:
         " later AS (INSERT INTO {s}.scheduled (queue, rank, payload, expires_at, due_at, task_id)"
         "  SELECT queue, rank, payload, expires_at, due, task_id FROM stored"
         "  WHERE due IS NOT NULL ORDER BY n, queue)"
-        " SELECT NULL::bigint, queue, " + WAKE + " FROM (SELECT DISTINCT queue FROM now_) AS w"
+        " SELECT NULL::bigint, queue, " + wake("w.n") + ""
+        " FROM (SELECT queue, count(*) AS n FROM now_ GROUP BY queue) AS w"
         " UNION ALL SELECT m.n, NULL, NULL FROM m"
         "  WHERE NOT EXISTS (SELECT 1 FROM routed r WHERE r.n = m.n)"
     )

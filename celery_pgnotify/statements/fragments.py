@@ -54,7 +54,41 @@ NEXT_DUE = (
     " FROM unnest(%(queues)s::text[]) AS w(name) CROSS JOIN LATERAL"
     " (SELECT due_at FROM {s}.scheduled WHERE queue = w.name ORDER BY due_at LIMIT 1) AS d"
 )
-WAKE = "CASE WHEN " + WAITED_FOR + " THEN " + NOTIFY + " END"
+# The NOTIFY channel of one consumer for one queue: ``prefix || md5(id/queue)``.
+CONSUMER_CHANNEL = "%(prefix)s || md5({id} || '/' || queue)"
+
+
+def wake_hungry(count: str) -> str:
+    """Notify up to ``count`` consumers of ``queue`` that have room (hungry),
+    those fed longest ago first, each on its own channel; NULL when none is
+    hungry. Consumers whose heartbeat is older than ``%(fresh)s`` seconds may
+    be gone and are passed over."""
+    return (
+        "(SELECT bool_or(pg_notify(" + CONSUMER_CHANNEL.format(id="t.id") + ", '') IS NULL)"
+        " FROM (SELECT c.id, row_number() OVER (ORDER BY c.fed_at, c.id) AS nth"
+        "  FROM {s}.consumers c WHERE queue = ANY(c.queues) AND c.hungry"
+        "  AND c.heartbeat_at > now() - %(fresh)s * interval '1 second') AS t"
+        " WHERE t.nth <= " + count + ")"
+    )
+
+
+def wake(count: str) -> str:
+    """Wake for ``count`` new messages of ``queue``: as many hungry consumers,
+    else (none has room, or none is known to) every consumer of the queue,
+    on the queue's channel: a consumer whose prefetch window has room claims;
+    the others remember the queue and claim once room frees. Every idle
+    LISTEN session of the database runs a transaction per notifying commit,
+    whatever the channel, so waking one consumer saves the claims of the
+    others, not their reading of the notification."""
+    return (
+        "CASE WHEN NOT EXISTS (SELECT 1 FROM {s}.paused_queues p WHERE p.name = queue) THEN"
+        " coalesce(" + wake_hungry(count) + ","
+        " CASE WHEN EXISTS (SELECT 1 FROM {s}.consumers c WHERE queue = ANY(c.queues))"
+        "  THEN " + NOTIFY + " IS NULL END) END"
+    )
+
+
+WAKE = wake("1")
 SCHEDULED = ", due_at, task_id"
 DUE = ", %(due)s, %(task_id)s"
 

@@ -1,0 +1,172 @@
+"""A publish wakes one consumer that has room, not every consumer of the queue."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+from celery_pgnotify.statements import statements
+from celery_pgnotify.transport import Channel
+
+QUEUE = Queue("wq", Exchange("wq"), routing_key="wq")
+
+
+class Fleet:
+    """``n`` consumers of ``wq``, each a connection of its own draining on a
+    thread; records who received what, and every claim made on ``wq``."""
+
+    def __init__(
+        self,
+        make_connection: Callable[..., Connection],
+        n: int,
+        prefetch: int,
+        claims: Counter[int],
+    ) -> None:
+        self.received: list[tuple[int, Any]] = []
+        self.claims = claims
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.conns = [make_connection(polling_interval=60) for _ in range(n)]
+        for i, conn in enumerate(self.conns):
+            consumer = Consumer(
+                conn.channel(), [QUEUE], callbacks=[self._on_message(i)], accept=["json"]
+            )
+            consumer.qos(prefetch_count=prefetch)
+            consumer.consume()
+            thread = threading.Thread(target=self._drain, args=(conn,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _on_message(self, i: int) -> Callable[[Any, Any], None]:
+        def on_message(body: Any, message: Any) -> None:
+            self.received.append((i, body))
+            message.ack()
+
+        return on_message
+
+    def _drain(self, conn: Connection) -> None:
+        while not self._stop.is_set():
+            try:
+                conn.drain_events(timeout=0.1)
+            except TimeoutError:
+                pass
+
+    def wait_for(self, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(self.received) >= count, f"got {len(self.received)} of {count}"
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(5)
+
+
+@pytest.fixture
+def fleet(make_connection: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Fleet]]:
+    made: list[Fleet] = []
+    claims: Counter[int] = Counter()
+    claim = Channel.claim
+
+    def counted(self: Channel, queue: str, limit: int) -> list[dict[str, Any]]:
+        if queue == "wq":
+            claims[id(self)] += 1
+        return claim(self, queue, limit)
+
+    monkeypatch.setattr(Channel, "claim", counted)
+
+    def make(n: int, prefetch: int = 4) -> Fleet:
+        made.append(Fleet(make_connection, n, prefetch, claims))
+        return made[-1]
+
+    yield make
+    for f in made:
+        f.stop()
+
+
+def _hungry(db: psycopg.Connection[Any], schema: str, n: int) -> None:
+    """Wait until ``n`` consumers of wq have claimed and found it empty."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        row = db.execute(
+            f"SELECT count(*) FROM \"{schema}\".consumers WHERE hungry AND 'wq' = ANY(queues)"
+        ).fetchone()
+        if row and row[0] >= n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"fewer than {n} consumers became hungry")
+
+
+def test_a_publish_wakes_one_consumer_and_they_take_turns(
+    fleet: Callable[..., Fleet], connection: Connection, db: psycopg.Connection[Any], schema: str
+) -> None:
+    consumers = fleet(4)
+    _hungry(db, schema, 4)
+    consumers.claims.clear()
+    producer = Producer(connection.channel())
+    for n in range(12):
+        producer.publish(n, exchange=QUEUE.exchange, routing_key="wq", declare=[QUEUE])
+        consumers.wait_for(n + 1, 10)
+        time.sleep(0.03)
+    claims = sum(consumers.claims.values())
+    # Woken all at once, four consumers would make 48 claims.
+    assert claims <= 18, consumers.claims
+    by_consumer = Counter(i for i, _ in consumers.received)
+    assert len(by_consumer) == 4 and min(by_consumer.values()) >= 2, by_consumer
+
+
+def test_a_consumer_silent_for_a_while_is_not_woken_alone(
+    fleet: Callable[..., Fleet],
+    connection: Connection,
+    db: psycopg.Connection[Any],
+    schema: str,
+) -> None:
+    """A consumer whose heartbeat is late may be gone: the publish wakes a
+    live one, not a message-less wait for the fallback re-read."""
+    consumers = fleet(1)
+    _hungry(db, schema, 1)
+    # A ghost: hungry, fed longest ago, its session lock held (so it is not
+    # reaped yet), its heartbeat 5 s old.
+    ghost = db.execute(
+        f'INSERT INTO "{schema}".consumers (hostname, pid, queues, hungry, fed_at, heartbeat_at)'
+        " VALUES ('ghost', 1, '{wq}', true, now() - interval '1 day', now() - interval '5 s')"
+        " RETURNING id"
+    ).fetchone()
+    assert ghost is not None
+    lock = statements(schema).lock_namespace
+    db.execute("SELECT pg_advisory_lock(%s, %s)", (lock, ghost[0]))
+    try:
+        Producer(connection.channel()).publish(
+            {"for": "the living"}, exchange=QUEUE.exchange, routing_key="wq", declare=[QUEUE]
+        )
+        consumers.wait_for(1, 2.5)
+    finally:
+        db.execute("SELECT pg_advisory_unlock(%s, %s)", (lock, ghost[0]))
+
+
+def test_a_group_wakes_as_many_consumers_as_it_has_messages(
+    fleet: Callable[..., Fleet], broker_url: str, schema: str, db: psycopg.Connection[Any]
+) -> None:
+    from celery import Celery, group
+
+    consumers = fleet(3, prefetch=1)
+    _hungry(db, schema, 3)
+    app = Celery("wakes", broker=broker_url)
+    app.conf.broker_transport_options = {"schema": schema}
+    try:
+        with app.connection_for_write() as conn:
+            producer = Producer(conn.channel())
+            g = group(app.signature("tests.noop", queue=QUEUE) for _ in range(6))
+            g.apply_async(producer=producer)
+        consumers.wait_for(6, 10)
+    finally:
+        app.close()
+    assert len({i for i, _ in consumers.received}) >= 2
