@@ -10,8 +10,9 @@ than :data:`MANY` is stored :data:`MANY` messages at a time. Celery's
 ``group._apply_tasks`` (how every group publishes) is wrapped once, when the
 transport is first loaded; for other brokers it runs as it is.
 
-Inside an ``enqueue_in(conn)`` block messages are not gathered: each goes
-into the caller's transaction as it is published (see ``enqueue.py``).
+A group published inside an ``enqueue_in(conn)`` block is stored by one
+statement in the caller's transaction; other messages of the block go into
+it one statement each, as they are published (see ``enqueue.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
+
+import psycopg
+
+from celery_pgnotify.options import TransportOptions
+from celery_pgnotify.statements import Publishes, Statements
+from celery_pgnotify.topology import check_name
 
 # exchange, routing key, rank, payload, ttl (ms), task id, due
 _Row = tuple[str, str, int, str, "int | None", "str | None", "datetime | None"]
@@ -33,9 +40,11 @@ MANY = 1000
 class PublishBatch:
     """Messages gathered for one ``publish_many`` statement."""
 
-    def __init__(self, depth: int = 0, rows: list[_Row] | None = None) -> None:
+    def __init__(self, depth: int = 0, rows: list[_Row] | None = None, through: Any = None) -> None:
         self.depth = depth  # groups nested in groups publish with the outermost
         self.rows: list[_Row] = rows if rows is not None else []
+        #: the connection of an enqueue_in(conn) block they are published in
+        self.through = through
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -56,7 +65,7 @@ class PublishBatch:
     def take(self) -> PublishBatch:
         """The messages gathered so far, leaving this batch empty."""
         rows, self.rows = self.rows, []
-        return PublishBatch(rows=rows)
+        return PublishBatch(rows=rows, through=self.through)
 
     def route(self, n: int) -> tuple[str, str]:
         """Exchange and routing key of the ``n``-th message (1-based)."""
@@ -89,6 +98,56 @@ def gathering(channel: Any) -> Iterator[None]:
             channel._batch = None
             if len(batch):
                 channel._publish_many(batch)
+
+
+class Gathering:
+    """The gathering methods of :class:`~celery_pgnotify.transport.Channel`."""
+
+    _stmts: Statements
+    _opts: TransportOptions
+    _publishes: Publishes
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._batch: PublishBatch | None = None  # a group's messages, while it publishes
+
+    def _execute(self, query: str, params: dict[str, Any]) -> psycopg.Cursor[Any]:
+        raise NotImplementedError  # the channel's
+
+    def _unrouted(self, exchange: str, routing_key: str) -> None:
+        raise NotImplementedError  # the channel's
+
+    def _gather(
+        self,
+        exchange: str,
+        routing_key: str,
+        params: dict[str, Any],
+        through: psycopg.Connection[Any] | None,
+    ) -> bool:
+        """Keep a message for the statement of its group; False outside one."""
+        batch = self._batch
+        if batch is None:
+            return False
+        if not exchange:
+            check_name("queue", routing_key)
+        if batch.through is not through and len(batch):
+            self._publish_many(batch.take())  # one statement per connection
+        batch.through = through
+        batch.add(exchange, routing_key or "", params)
+        if len(batch) >= MANY:
+            self._publish_many(batch.take())
+        return True
+
+    def _publish_many(self, batch: PublishBatch) -> None:
+        params = batch.params(self._stmts.channel_prefix, self._opts.fresh)
+        if batch.through is not None:  # inside enqueue_in(conn): the caller's transaction
+            query = self._stmts.durable_publishes.publish_many
+            rows = batch.through.execute(query, params).fetchall()
+        else:
+            rows = self._execute(self._publishes.publish_many, params).fetchall()
+        for n, queue, _ in rows:
+            if queue is None:
+                self._unrouted(*batch.route(n))
 
 
 def _gathered(apply_tasks: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:

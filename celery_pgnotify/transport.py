@@ -37,7 +37,7 @@ from kombu.transport import virtual
 from kombu.transport.virtual.base import BrokerState
 
 from celery_pgnotify import envelope, migrations, ops, statements
-from celery_pgnotify.batching import MANY, PublishBatch, gather_groups
+from celery_pgnotify.batching import Gathering, gather_groups
 from celery_pgnotify.connect import (
     conninfo_from_url,
     forget_after_fork,
@@ -109,7 +109,7 @@ class QoS(virtual.QoS):
         return []
 
 
-class Channel(Topology, DeadLettering, virtual.Channel):
+class Channel(Topology, DeadLettering, Gathering, virtual.Channel):
     """A channel over the transport's shared work connection."""
 
     QoS = QoS
@@ -132,7 +132,6 @@ class Channel(Topology, DeadLettering, virtual.Channel):
         self._deferred_acks: list[int] = []
         self._acks_thread: int | None = None  # the thread that deferred them
         self._no_ack_queues: set[str] = set()
-        self._batch: PublishBatch | None = None  # a group's messages (batching.py)
         self.refused = 0  # rows of the last claim dead-lettered as they were taken
 
     # -- helpers -------------------------------------------------------------
@@ -213,12 +212,7 @@ class Channel(Topology, DeadLettering, virtual.Channel):
             routed, direct = publishes.schedule_routed, publishes.schedule_direct
         else:
             routed, direct = publishes.publish_routed, publishes.publish_direct
-        if through is None and self._batch is not None:
-            if not exchange:
-                check_name("queue", routing_key)
-            self._batch.add(exchange, routing_key or "", params)
-            if len(self._batch) >= MANY:
-                self._publish_many(self._batch.take())
+        if self._gather(exchange, routing_key, params, through):
             return
         execute = through.execute if through is not None else self._execute
         if exchange:
@@ -229,12 +223,6 @@ class Channel(Topology, DeadLettering, virtual.Channel):
         else:
             params["queue"] = check_name("queue", routing_key)
             execute(direct, params)
-
-    def _publish_many(self, batch: PublishBatch) -> None:
-        params = batch.params(self._stmts.channel_prefix, self._opts.fresh)
-        for n, queue, _ in self._execute(self._publishes.publish_many, params).fetchall():
-            if queue is None:
-                self._unrouted(*batch.route(n))
 
     def _unrouted(self, exchange: str, routing_key: str) -> None:
         # A broadcast nobody listens to (no worker up for `celery inspect`)

@@ -11,6 +11,7 @@ import pytest
 from celery import Celery, group
 from kombu.exceptions import EncodeError
 
+from celery_pgnotify import enqueue_in
 from celery_pgnotify.batching import MANY
 from celery_pgnotify.transport import Channel
 from tests.workers import close_app
@@ -112,3 +113,28 @@ def test_a_group_larger_than_one_statement_holds_is_stored_in_several(
     result = group(add.clone((i, i)) for i in range(2 * MANY + 1)).apply_async()
     assert len(statements) == 3
     assert _stored(db, schema)[1:] == [r.id for r in result.results]
+
+
+@pytest.mark.parametrize("commit", [True, False])
+def test_a_group_inside_enqueue_in_is_one_statement_of_the_callers_transaction(
+    app: Celery, db: psycopg.Connection[Any], schema: str, pg_dsn: str, commit: bool
+) -> None:
+    add = app.signature("tests.add")
+    add.delay(0, 0)
+    ran: list[str] = []
+    with psycopg.connect(pg_dsn) as conn:
+        conn.add_notice_handler(lambda _: None)
+        execute = conn.execute
+
+        def counted(query: Any, params: Any = None, **kwargs: Any) -> Any:
+            ran.append(str(query))
+            return execute(query, params, **kwargs)
+
+        conn.execute = counted  # type: ignore[method-assign]
+        with conn.transaction(force_rollback=not commit):
+            with enqueue_in(conn):
+                result = group(add.clone((i, i)) for i in range(5)).apply_async()
+            assert len(_stored(db, schema)) == 1, "not visible before the caller commits"
+    assert len(ran) == 1
+    expected = [r.id for r in result.results] if commit else []
+    assert _stored(db, schema)[1:] == expected
