@@ -48,6 +48,7 @@ from celery_pgnotify.options import TransportOptions
 from celery_pgnotify.promoter import Promoter
 from celery_pgnotify.reaper import STALLED, Reaper
 from celery_pgnotify.statements import Statements
+from celery_pgnotify.turns import Turns
 from celery_pgnotify.wakeup import WakePipe
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class Listener:
         self._hostname = socket.gethostname()
         self._lock = threading.Lock()
         self._queues: dict[str, str] = {}  # channel -> queue
-        self._own: dict[str, str] = {}  # this consumer's own channel -> queue
+        self._turns = Turns(stmts, opts)  # this consumer's own channels
         self._listen = Listening(self._on_channel)
         self._notified: set[str] = set()
         self._woken = WakePipe()  # for the consuming side: queues were notified
@@ -140,7 +141,6 @@ class Listener:
         """LISTEN on exactly these queues (and advertise them for routing/expiry)."""
         with self._lock:
             self._queues = {self._stmts.channel(q): q for q in queues}
-            self._own = {}
         self._poke()
 
     def wake(self) -> None:
@@ -150,6 +150,7 @@ class Listener:
     def take_notified(self) -> set[str]:
         """The queues notified since the last call (drains the wake pipe)."""
         self._woken.drain()
+        self._turns.taken()
         with self._lock:
             notified, self._notified = self._notified, set()
         return notified
@@ -280,12 +281,9 @@ class Listener:
     def _sync_listen(self) -> None:
         with self._lock:
             wanted = dict(self._queues)
-            if self.consumer_id is not None:
-                # Its own channel per queue: a publish wakes one consumer.
-                for queue in list(wanted.values()):
-                    mine = self._stmts.consumer_channel(queue, self.consumer_id)
-                    self._own[mine] = queue
-                wanted.update(self._own)
+        if self.consumer_id is not None:
+            # Its own channel per queue: a publish wakes one consumer.
+            wanted.update(self._turns.channels(list(wanted.values()), self.consumer_id))
         if self._listen.sync(wanted):
             self._heartbeat()
             # Messages may have arrived before the LISTEN: look once.
@@ -293,7 +291,8 @@ class Listener:
 
     def _on_channel(self, channel: str) -> None:
         with self._lock:
-            queue = self._queues.get(channel) or self._own.get(channel)
+            queue = self._queues.get(channel)
+        queue = queue or self._turns.woken(channel)
         if queue is not None:
             self._wake((queue,))
 
@@ -359,8 +358,9 @@ class Listener:
         next_beat = time.monotonic() + interval
         while not self._stopping.is_set():
             wake_at = next_beat
-            if self._promoter.next_at is not None:
-                wake_at = min(wake_at, self._promoter.next_at)
+            for at in (self._promoter.next_at, self._turns.next_at()):
+                if at is not None:
+                    wake_at = min(wake_at, at)
             timeout = max(0.0, wake_at - time.monotonic())
             notified, readable = self._listen.wait(timeout, self._ctrl.fd)
             if self._ctrl.fd in readable:
@@ -378,6 +378,8 @@ class Listener:
                 with self._lock:
                     queues = list(self._queues.values())
                 self._promoter.promote(conn, queues)
+            if self.consumer_id is not None:
+                self._turns.step_aside(conn, self.consumer_id)
 
 
 def _session_conninfo(conninfo: str, opts: TransportOptions) -> str:

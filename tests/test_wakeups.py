@@ -31,6 +31,7 @@ class Fleet:
     ) -> None:
         self.received: list[tuple[int, Any]] = []
         self.claims = claims
+        self.held = [threading.Event() for _ in range(n)]  # set: that one's loop is held up
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.conns = [make_connection(polling_interval=60) for _ in range(n)]
@@ -40,7 +41,7 @@ class Fleet:
             )
             consumer.qos(prefetch_count=prefetch)
             consumer.consume()
-            thread = threading.Thread(target=self._drain, args=(conn,), daemon=True)
+            thread = threading.Thread(target=self._drain, args=(conn, i), daemon=True)
             thread.start()
             self._threads.append(thread)
 
@@ -51,8 +52,11 @@ class Fleet:
 
         return on_message
 
-    def _drain(self, conn: Connection) -> None:
+    def _drain(self, conn: Connection, i: int) -> None:
         while not self._stop.is_set():
+            if self.held[i].is_set():
+                time.sleep(0.01)
+                continue
             try:
                 conn.drain_events(timeout=0.1)
             except TimeoutError:
@@ -170,3 +174,29 @@ def test_a_group_wakes_as_many_consumers_as_it_has_messages(
     finally:
         app.close()
     assert len({i for i, _ in consumers.received}) >= 2
+
+
+def test_a_consumer_whose_loop_is_held_up_steps_aside(
+    fleet: Callable[..., Fleet], connection: Connection, db: psycopg.Connection[Any], schema: str
+) -> None:
+    """Its loop running a long task (-P solo), a consumer still looks hungry:
+    it passes on what it cannot take, and the others are woken instead."""
+    consumers = fleet(2)
+    _hungry(db, schema, 2)
+    consumers.held[0].set()
+    time.sleep(0.2)  # out of its last drain
+    held = consumers.conns[0].transport.consumer_id()
+    # The held one is fed longest ago: chosen first.
+    db.execute(
+        f"UPDATE \"{schema}\".consumers SET fed_at = now() - interval '1 day' WHERE id = %s",
+        (held,),
+    )
+    producer = Producer(connection.channel())
+    for n in range(3):
+        producer.publish(n, exchange=QUEUE.exchange, routing_key="wq", declare=[QUEUE])
+        consumers.wait_for(n + 1, 3)
+    assert {i for i, _ in consumers.received} == {1}
+    hungry = db.execute(
+        f'SELECT hungry FROM "{schema}".consumers WHERE id = %s', (held,)
+    ).fetchone()
+    assert hungry == (False,)

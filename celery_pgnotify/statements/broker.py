@@ -327,6 +327,12 @@ class ConsumerStatements:
         " SELECT queue, " + NOTIFY + " FROM (SELECT DISTINCT queue FROM orphans) AS q"
     )
     take_lock: str = "SELECT pg_try_advisory_lock(%(ns)s, %(id)s)"
+    # A consumer whose loop did not take a wake-up meant for it alone (see
+    # turns.py): not hungry until its next claim, and the wake-up passed on.
+    step_aside: str = (
+        "WITH me AS (UPDATE {s}.consumers SET hungry = false WHERE id = %(consumer)s)"
+        " SELECT " + PASS_ON
+    )
 
 
 @dataclass(frozen=True)
