@@ -149,7 +149,7 @@ def status(conn: Any, stmts: Any, as_json: bool) -> None:
     text += "\n\nconsumers (workers and their LISTEN sessions)\n"
     text += _table(
         [dict(c, queues=",".join(c["queues"])) for c in data["consumers"]],
-        ["hostname", "pid", "queues", "last_heartbeat_s", "started_at"],
+        ["hostname", "pid", "queues", "last_heartbeat_s", "hungry", "last_fed_s", "started_at"],
     )
     _emit(data, as_json, text)
 

@@ -50,8 +50,10 @@ def status(conn: psycopg.Connection[Any], stmts: Statements) -> dict[str, Any]:
             "queues": list(queue_names),
             "started_at": started.isoformat(),
             "last_heartbeat_s": round(float(silent), 1),
+            "hungry": hungry,
+            "last_fed_s": round(float(fed), 1),
         }
-        for cid, hostname, pid, queue_names, started, silent in conn.execute(
+        for cid, hostname, pid, queue_names, started, silent, hungry, fed in conn.execute(
             stmts.status_consumers
         ).fetchall()
     ]

@@ -12,6 +12,7 @@ import psycopg
 import pytest
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
+from celery_pgnotify import ops
 from celery_pgnotify.statements import statements
 from celery_pgnotify.transport import Channel
 
@@ -125,6 +126,10 @@ def test_a_publish_wakes_one_consumer_and_they_take_turns(
     assert claims <= 18, consumers.claims
     by_consumer = Counter(i for i, _ in consumers.received)
     assert len(by_consumer) == 4 and min(by_consumer.values()) >= 2, by_consumer
+    # celery-pg status shows who has room and when each was last fed.
+    shown = ops.status(db, statements(schema))["consumers"]
+    assert len(shown) == 4 and all(c["hungry"] for c in shown), shown
+    assert all(0 <= c["last_fed_s"] < 60 for c in shown), shown
 
 
 def test_a_consumer_silent_for_a_while_is_not_woken_alone(

@@ -435,6 +435,6 @@ class OperationStatements:
     )
     status_consumers: str = (
         "SELECT id, hostname, pid, queues, started_at,"
-        " extract(epoch FROM now() - heartbeat_at)"
+        " extract(epoch FROM now() - heartbeat_at), hungry, extract(epoch FROM now() - fed_at)"
         " FROM {s}.consumers ORDER BY hostname, pid"
     )
