@@ -88,7 +88,7 @@ class Listener:
         self._pid = os.getpid()
         self._reaper = Reaper(stmts, opts)
         self._last_beat = 0.0  # monotonic time of the last heartbeat that committed
-        self._promoter = Promoter(stmts, opts.heartbeat_interval / 2)
+        self._promoter = Promoter(stmts, opts.heartbeat_interval / 2, opts.fresh)
         #: The consumer id leases are taken under (set once the first session
         #: is up, or given: a parked consumer's, taken over).
         self.consumer_id: int | None = consumer_id

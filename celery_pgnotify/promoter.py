@@ -35,9 +35,10 @@ PROMOTE_BATCH = 1000
 class Promoter:
     """When to promote next, and the promotion itself (on the LISTEN thread)."""
 
-    def __init__(self, stmts: Statements, retry_after: float) -> None:
+    def __init__(self, stmts: Statements, retry_after: float, fresh: float) -> None:
         self._stmts = stmts
         self._retry_after = retry_after
+        self._fresh = fresh  # see TransportOptions.fresh
         # Batches stop after this long: the thread also owes the heartbeat,
         # and a backlog fallen due at once (after an outage) must not delay
         # it past lease_timeout. What is left is moved on the next turn.
@@ -63,6 +64,7 @@ class Promoter:
             "ahead": PROMOTE_AHEAD,
             "limit": PROMOTE_BATCH,
             "prefix": self._stmts.channel_prefix,
+            "fresh": self._fresh,
         }
         stop_at = time.monotonic() + self._budget
         try:

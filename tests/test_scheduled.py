@@ -209,7 +209,7 @@ def test_a_backlog_fallen_due_is_moved_a_batch_a_turn(
         " SELECT 'q', '{}', now() - interval '1 hour' FROM generate_series(1, %s)",
         (PROMOTE_BATCH + 10,),
     )
-    promoter = Promoter(stmts, retry_after=0.0)  # no time for a second batch
+    promoter = Promoter(stmts, retry_after=0.0, fresh=3.0)  # no time for a second batch
     promoter.promote(db, ["q"])
     assert counts(db, schema) == (10, PROMOTE_BATCH)
     assert promoter.is_due()  # the rest on the next turn

@@ -10,7 +10,6 @@ from celery_pgnotify.statements.fragments import (
     NOT_PAUSED,
     NOTIFY,
     SCHEDULED,
-    WAITED_FOR,
     WAKE,
     publish_direct_into,
     publish_routed_into,
@@ -228,8 +227,9 @@ class ConsumerStatements:
     next_due: str = NEXT_DUE
     # Tasks due within ``ahead`` seconds move from ``scheduled`` to their
     # queue in due order (their new ids follow it: FIFO among due tasks), and
-    # each queue is notified once. SKIP LOCKED: consumers promoting at the
-    # same moment share the rows rather than wait on each other.
+    # each queue wakes as many consumers with room as it got tasks. SKIP
+    # LOCKED: consumers promoting at the same moment share the rows rather
+    # than wait on each other.
     promote: str = (
         "WITH due AS (DELETE FROM {s}.scheduled WHERE id IN ("
         " SELECT id FROM {s}.scheduled WHERE queue = ANY(%(queues)s)"
@@ -240,7 +240,7 @@ class ConsumerStatements:
         " (queue, rank, payload, created_at, expires_at, task_id)"
         " SELECT queue, rank, payload, LEAST(due_at, now()), expires_at, task_id FROM due"
         " ORDER BY due_at, id RETURNING queue)"
-        " SELECT queue, n, CASE WHEN " + WAITED_FOR + " THEN " + NOTIFY + " END"
+        " SELECT queue, n, " + wake("q.n") + ""
         " FROM (SELECT queue, count(*) AS n FROM moved GROUP BY queue) AS q"
     )
     # A consumer declared dead comes back under its own id, with nothing
