@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime
 from typing import Any
 
@@ -32,6 +33,9 @@ from celery_pgnotify.topology import check_name
 # exchange, routing key, rank, payload, ttl (ms), task id, due
 _Row = tuple[str, str, int, str, "int | None", "str | None", "datetime | None"]
 
+#: Tries of a group's statement after a lost connection.
+RETRIES = 3
+
 #: Most messages one ``publish_many`` statement stores: a larger group is
 #: stored in statements (and commits) of this many, so that memory stays bounded.
 MANY = 1000
@@ -40,8 +44,7 @@ MANY = 1000
 class PublishBatch:
     """Messages gathered for one ``publish_many`` statement."""
 
-    def __init__(self, depth: int = 0, rows: list[_Row] | None = None, through: Any = None) -> None:
-        self.depth = depth  # groups nested in groups publish with the outermost
+    def __init__(self, rows: list[_Row] | None = None, through: Any = None) -> None:
         self.rows: list[_Row] = rows if rows is not None else []
         #: the connection of an enqueue_in(conn) block they are published in
         self.through = through
@@ -81,23 +84,48 @@ class PublishBatch:
         }
 
 
+#: The group being published in this context (thread or asyncio task).
+_batch: ContextVar[PublishBatch | None] = ContextVar("celery_pgnotify_batch", default=None)
+
+
 @contextmanager
-def gathering(channel: Any) -> Iterator[None]:
-    """Gather what ``channel`` publishes in the block; store it at the end
-    of the outermost block (also when the block raises: what was published
-    before the error stays published, as without gathering)."""
-    batch = channel._batch
-    if batch is None:
-        batch = channel._batch = PublishBatch()
-    batch.depth += 1
+def gathering(producer: Any) -> Iterator[None]:
+    """Gather what is published in the block; store it through ``producer``
+    at the end of the outermost block (also when the block raises: what was
+    published before the error stays published, as without gathering).
+
+    The batch belongs to the context, not to a channel: kombu replaces the
+    producer's channel when it reconnects in the middle of a group."""
+    if _batch.get() is not None:  # a group in a group: the outermost stores it
+        yield
+        return
+    batch = PublishBatch()
+    token = _batch.set(batch)
     try:
         yield
     finally:
-        batch.depth -= 1
-        if batch.depth == 0:
-            channel._batch = None
-            if len(batch):
-                channel._publish_many(batch)
+        _batch.reset(token)
+        if len(batch):
+            _store(producer, batch)
+
+
+def _store(producer: Any, batch: PublishBatch) -> None:
+    """Store a group's messages through the producer's current channel. A
+    lost connection is retried as kombu retries each publish (Celery's
+    ``task_publish_retry``), except inside ``enqueue_in``, whose transaction
+    is the caller's to retry."""
+    if batch.through is not None:
+        producer.channel._publish_many(batch)
+        return
+    publish = producer.connection.ensure(
+        producer,
+        lambda: producer.channel._publish_many(batch),
+        max_retries=RETRIES,
+        interval_start=0.1,
+        interval_step=0.5,
+        interval_max=1.0,
+    )
+    publish()
 
 
 class Gathering:
@@ -106,10 +134,6 @@ class Gathering:
     _stmts: Statements
     _opts: TransportOptions
     _publishes: Publishes
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._batch: PublishBatch | None = None  # a group's messages, while it publishes
 
     def _execute(self, query: str, params: dict[str, Any]) -> psycopg.Cursor[Any]:
         raise NotImplementedError  # the channel's
@@ -125,7 +149,7 @@ class Gathering:
         through: psycopg.Connection[Any] | None,
     ) -> bool:
         """Keep a message for the statement of its group; False outside one."""
-        batch = self._batch
+        batch = _batch.get()
         if batch is None:
             return False
         if not exchange:
@@ -160,7 +184,7 @@ def _gathered(apply_tasks: Callable[..., Iterator[Any]]) -> Callable[..., Iterat
             if not hasattr(producer.channel, "_publish_many"):  # another broker
                 yield from apply_tasks(self, tasks, producer, app, *args, **kwargs)
                 return
-            with gathering(producer.channel):
+            with gathering(producer):
                 results = list(apply_tasks(self, tasks, producer, app, *args, **kwargs))
             yield from results
 

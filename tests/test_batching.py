@@ -138,3 +138,19 @@ def test_a_group_inside_enqueue_in_is_one_statement_of_the_callers_transaction(
     assert len(ran) == 1
     expected = [r.id for r in result.results] if commit else []
     assert _stored(db, schema)[1:] == expected
+
+
+def test_a_group_whose_connection_was_lost_is_stored_on_a_new_one(
+    app: Celery, db: psycopg.Connection[Any], schema: str
+) -> None:
+    """As kombu retries a single publish, a group's statement is tried again
+    on a new connection (PostgreSQL restarted, the session terminated)."""
+    add = app.signature("tests.add")
+    add.delay(0, 0)
+    with app.connection_for_write() as conn:
+        pid = conn.default_channel.connection.work_conn().info.backend_pid
+        db.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        result = group(add.clone((i, i)) for i in range(5)).apply_async(
+            producer=app.amqp.Producer(conn)
+        )
+    assert _stored(db, schema)[1:] == [r.id for r in result.results]
