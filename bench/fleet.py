@@ -103,6 +103,18 @@ def wait_ran(workdir: str, count: int, timeout: float) -> None:
         time.sleep(0.1)
 
 
+def database_commits(dsn: str, settle: float) -> int:
+    """The database's committed transactions, read after ``settle`` seconds
+    (a session reports its statistics when it ends or within 10 s idle)."""
+    time.sleep(settle)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 class Statistics:
     """PostgreSQL's own counters for the run's database and schema."""
 

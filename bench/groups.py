@@ -18,11 +18,9 @@ import sys
 import time
 import uuid
 
-import psycopg
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from fleet import drop_database, fresh_database  # noqa: E402
+from fleet import database_commits, drop_database, fresh_database  # noqa: E402
 
 from bench import DURABLE_REDIS, Broker, reachable  # noqa: E402
 
@@ -57,13 +55,7 @@ def publish_groups(broker: Broker, size: int, rounds: int, gathered: bool = True
 
 
 def commits(dsn: str) -> int:
-    time.sleep(11)  # an idle session reports its statistics within 10 s
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
+    return database_commits(dsn, 11)
 
 
 def main() -> None:

@@ -28,19 +28,15 @@ import psycopg
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from fleet import database_commits  # noqa: E402
+
 from bench import PG  # noqa: E402
 
 NOTIFIES = 500
 
 
 def commits(dsn: str) -> int:
-    time.sleep(1.5)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
+    return database_commits(dsn, 1.5)
 
 
 def per_notify(dsn: str, listeners: int, busy: bool) -> float:
