@@ -169,9 +169,10 @@ class Gathering:
             rows = batch.through.execute(query, params).fetchall()
         else:
             rows = self._execute(self._publishes.publish_many, params).fetchall()
-        for n, queue, _ in rows:
-            if queue is None:
-                self._unrouted(*batch.route(n))
+        # Once per exchange and key, not per message: a group of a thousand
+        # unroutable messages costs one lookup of the exchange, not a thousand.
+        for route in dict.fromkeys(batch.route(n) for n, queue, _ in rows if queue is None):
+            self._unrouted(*route)
 
 
 def _gathered(apply_tasks: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
