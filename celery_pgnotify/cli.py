@@ -63,9 +63,17 @@ def _connected(function: Any) -> Any:
 
     @functools.wraps(function)
     def command(app_path: str | None, url: str | None, schema: str | None, **rest: Any) -> Any:
+        import psycopg
+
         conn, stmts = _open(app_path, url, schema)
         with conn:
-            return function(conn=conn, stmts=stmts, **rest)
+            try:
+                return function(conn=conn, stmts=stmts, **rest)
+            except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn):
+                raise click.ClickException(
+                    f"schema {stmts.schema!r} is missing or older than this celery-pgnotify: "
+                    "run 'celery-pg migrate' (or 'celery-pg check')"
+                ) from None
 
     return _where(command)
 
@@ -183,6 +191,18 @@ def purge(conn: Any, stmts: Any, queue: str, yes: bool) -> None:
     if not yes:
         click.confirm(f"Delete every ready message of queue {queue!r}?", abort=True)
     click.echo(f"{ops.purge(conn, stmts, queue)} message(s) deleted from {queue!r}")
+
+
+@main.command()
+@click.argument("task_id")
+@_connected
+@_json_option
+def explain(conn: Any, stmts: Any, task_id: str, as_json: bool) -> None:
+    """Where is TASK_ID? Waiting, scheduled, taken by a worker, dead, finished..."""
+    from celery_pgnotify.explain import explain as explain_task
+
+    answer = explain_task(conn, stmts, task_id)
+    _emit(answer, as_json, f"{task_id}: {answer['summary']}")
 
 
 @main.group("dead-letters")

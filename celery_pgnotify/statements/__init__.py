@@ -7,8 +7,8 @@ parameters; queue and exchange names are data, never SQL. The schema itself
 and its migrations are the ``.sql`` files of ``schema/`` (``migrations.py``).
 
 By room: ``broker.py`` (publishing and topology, consumers, operations),
-``results.py`` (the result backend and beat), ``fragments.py`` (the pieces
-of SQL they share).
+``results.py`` (the result backend and beat), ``observing.py`` (``explain``,
+``check`` and the metrics), ``fragments.py`` (the pieces of SQL they share).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from celery_pgnotify.statements.broker import (
     TopologyStatements,
 )
 from celery_pgnotify.statements.fragments import CLAIMING_SESSION, DURABLE, NO_FLUSH
+from celery_pgnotify.statements.observing import ObservingStatements
 from celery_pgnotify.statements.results import BeatStatements, ResultStatements
 
 __all__ = [
@@ -44,7 +45,12 @@ SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 @dataclass(frozen=True)
 class Statements(
-    TopologyStatements, ConsumerStatements, OperationStatements, ResultStatements, BeatStatements
+    TopologyStatements,
+    ConsumerStatements,
+    OperationStatements,
+    ObservingStatements,
+    ResultStatements,
+    BeatStatements,
 ):
     """Every statement the project runs, as attributes (by room, in the
     base classes above).

@@ -1,0 +1,73 @@
+"""What the observing commands read: ``celery-pg explain`` (one task),
+``celery-pg check`` (the server's settings) and the metrics.
+
+All read-only; none is on a message's path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# A header of a message read without parsing its JSON, so that no payload can
+# make these statements fail (the head of the payload holds the headers).
+_HEADER = 'substring(left({t}.payload, 8000) FROM \'"{name}":\\s*"([^"]+)"\')'
+
+# Whether consumer ``{id}``'s session still holds its session lock (the
+# reaper's own test of life, see listener.py), read from pg_locks.
+_HOLDS_LOCK = (
+    "EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND l.classid::bigint = %(ns)s AND l.objid::bigint = {id} AND l.objsubid = 2)"
+)
+
+
+@dataclass(frozen=True)
+class ObservingStatements:
+    """``celery-pg explain``, ``check`` and the metrics."""
+
+    # Everything the tables know of one task, read in one statement (one
+    # snapshot: a task moving from ``scheduled`` to ``messages`` meanwhile is
+    # seen once). ``messages`` has no index on task_id (every publish would
+    # pay for one): this reads the table through, once.
+    explain: str = (
+        "SELECT now(),"
+        " (SELECT coalesce(json_agg(json_build_object("
+        "  'id', m.id, 'queue', m.queue, 'priority', m.rank, 'created_at', m.created_at,"
+        "  'expires_at', m.expires_at, 'expired', m.expires_at <= now(),"
+        "  'redelivered', m.redelivered, 'leased_at', m.leased_at,"
+        "  'consumer_id', m.consumer_id, 'hostname', c.hostname, 'pid', c.pid,"
+        "  'heartbeat_s', extract(epoch FROM now() - c.heartbeat_at),"
+        "  'alive', CASE WHEN c.id IS NOT NULL THEN " + _HOLDS_LOCK.format(id="c.id") + " END,"
+        "  'task', " + _HEADER.format(t="m", name="task") + ","
+        "  'eta', " + _HEADER.format(t="m", name="eta") + ","
+        "  'expires', " + _HEADER.format(t="m", name="expires") + ","
+        "  'ahead', CASE WHEN m.consumer_id IS NULL THEN (SELECT count(*) FROM {s}.messages a"
+        "   WHERE a.queue = m.queue AND a.consumer_id IS NULL"
+        "   AND (a.rank > m.rank OR (a.rank = m.rank AND a.id < m.id))) END,"
+        "  'paused', EXISTS (SELECT 1 FROM {s}.paused_queues p WHERE p.name = m.queue),"
+        "  'consumers', (SELECT count(*) FROM {s}.consumers k WHERE m.queue = ANY(k.queues))"
+        " ) ORDER BY m.id), '[]') FROM {s}.messages m"
+        " LEFT JOIN {s}.consumers c ON c.id = m.consumer_id WHERE m.task_id = %(id)s),"
+        " (SELECT coalesce(json_agg(json_build_object("
+        "  'id', t.id, 'queue', t.queue, 'priority', t.rank, 'created_at', t.created_at,"
+        "  'due_at', t.due_at, 'due_in_s', extract(epoch FROM t.due_at - now()),"
+        "  'task', " + _HEADER.format(t="t", name="task") + ","
+        "  'paused', EXISTS (SELECT 1 FROM {s}.paused_queues p WHERE p.name = t.queue),"
+        "  'consumers', (SELECT count(*) FROM {s}.consumers k WHERE t.queue = ANY(k.queues))"
+        " ) ORDER BY t.id), '[]') FROM {s}.scheduled t WHERE t.task_id = %(id)s),"
+        " (SELECT json_build_object('revoked_at', r.revoked_at, 'until', r.expires_at,"
+        "  'live', r.expires_at > now()) FROM {s}.revoked r WHERE r.task_id = %(id)s),"
+        # Dead letters have no task_id column (a poison message has no
+        # readable id): the id is looked for as Celery writes it in headers.
+        " (SELECT coalesce(json_agg(json_build_object("
+        "  'id', d.id, 'queue', d.queue, 'reason', d.reason, 'dead_at', d.created_at,"
+        "  'task', " + _HEADER.format(t="d", name="task") + ""
+        " ) ORDER BY d.id), '[]') FROM {s}.dead_letters d"
+        "  WHERE strpos(d.payload, '\"id\": \"' || %(id)s || '\"') > 0"
+        "   OR strpos(d.payload, '\"id\":\"' || %(id)s || '\"') > 0),"
+        " (SELECT json_build_object('status', r.status, 'stored', octet_length(r.meta) > 0,"
+        "  'waited', r.waited, 'date_done', r.date_done, 'worker', r.worker, 'task', r.name,"
+        "  'retries', r.retries, 'queue', r.queue,"
+        "  'error', substring(r.traceback FROM '([^\\n]+)\\s*$'))"
+        "  FROM {s}.results r WHERE r.task_id = %(id)s)"
+    )
