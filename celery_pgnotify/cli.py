@@ -269,22 +269,68 @@ def dead_letters_drop(conn: Any, stmts: Any, queue: str | None, chosen: list[int
 @main.command()
 @_where
 @_json_option
-def check(app_path: str | None, url: str | None, schema: str | None, as_json: bool) -> None:
-    """Exit 0 when the database answers and the schema is current (health probes)."""
-    import psycopg
+@click.option("--strict", is_flag=True, help="Exit 2 when a check warns (and none fails), not 0.")
+@click.option(
+    "--max-transaction-age",
+    type=click.FloatRange(min=0),
+    default=300.0,
+    show_default=True,
+    help="Seconds a transaction may hold back vacuum before a warning.",
+)
+@click.option(
+    "--max-notify-queue",
+    type=click.FloatRange(min=0, max=1),
+    default=0.05,
+    show_default=True,
+    help="Fraction of the notification queue in use before a warning.",
+)
+@click.option(
+    "--max-clock-offset",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Seconds a consumer's clock may be off the server's before a warning.",
+)
+def check(
+    app_path: str | None,
+    url: str | None,
+    schema: str | None,
+    as_json: bool,
+    strict: bool,
+    max_transaction_age: float,
+    max_notify_queue: float,
+    max_clock_offset: float,
+) -> None:
+    """Which guarantees hold: one line per check, ok / warn / fail, with the reason.
 
-    from celery_pgnotify import ops
-    from celery_pgnotify.connect import connect
+    Exit 1 when a check fails (the database does not answer, the schema is
+    not current, LISTEN cannot work...), else 0 (2 with --strict when one warns).
+    """
+    from celery_pgnotify import health
 
     conninfo, schema_name = _settings(app_path, url, schema)
-    try:
-        with connect(conninfo) as conn:
-            ok, why = ops.check(conn, schema_name)
-    except psycopg.Error as exc:
-        ok, why = False, f"cannot connect to PostgreSQL: {exc}".strip()
-    _emit({"ok": ok, "schema": schema_name, "detail": why}, as_json, why)
-    if not ok:
+    limits = health.Limits(
+        transaction_age=max_transaction_age,
+        notify_queue=max_notify_queue,
+        clock_offset=max_clock_offset,
+    )
+    found = health.run(conninfo, schema_name, limits)
+    failed = [f for f in found if f.level == health.FAIL]
+    warned = [f for f in found if f.level == health.WARN]
+    width = max(len(f.name) for f in found)
+    text = "\n".join(f"{f.level:<4}  {f.name:<{width}}  {f.detail}" for f in found)
+    summary = failed[0].detail if failed else "ok"
+    data = {
+        "ok": not failed,
+        "schema": schema_name,
+        "detail": summary,
+        "checks": [f.as_dict() for f in found],
+    }
+    _emit(data, as_json, text)
+    if failed:
         sys.exit(1)
+    if warned and strict:
+        sys.exit(2)
 
 
 def _process(what: str) -> Callable[[Any], Any]:

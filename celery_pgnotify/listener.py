@@ -308,6 +308,7 @@ class Listener:
             "hostname": self._hostname,
             "pid": os.getpid(),
             "queues": queues,
+            "clock": time.time(),
         }
         try:
             alive = conn.execute(self._stmts.heartbeat, params).fetchone()

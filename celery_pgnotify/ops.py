@@ -14,8 +14,7 @@ from typing import Any
 
 import psycopg
 
-from celery_pgnotify import migrations
-from celery_pgnotify.statements import Statements, statements
+from celery_pgnotify.statements import Statements
 
 
 def status(conn: psycopg.Connection[Any], stmts: Statements) -> dict[str, Any]:
@@ -167,29 +166,3 @@ def drop_dead_letters(
 ) -> int:
     row = conn.execute(stmts.dead_letters_drop, _selection(queue, ids)).fetchone()
     return int(row[0]) if row else 0
-
-
-def check(conn: psycopg.Connection[Any], schema: str) -> tuple[bool, str]:
-    """Whether the schema is usable by this version: (ok, explanation)."""
-    version = migrations.schema_version(conn, schema)
-    if version == 0:
-        return False, f"schema {schema!r} does not exist: run 'celery-pg migrate'"
-    if version < migrations.LATEST_VERSION:
-        return False, (
-            f"schema {schema!r} is at version {version}, this celery-pgnotify needs "
-            f"{migrations.LATEST_VERSION}: run 'celery-pg migrate'"
-        )
-    if version > migrations.LATEST_VERSION:
-        return False, (
-            f"schema {schema!r} is at version {version}, newer than this "
-            f"celery-pgnotify ({migrations.LATEST_VERSION}): upgrade the package"
-        )
-    conn.execute(statements(schema).has_queue, {"name": ""}).fetchone()
-    detail = f"schema {schema!r} at version {version}: ok"
-    row = conn.execute("SHOW autovacuum").fetchone()
-    if row and row[0] != "on":
-        detail += (
-            "; warning: autovacuum is off, so deleted messages are never reclaimed:"
-            " turn it on or VACUUM the schema's tables regularly"
-        )
-    return True, detail

@@ -1,4 +1,4 @@
--- The schema as celery-pgnotify declares it, at version 10: what the
+-- The schema as celery-pgnotify declares it, at version 11: what the
 -- migrations (NNNN_*.sql in this folder, applied in order) build, in one
 -- reading. A new schema is created from this file; an existing one is brought
 -- up to date by the migrations it lacks. tests/test_schema.py checks that both
@@ -42,7 +42,10 @@ CREATE TABLE {s}.consumers (
     -- its last claim got fewer messages than it asked for: it has room, and
     -- waits to be woken (see fragments.WAKE)
     hungry        boolean NOT NULL DEFAULT false,
-    fed_at        timestamptz NOT NULL DEFAULT now()
+    fed_at        timestamptz NOT NULL DEFAULT now(),
+    -- the server's clock minus the consumer host's, at its last heartbeat
+    -- (the one-way latency of the heartbeat included)
+    clock_offset_s  double precision
 );
 CREATE TABLE {s}.messages (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

@@ -220,8 +220,11 @@ class ConsumerStatements:
     # if nothing happened (see Listener._declared_dead).
     # Also says in how many seconds the next scheduled task of its queues is
     # due (NULL: none), so the consumer can promote it in time.
+    # And how far the consumer's clock is from the server's (``clock``: its
+    # time.time() as it sent the statement), for ``celery-pg check``.
     heartbeat: str = (
-        "UPDATE {s}.consumers SET heartbeat_at = now(), queues = %(queues)s"
+        "UPDATE {s}.consumers SET heartbeat_at = now(), queues = %(queues)s,"
+        " clock_offset_s = extract(epoch FROM now()) - %(clock)s::float8"
         " WHERE id = %(id)s RETURNING id, (" + NEXT_DUE + ")"
     )
     next_due: str = NEXT_DUE

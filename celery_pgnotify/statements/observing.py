@@ -71,3 +71,38 @@ class ObservingStatements:
         "  'error', substring(r.traceback FROM '([^\\n]+)\\s*$'))"
         "  FROM {s}.results r WHERE r.task_id = %(id)s)"
     )
+
+    # -- celery-pg check (health.py): the server as this URL's sessions see it --
+    check_settings: str = "SELECT name, setting FROM pg_settings WHERE name = ANY(%(names)s)"
+    backend_pid: str = "SELECT pg_backend_pid()"
+    server_port: str = "SELECT inet_server_port()"
+    tables_without_autovacuum: str = (
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s)"
+        " AND 'autovacuum_enabled=false' = ANY(coalesce(c.reloptions, '{}'))"
+    )
+    # The oldest holders of vacuum's horizon in this database: a session's
+    # snapshot or transaction (a standby's feedback too), a prepared one.
+    oldest_transaction: str = (
+        "SELECT pid, usename, application_name, state,"
+        " extract(epoch FROM now() - coalesce(xact_start, backend_start))::float8,"
+        " left(regexp_replace(query, '\\s+', ' ', 'g'), 120)"
+        " FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+        " AND (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)"
+        " AND (datname = current_database() OR backend_type = 'walsender')"
+        " ORDER BY coalesce(xact_start, backend_start) LIMIT 1"
+    )
+    oldest_prepared: str = (
+        "SELECT gid, extract(epoch FROM now() - prepared)::float8 FROM pg_prepared_xacts"
+        " WHERE database = current_database() ORDER BY prepared LIMIT 1"
+    )
+    notify_queue_usage: str = "SELECT pg_notification_queue_usage()"
+    keepalives: str = (
+        "SELECT inet_server_addr() IS NULL, current_setting('tcp_keepalives_idle')::int,"
+        " current_setting('tcp_keepalives_interval')::int,"
+        " current_setting('tcp_keepalives_count')::int"
+    )
+    consumer_clocks: str = (
+        "SELECT hostname, pid, clock_offset_s FROM {s}.consumers"
+        " ORDER BY abs(clock_offset_s) DESC NULLS LAST"
+    )
