@@ -34,6 +34,11 @@ def check_name(kind: str, name: str) -> str:
         raise InvalidName(f"{kind} name must be a string, not {type(name).__name__}")
     if "\x00" in name:
         raise InvalidName(f"{kind} name {name!r} contains a NUL character")
+    if not name.isascii():
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidName(f"{kind} name {name!r} holds a lone UTF-16 surrogate") from None
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidName(f"{kind} name is {len(name)} characters; at most {MAX_NAME_LENGTH}")
     return name

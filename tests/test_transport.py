@@ -489,6 +489,8 @@ def test_hostile_and_long_names_work(connection, name):
 def test_name_with_nul_is_refused_clearly(connection):
     with connection, pytest.raises(InvalidName, match="NUL"):
         Queue("bad\x00name")(connection.default_channel).declare()
+    with connection, pytest.raises(InvalidName, match="surrogate"):  # no UTF-8 for it
+        Queue("bad\ud800name")(connection.default_channel).declare()
 
 
 def test_bad_option_names_the_setting(broker_url):
