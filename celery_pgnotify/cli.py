@@ -50,11 +50,13 @@ def _open(app_path: str | None, url: str | None, schema: str | None) -> tuple[An
     from celery_pgnotify.connect import connect
 
     conninfo, schema_name = _settings(app_path, url, schema)
+    stmts = statements.statements(schema_name)
     try:
         conn = connect(conninfo)
+        conn.execute(stmts.no_jit)  # never worth it for these one-off reads
     except psycopg.Error as exc:
         raise click.ClickException(f"cannot connect to PostgreSQL: {exc}") from None
-    return conn, statements.statements(schema_name)
+    return conn, stmts
 
 
 def _connected(function: Any) -> Any:
@@ -331,6 +333,37 @@ def check(
         sys.exit(1)
     if warned and strict:
         sys.exit(2)
+
+
+@main.command()
+@_where
+@click.option("--port", type=click.IntRange(0, 65535), default=9808, show_default=True)
+@click.option("--addr", default="0.0.0.0", show_default=True, help="Address to listen on.")
+def metrics(
+    app_path: str | None, url: str | None, schema: str | None, port: int, addr: str
+) -> None:
+    """Serve Prometheus metrics of the queues, consumers and tables at /metrics."""
+    try:
+        from prometheus_client import start_http_server
+    except ImportError:
+        raise click.ClickException(
+            "the metrics need prometheus_client: pip install 'celery-pgnotify[metrics]'"
+        ) from None
+    import time
+
+    from celery_pgnotify.metrics import Collector, registry
+
+    conninfo, schema_name = _settings(app_path, url, schema)
+    collector = Collector(conninfo, schema_name)
+    start_http_server(port, addr, registry=registry(collector))
+    click.echo(f"serving the metrics of schema {schema_name!r} on http://{addr}:{port}/metrics")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        collector.close()
 
 
 def _process(what: str) -> Callable[[Any], Any]:

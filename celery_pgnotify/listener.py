@@ -43,6 +43,7 @@ from psycopg.conninfo import make_conninfo
 
 from celery_pgnotify.connect import SERVER_KEEPALIVES, forget_after_fork, session_options
 from celery_pgnotify.errors import DatabaseUnavailable
+from celery_pgnotify.latency import ClaimTimes
 from celery_pgnotify.listening import Listening
 from celery_pgnotify.options import TransportOptions
 from celery_pgnotify.promoter import Promoter
@@ -72,6 +73,7 @@ class Listener:
         consumer_id: int | None = None,
     ) -> None:
         self._conninfo = conninfo
+        self.claim_times = ClaimTimes()  # reported with each heartbeat
         self._stmts = stmts
         self._opts = opts
         self._hostname = socket.gethostname()
@@ -303,13 +305,7 @@ class Listener:
         assert conn is not None and self.consumer_id is not None
         with self._lock:
             queues = list(self._queues.values())
-        params = {
-            "id": self.consumer_id,
-            "hostname": self._hostname,
-            "pid": os.getpid(),
-            "queues": queues,
-            "clock": time.time(),
-        }
+        params = {"id": self.consumer_id, "queues": queues, **self.claim_times.report()}
         try:
             alive = conn.execute(self._stmts.heartbeat, params).fetchone()
         except STALLED as exc:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -299,11 +300,13 @@ class Channel(Topology, DeadLettering, Gathering, virtual.Channel):
                 "prefix": self._stmts.channel_prefix,
                 "fresh": self._opts.fresh,
             }
+            started = time.perf_counter()
             try:
                 rows = conn.execute(self._writes.claim, params).fetchall()
             except BaseException:
                 self._deferred_acks[:0] = acks  # still to be written
                 raise
+            self.connection.session.claimed(time.perf_counter() - started)
         rows.sort(key=lambda r: (-r[1], r[0]))
         self.refused = 0
         messages = []

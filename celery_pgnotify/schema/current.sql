@@ -45,7 +45,11 @@ CREATE TABLE {s}.consumers (
     fed_at        timestamptz NOT NULL DEFAULT now(),
     -- the server's clock minus the consumer host's, at its last heartbeat
     -- (the one-way latency of the heartbeat included)
-    clock_offset_s  double precision
+    clock_offset_s  double precision,
+    -- its claims since it started: a count per latency bucket
+    -- (metrics.CLAIM_BUCKETS) and their total time, reported with heartbeats
+    claims          bigint[],
+    claim_seconds   double precision
 );
 CREATE TABLE {s}.messages (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -89,6 +93,12 @@ CREATE TABLE {s}.revoked (
 CREATE TABLE {s}.paused_queues (
     name       text PRIMARY KEY,
     paused_at  timestamptz NOT NULL DEFAULT now()
+);
+-- Events too rare to have a table of their own, counted since the schema
+-- was created (the reaper's work): read by the metrics.
+CREATE TABLE {s}.counters (
+    name   text PRIMARY KEY,
+    value  bigint NOT NULL
 );
 CREATE TABLE {s}.dead_letters (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from celery_pgnotify.statements.fragments import (
+    COUNT,
     DUE,
     NEXT_DUE,
     NOT_PAUSED,
@@ -221,10 +222,12 @@ class ConsumerStatements:
     # Also says in how many seconds the next scheduled task of its queues is
     # due (NULL: none), so the consumer can promote it in time.
     # And how far the consumer's clock is from the server's (``clock``: its
-    # time.time() as it sent the statement), for ``celery-pg check``.
+    # time.time() as it sent the statement), and how long its claims took
+    # (latency.py), for ``celery-pg check`` and the metrics.
     heartbeat: str = (
         "UPDATE {s}.consumers SET heartbeat_at = now(), queues = %(queues)s,"
-        " clock_offset_s = extract(epoch FROM now()) - %(clock)s::float8"
+        " clock_offset_s = extract(epoch FROM now()) - %(clock)s::float8,"
+        " claims = %(claims)s::bigint[], claim_seconds = %(claim_seconds)s"
         " WHERE id = %(id)s RETURNING id, (" + NEXT_DUE + ")"
     )
     next_due: str = NEXT_DUE
@@ -297,7 +300,15 @@ class ConsumerStatements:
         " WHERE m.consumer_id IN (SELECT id FROM dead) RETURNING m.queue),"
         " expired AS ("
         " DELETE FROM {s}.messages WHERE (SELECT open FROM gate)"
-        "  AND expires_at < now() AND consumer_id IS NULL),"
+        "  AND expires_at < now() AND consumer_id IS NULL RETURNING 1),"
+        # Counted for the metrics, when there is something to count.
+        " counted AS ("
+        + COUNT.format(
+            "('reaped_consumers', (SELECT count(*) FROM dead)),"
+            " ('reaped_messages', (SELECT count(*) FROM back)),"
+            " ('expired_messages', (SELECT count(*) FROM expired))"
+        )
+        + "),"
         " stale_queues AS ("
         " DELETE FROM {s}.queues q WHERE (SELECT open FROM gate) AND q.expires_ms IS NOT NULL"
         "  AND q.last_used_at < now() - q.expires_ms * interval '1 millisecond'"
@@ -326,7 +337,10 @@ class ConsumerStatements:
         "  AND m.consumer_id IN (SELECT h.id FROM holders h WHERE h.id IS NOT NULL"
         "   AND NOT EXISTS (SELECT 1 FROM {s}.consumers c WHERE c.id = h.id))"
         "  AND m.leased_at < now() - %(lease_timeout)s * interval '1 second'"
-        " RETURNING m.queue)"
+        " RETURNING m.queue),"
+        " counted AS ("
+        + COUNT.format("('orphaned_messages', (SELECT count(*) FROM orphans))")
+        + ")"
         " SELECT queue, " + NOTIFY + " FROM (SELECT DISTINCT queue FROM orphans) AS q"
     )
     take_lock: str = "SELECT pg_try_advisory_lock(%(ns)s, %(id)s)"

@@ -119,3 +119,12 @@ def publish_direct_into(table: str, columns: str, values: str, wake: str) -> str
         + " WHERE {dur} RETURNING queue, "
         + wake
     )
+
+
+# Adds to the ``counters`` named in ``{}`` (``('name', count)`` rows), writing
+# nothing when every count is 0.
+COUNT = (
+    "INSERT INTO {{s}}.counters AS k (name, value)"
+    " SELECT name, n FROM (VALUES {}) AS v(name, n) WHERE n > 0"
+    " ON CONFLICT (name) DO UPDATE SET value = k.value + EXCLUDED.value"
+)

@@ -106,3 +106,87 @@ class ObservingStatements:
         "SELECT hostname, pid, clock_offset_s FROM {s}.consumers"
         " ORDER BY abs(clock_offset_s) DESC NULLS LAST"
     )
+
+    # -- metrics (metrics.py): bounded reads, whatever the queues hold --
+    # For the sessions that read these: JIT compiling a statement the planner
+    # thinks costly (a table of a million rows) takes longer than running it.
+    no_jit: str = "SET jit = off"
+    # Per queue: ready, scheduled and dead-letter counts, each exact up to
+    # %(cap)s rows (beyond, metrics.py estimates from a sample), the age of
+    # the oldest ready message (the head of each priority: one index probe
+    # per priority in use) and whether it is paused. Queue names come from
+    # ``queues`` and, for queues never declared, from a skip scan of each
+    # table's index (one probe per distinct queue).
+    metrics_queues: str = (
+        "WITH RECURSIVE"
+        " ready(name) AS ((SELECT queue FROM {s}.messages WHERE consumer_id IS NULL"
+        "  ORDER BY queue LIMIT 1) UNION ALL SELECT (SELECT m.queue FROM {s}.messages m"
+        "  WHERE m.consumer_id IS NULL AND m.queue > ready.name ORDER BY m.queue LIMIT 1)"
+        "  FROM ready WHERE ready.name IS NOT NULL),"
+        " later(name) AS ((SELECT queue FROM {s}.scheduled ORDER BY queue LIMIT 1)"
+        "  UNION ALL SELECT (SELECT t.queue FROM {s}.scheduled t WHERE t.queue > later.name"
+        "  ORDER BY t.queue LIMIT 1) FROM later WHERE later.name IS NOT NULL),"
+        " dead(name) AS ((SELECT queue FROM {s}.dead_letters ORDER BY queue LIMIT 1)"
+        "  UNION ALL SELECT (SELECT d.queue FROM {s}.dead_letters d WHERE d.queue > dead.name"
+        "  ORDER BY d.queue LIMIT 1) FROM dead WHERE dead.name IS NOT NULL),"
+        " names AS (SELECT name FROM {s}.queues UNION SELECT name FROM {s}.paused_queues"
+        "  UNION SELECT name FROM ready UNION SELECT name FROM later"
+        "  UNION SELECT name FROM dead)"
+        " SELECT n.name,"
+        " (SELECT count(*) FROM (SELECT 1 FROM {s}.messages m WHERE m.queue = n.name"
+        "  AND m.consumer_id IS NULL LIMIT %(cap)s) AS c),"
+        " (SELECT count(*) FROM (SELECT 1 FROM {s}.scheduled t WHERE t.queue = n.name"
+        "  LIMIT %(cap)s) AS c),"
+        " (SELECT count(*) FROM (SELECT 1 FROM {s}.dead_letters d WHERE d.queue = n.name"
+        "  LIMIT %(cap)s) AS c),"
+        " (WITH RECURSIVE heads(r, created) AS ((SELECT rank, created_at FROM {s}.messages"
+        "   WHERE queue = n.name AND consumer_id IS NULL ORDER BY rank DESC, id LIMIT 1)"
+        "  UNION ALL SELECT h.rank, h.created_at FROM heads CROSS JOIN LATERAL"
+        "   (SELECT rank, created_at FROM {s}.messages m WHERE m.queue = n.name"
+        "   AND m.consumer_id IS NULL AND m.rank < heads.r ORDER BY m.rank DESC, m.id LIMIT 1) h)"
+        "  SELECT extract(epoch FROM now() - min(created))::float8 FROM heads),"
+        " EXISTS (SELECT 1 FROM {s}.paused_queues p WHERE p.name = n.name)"
+        " FROM names n WHERE n.name IS NOT NULL ORDER BY n.name"
+    )
+    # Leased messages per queue, found through messages_leased, at most %(cap)s.
+    metrics_leased: str = (
+        "SELECT queue, count(*) FROM (SELECT queue FROM {s}.messages"
+        " WHERE consumer_id IS NOT NULL LIMIT %(cap)s) AS l GROUP BY queue"
+    )
+    # A sample of about %(pct)s percent of a table's pages, for the counts
+    # over the cap.
+    sample_messages: str = (
+        "SELECT queue, count(*) FILTER (WHERE consumer_id IS NULL),"
+        " count(*) FILTER (WHERE consumer_id IS NOT NULL)"
+        " FROM {s}.messages TABLESAMPLE SYSTEM (%(pct)s) GROUP BY queue"
+    )
+    sample_scheduled: str = (
+        "SELECT queue, count(*), 0 FROM {s}.scheduled TABLESAMPLE SYSTEM (%(pct)s) GROUP BY queue"
+    )
+    sample_dead_letters: str = (
+        "SELECT queue, count(*), 0 FROM {s}.dead_letters TABLESAMPLE SYSTEM (%(pct)s)"
+        " GROUP BY queue"
+    )
+    table_pages: str = (
+        "SELECT pg_relation_size(%(table)s::regclass) / current_setting('block_size')::bigint"
+    )
+    metrics_consumers: str = (
+        "SELECT id, hostname, pid, extract(epoch FROM now() - heartbeat_at)::float8, hungry,"
+        " clock_offset_s, claims, claim_seconds FROM {s}.consumers ORDER BY id"
+    )
+    # The tables' own statistics (PostgreSQL's, flushed by each session
+    # about once a second; reset with the server's statistics) and sizes.
+    metrics_tables: str = (
+        "SELECT relname, n_live_tup, n_dead_tup, n_tup_ins, n_tup_upd, n_tup_del,"
+        " pg_total_relation_size(relid),"
+        " extract(epoch FROM greatest(last_autovacuum, last_vacuum))::float8"
+        " FROM pg_stat_user_tables WHERE schemaname = %(schema)s AND relname = ANY(%(tables)s)"
+        " ORDER BY relname"
+    )
+    metrics_server: str = (
+        "SELECT pg_notification_queue_usage(),"
+        " pg_sequence_last_value(pg_get_serial_sequence(%(messages)s, 'id')),"
+        " pg_sequence_last_value(pg_get_serial_sequence(%(scheduled)s, 'id')),"
+        " pg_sequence_last_value(pg_get_serial_sequence(%(dead_letters)s, 'id')),"
+        " (SELECT coalesce(json_object_agg(name, value), '{}') FROM {s}.counters)"
+    )
