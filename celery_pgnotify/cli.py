@@ -366,6 +366,67 @@ def metrics(
         collector.close()
 
 
+def _interrupted(*_: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops a server as Ctrl-C does
+
+
+@main.command()
+@_where
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option(
+    "--addr",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (the page shows queue names and task arguments).",
+)
+@click.option(
+    "--token",
+    envvar="PGNOTIFY_DASHBOARD_TOKEN",
+    help="Allow changes (retry, drop, purge, pause) to whoever gives this token "
+    "[env PGNOTIFY_DASHBOARD_TOKEN]. Without it the page is read-only.",
+)
+@click.option(
+    "--changes", is_flag=True, help="Allow changes with a token made up now, printed in the URL."
+)
+def dashboard(
+    app_path: str | None,
+    url: str | None,
+    schema: str | None,
+    port: int,
+    addr: str,
+    token: str | None,
+    changes: bool,
+) -> None:
+    """Serve a web page of the queues, consumers and dead letters."""
+    import secrets
+    import signal
+
+    from celery_pgnotify.dashboard import Dashboard, serve
+
+    conninfo, schema_name = _settings(app_path, url, schema)
+    if changes and not token:
+        token = secrets.token_urlsafe(24)
+    board = Dashboard(conninfo, schema_name, token=token)
+    try:
+        server = serve(board, addr, port)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {addr}:{port}: {exc}") from None
+    board.start()
+    signal.signal(signal.SIGTERM, _interrupted)
+    address = f"http://{addr}:{server.server_port}/"
+    if token and changes:
+        address += f"#token={token}"
+    click.echo(f"dashboard of schema {schema_name!r}: {address}")
+    click.echo("changes allowed with the token" if token else "read-only (no --token)")
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        board.stop()
+
+
 def _process(what: str) -> Callable[[Any], Any]:
     """The options every long-running command shares: the app, logging, a pidfile."""
 

@@ -111,8 +111,9 @@ def snapshot(
             "clock_offset_s": offset,
             "claims": list(claims or []),
             "claim_seconds": claim_seconds or 0.0,
+            "queues": list(names),
         }
-        for cid, host, pid, age, hungry, offset, claims, claim_seconds in conn.execute(
+        for cid, host, pid, age, hungry, offset, claims, claim_seconds, names in conn.execute(
             stmts.metrics_consumers
         ).fetchall()
     ]

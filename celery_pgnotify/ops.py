@@ -127,7 +127,7 @@ def dead_letters(
     ).fetchall()
     out = []
     for dead_id, message_id, queue_name, reason, created, head, size in rows:
-        task, task_id = _task_of(head)
+        task, task_id, preview = _task_of(head)
         out.append(
             {
                 "id": dead_id,
@@ -138,17 +138,25 @@ def dead_letters(
                 "reason": reason,
                 "size": size,
                 "dead_at": created.isoformat(),
+                "preview": preview,
             }
         )
     return out
 
 
-def _task_of(head: str) -> tuple[str | None, str | None]:
+def _task_of(head: str) -> tuple[str | None, str | None, str]:
+    """The task name and id of a stored message (its first 2,000 characters),
+    and a short preview: the task's arguments as Celery shows them, or the
+    start of the text when it is no Celery message."""
     try:
         headers = json.loads(head).get("headers") or {}
-        return headers.get("task"), headers.get("id")
+        task, task_id = headers.get("task"), headers.get("id")
+        if "argsrepr" in headers or "kwargsrepr" in headers:
+            args, kwargs = headers.get("argsrepr"), headers.get("kwargsrepr")
+            return task, task_id, f"args {args} kwargs {kwargs}"[:300]
+        return task, task_id, head[:300]
     except (ValueError, AttributeError):
-        return None, None
+        return None, None, head[:300]
 
 
 def retry_dead_letters(

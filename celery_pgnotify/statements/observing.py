@@ -172,7 +172,7 @@ class ObservingStatements:
     )
     metrics_consumers: str = (
         "SELECT id, hostname, pid, extract(epoch FROM now() - heartbeat_at)::float8, hungry,"
-        " clock_offset_s, claims, claim_seconds FROM {s}.consumers ORDER BY id"
+        " clock_offset_s, claims, claim_seconds, queues FROM {s}.consumers ORDER BY id"
     )
     # The tables' own statistics (PostgreSQL's, flushed by each session
     # about once a second; reset with the server's statistics) and sizes.
