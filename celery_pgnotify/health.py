@@ -209,8 +209,8 @@ def _autovacuum(conn: psycopg.Connection[Any], stmts: Statements) -> Finding:
 
 
 def _horizon(conn: psycopg.Connection[Any], stmts: Statements, limits: Limits) -> Finding:
-    """The oldest holder of vacuum's horizon in this database: a session's
-    snapshot (a standby's feedback included), a prepared transaction."""
+    """The oldest holder of vacuum's horizon in this database: a client
+    session's snapshot or transaction, a prepared transaction."""
     row = conn.execute(stmts.oldest_transaction).fetchone()
     prepared = conn.execute(stmts.oldest_prepared).fetchone()
     if prepared is not None and prepared[1] > limits.transaction_age:

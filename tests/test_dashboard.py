@@ -135,7 +135,9 @@ def test_the_page_lists_queues_and_a_dead_letter_retried_from_it_runs(
     assert e2e.wait_events("put-back", ["run"]) == ["run"]
 
 
-def test_without_the_token_nothing_changes(e2e: E2E, dashboard: str) -> None:
+def test_without_the_token_nothing_changes_and_other_hosts_read_nothing(
+    e2e: E2E, dashboard: str
+) -> None:
     e2e.send("record", "stays", queue="kept")
     request = urllib.request.Request(
         dashboard + "api/purge",
@@ -154,3 +156,9 @@ def test_without_the_token_nothing_changes(e2e: E2E, dashboard: str) -> None:
         return [q["ready"] for q in state.get("queues", []) if q["queue"] == "kept"]
 
     assert _wait(kept, what="the queue 'kept' on the page") == [1]
+    # Another site's name made to resolve to 127.0.0.1 (DNS rebinding) reads nothing.
+    rebound = urllib.request.Request(dashboard + "api/state", headers={"Host": "evil.example"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(rebound, timeout=10)
+    assert refused.value.code == 403
+    refused.value.close()

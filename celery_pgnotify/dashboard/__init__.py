@@ -201,9 +201,17 @@ def _page() -> bytes:
     return resources.files(__name__).joinpath("page.html").read_bytes()
 
 
-def wsgi_app(dashboard: Dashboard) -> Callable[[dict[str, Any], StartResponse], Iterable[bytes]]:
-    """The dashboard as a WSGI application (the page, its state, its changes)."""
+def wsgi_app(
+    dashboard: Dashboard, hosts: Iterable[str] | None = None
+) -> Callable[[dict[str, Any], StartResponse], Iterable[bytes]]:
+    """The dashboard as a WSGI application (the page, its state, its changes).
+
+    ``hosts``: the only host names requests may name (their ``Host``
+    header), for a dashboard on a loopback address: another site's page
+    whose name was made to resolve to 127.0.0.1 (DNS rebinding) is refused.
+    """
     page = _page()
+    allowed = {h.lower() for h in hosts} if hosts is not None else None
 
     def reply(start: StartResponse, status: str, body: bytes, kind: str) -> list[bytes]:
         start(
@@ -223,6 +231,8 @@ def wsgi_app(dashboard: Dashboard) -> Callable[[dict[str, Any], StartResponse], 
 
     def app(environ: dict[str, Any], start: StartResponse) -> Iterable[bytes]:
         method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "/")
+        if allowed is not None and _host_name(environ.get("HTTP_HOST", "")) not in allowed:
+            return as_json(start, "403 Forbidden", {"error": "unexpected Host header"})
         if method == "GET" and path == "/":
             return reply(start, "200 OK", page, "text/html; charset=utf-8")
         if method == "GET" and path == "/api/state":
@@ -234,14 +244,25 @@ def wsgi_app(dashboard: Dashboard) -> Callable[[dict[str, Any], StartResponse], 
     return app
 
 
+def _host_name(host: str) -> str:
+    """``Host`` without its port (``[::1]:8080`` -> ``[::1]``)."""
+    if host.startswith("["):
+        return host[: host.find("]") + 1].lower()
+    return host.rsplit(":", 1)[0].lower()
+
+
+#: the names a dashboard on a loopback address answers to
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
 def _post(dashboard: Dashboard, environ: dict[str, Any], action: str) -> tuple[str, Any]:
     """A change asked for: (HTTP status, reply)."""
     if not dashboard.allowed(environ.get("HTTP_X_DASHBOARD_TOKEN")):
         return "403 Forbidden", {"error": "changes need the token"}
     try:
         size = int(environ.get("CONTENT_LENGTH") or 0)
-        if size > MAX_BODY:
-            raise ValueError("request too large")
+        if not 0 <= size <= MAX_BODY:
+            raise ValueError("a request body of 0 to 64 KiB, with its length")
         body = json.loads(environ["wsgi.input"].read(size) or b"{}")
         if not isinstance(body, dict):
             raise ValueError("the request must be a JSON object")
@@ -264,7 +285,10 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 def serve(dashboard: Dashboard, addr: str, port: int) -> Any:
-    """A started HTTP server for ``dashboard`` (``serve_forever`` it)."""
+    """A started HTTP server for ``dashboard`` (``serve_forever`` it). On a
+    loopback address it answers only to the loopback's names."""
+    loopback = addr in ("127.0.0.1", "localhost", "::1") or addr.startswith("127.")
+    hosts = (*LOOPBACK_HOSTS, addr) if loopback else None
     return make_server(
-        addr, port, wsgi_app(dashboard), server_class=_Server, handler_class=_QuietHandler
+        addr, port, wsgi_app(dashboard, hosts), server_class=_Server, handler_class=_QuietHandler
     )

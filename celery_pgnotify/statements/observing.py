@@ -81,15 +81,17 @@ class ObservingStatements:
         " WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s)"
         " AND 'autovacuum_enabled=false' = ANY(coalesce(c.reloptions, '{}'))"
     )
-    # The oldest holders of vacuum's horizon in this database: a session's
-    # snapshot or transaction (a standby's feedback too), a prepared one.
+    # The oldest holders of vacuum's horizon in this database: a client
+    # session's snapshot or transaction, a prepared transaction. (Vacuum's own
+    # workers are ignored by other vacuums; a standby's feedback has no age
+    # in seconds to compare.)
     oldest_transaction: str = (
         "SELECT pid, usename, application_name, state,"
         " extract(epoch FROM now() - coalesce(xact_start, backend_start))::float8,"
         " left(regexp_replace(query, '\\s+', ' ', 'g'), 120)"
         " FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
         " AND (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)"
-        " AND (datname = current_database() OR backend_type = 'walsender')"
+        " AND datname = current_database() AND backend_type = 'client backend'"
         " ORDER BY coalesce(xact_start, backend_start) LIMIT 1"
     )
     oldest_prepared: str = (
