@@ -54,8 +54,11 @@ def test_three_beats_fire_each_second_once_across_a_leader_kill(e2e: E2E) -> Non
         f"\nbeat failover: {len(runs)} firings in {ended - started:.1f} s; leader SIGKILLed at "
         f"+{killed_at - started:.1f} s; largest gap {max(gaps):.2f} s, smallest {min(gaps):.2f} s"
     )
-    # Each due time fired once: due times are a second apart, so two runs
-    # closer than half a second would be one due time fired twice.
-    assert min(gaps) > 0.5, gaps
+    # Each due time fired once. Due times are a second apart: two runs closer
+    # than half a second are one due time fired twice, unless the first ran
+    # late (a loaded machine) and the second on time, when the two gaps
+    # before the second run span two due times.
+    twice = [i for i, gap in enumerate(gaps) if gap < 0.5 and (i == 0 or gaps[i - 1] + gap < 1.5)]
+    assert not twice, gaps
     assert max(gaps) <= FAILOVER_BOUND, gaps
     assert len(runs) >= (ended - started) - FAILOVER_BOUND - 1
