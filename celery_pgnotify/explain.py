@@ -18,7 +18,8 @@ The answer, by what holds first:
 - ``revoked``: revoked, and on no queue;
 - ``unknown``: never seen, or gone without a trace (acked, no result kept).
 
-A live revoke is added to whichever answer holds: the worker discards it.
+A live revoke, or a Celery ``expires`` time passed, is added to whichever
+answer holds: the worker discards the task.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def explain(conn: psycopg.Connection[Any], stmts: Statements, task_id: str) -> d
         "result": result,
     }
     state, summary = _answer(now, facts)
+    expires = messages[0]["expires"] if messages else None
+    if expires and state in ("waiting", "delayed", "leased") and not _later(expires, now):
+        summary += f"; its expires time {expires} has passed: a worker discards it as REVOKED"
     if revoked and revoked["live"] and state != "revoked":
         summary += f"; revoked at {_when(revoked['revoked_at'])}: a worker discards it"
     return {"task_id": task_id, "state": state, "summary": summary, **facts}

@@ -10,13 +10,14 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
 import pytest
 from celery import Celery, states
 from click.testing import CliRunner
-from kombu import Connection, Consumer, Queue
+from kombu import Connection, Consumer, Producer, Queue
 
 from celery_pgnotify import ops
 from celery_pgnotify.cli import main
@@ -103,7 +104,7 @@ def test_held_for_its_eta_is_delayed(
 
 _KILLED_CONSUMER = """
 import os, sys
-from kombu import Connection, Consumer, Queue
+from kombu import Connection, Consumer, Producer, Queue
 conn = Connection(sys.argv[1], transport_options={"schema": sys.argv[2]})
 got = []
 with Consumer(conn.default_channel, [Queue(sys.argv[3])], callbacks=[lambda b, m: got.append(m)]):
@@ -223,3 +224,17 @@ def test_never_seen_and_the_command_line(
     )
     data = json.loads(out.output)
     assert data["state"] == "unknown" and data["messages"] == [] and data["result"] is None
+
+
+def test_a_waiting_task_past_its_expires_time_says_it_will_be_discarded(
+    connection: Connection, db: psycopg.Connection[Any], schema: str, queue: Queue
+) -> None:
+    task_id = str(uuid.uuid4())
+    expired = (datetime.now(timezone.utc) - timedelta(minutes=5)).isoformat()
+    headers = {"task": "proj.add", "id": task_id, "eta": None, "expires": expired}
+    Producer(connection.default_channel).publish(
+        {}, routing_key=queue.name, declare=[queue], headers=headers
+    )
+    got = answer(db, schema, task_id)
+    assert got["state"] == "waiting"
+    assert f"its expires time {expired} has passed" in got["summary"]
