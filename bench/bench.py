@@ -2,7 +2,8 @@
 
 Run it with ``tox -e bench`` or ``python bench/bench.py``. Every broker that
 answers is measured in the same run, with the stock ``celery worker -c 2``
-(prefork); pgnotify is also measured with ``celery-pg worker -c 2``; the
+(prefork); pgnotify is also measured with ``celery-pg worker -c 2``, with
+publishes durable and, as ``pgnotify-fast``, with ``durable_publish`` off; the
 ratios of both to each reference are printed. The machines this runs on
 are shared and noisy: compare ratios within one run, not absolute figures
 across runs.
@@ -39,6 +40,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 OURS_PG_WORKER = "pgnotify + celery-pg worker"
+#: the same with the ``durable_publish`` transport option off (see README, Durability)
+OURS_FAST = "pgnotify-fast + celery-pg worker"
+OURS = ("pgnotify", OURS_PG_WORKER, OURS_FAST)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PG = os.environ.get("BENCH_PG", "postgres@127.0.0.1:5432/test")
 
@@ -99,6 +103,7 @@ def brokers(args: argparse.Namespace) -> list[Broker]:
     schema = f"bench_{uuid.uuid4().hex[:8]}"
     every = [
         Broker("pgnotify", f"pgnotify://{PG}", {"schema": schema}),
+        Broker("pgnotify-fast", f"pgnotify://{PG}", {"schema": schema, "durable_publish": False}),
         Broker("redis", "redis://127.0.0.1:6379/0"),
         Broker("redis-fsync", DURABLE_REDIS.url),
         Broker("rabbitmq", "amqp://guest:guest@127.0.0.1:5672//"),
@@ -362,11 +367,13 @@ def measure_all(args: argparse.Namespace, rows: dict[str, dict[str, float]]) -> 
         if reason:
             print(f"SKIP {broker.name}: not reachable ({reason})", flush=True)
             continue
-        kinds = ["celery", "celery-pg"] if broker.name == "pgnotify" else ["celery"]
+        kinds = {"pgnotify": ["celery", "celery-pg"], "pgnotify-fast": ["celery-pg"]}.get(
+            broker.name, ["celery"]
+        )
         queues: list[str] = []
         try:
             for kind in kinds:
-                label = broker.name if kind == "celery" else OURS_PG_WORKER
+                label = broker.name if kind == "celery" else f"{broker.name} + celery-pg worker"
                 print(f"measuring {label} ...", flush=True)
                 queues.append(f"bench_{uuid.uuid4().hex[:8]}")
                 rows[label] = measure(broker, args, queues[-1], kind)
@@ -411,13 +418,13 @@ def report(rows: dict[str, dict[str, float]]) -> None:
             f"{name:<34} {int(r['tasks']):>6} {r['publish']:>10.0f} {r['drain']:>9.0f} "
             f"{r['e2e']:>8.0f} {r['p50']:>7.2f} {r['p99']:>7.2f}"
         )
-    for ours in ("pgnotify", OURS_PG_WORKER):
+    for ours in OURS:
         mine = rows.get(ours)
         if not mine:
             continue
         print(f"\n{ours} relative to each (throughput: higher is better; latency: lower is better)")
         for name, r in rows.items():
-            if name in ("pgnotify", OURS_PG_WORKER):
+            if name in OURS:
                 continue
             print(
                 f"  vs {name:<30} publish {mine['publish'] / r['publish']:.2f}x  "
