@@ -103,7 +103,11 @@ def brokers(args: argparse.Namespace) -> list[Broker]:
     schema = f"bench_{uuid.uuid4().hex[:8]}"
     every = [
         Broker("pgnotify", f"pgnotify://{PG}", {"schema": schema}),
-        Broker("pgnotify-fast", f"pgnotify://{PG}", {"schema": schema, "durable_publish": False}),
+        Broker(
+            "pgnotify-fast",
+            f"pgnotify://{PG}",
+            {"schema": f"{schema}_fast", "durable_publish": False},  # each run drops its own
+        ),
         Broker("redis", "redis://127.0.0.1:6379/0"),
         Broker("redis-fsync", DURABLE_REDIS.url),
         Broker("rabbitmq", "amqp://guest:guest@127.0.0.1:5672//"),
