@@ -6,7 +6,8 @@ work does not grow with the fleet. A consumer is dead when it has been silent
 for ``lease_timeout``, or silent past ``2 x heartbeat_interval`` with its
 session lock free (its session is gone). A reaper whose own heartbeats had a
 gap, or whose session is new, judges nobody for ``lease_timeout``: whatever
-held it up most likely held the others up too.
+held it up most likely held the others up too. After reaping it raises the
+queues' floors (floors.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import psycopg
 
+from celery_pgnotify.floors import FloorRaiser
 from celery_pgnotify.options import TransportOptions
 from celery_pgnotify.statements import Statements
 
@@ -42,6 +44,7 @@ class Reaper:
         }
         self._not_before = 0.0
         self._reaps = 0
+        self._floors = FloorRaiser(stmts)
 
     def hold_off(self) -> None:
         """Judge nobody for ``lease_timeout`` (a new session, or a gap in our
@@ -56,6 +59,7 @@ class Reaper:
             rows = conn.execute(self._stmts.reap, self._params).fetchall()
             if self._reaps % ORPHANS_EVERY == 0:
                 rows += conn.execute(self._stmts.reap_orphans, self._params).fetchall()
+            self._floors.raise_floors(conn)
         except STALLED as exc:
             # Another reaper is at it, or the tables are locked: next beat.
             logger.warning("Reaping held up (%s); trying again", exc)

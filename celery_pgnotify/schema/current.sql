@@ -1,4 +1,4 @@
--- The schema as celery-pgnotify declares it, at version 11: what the
+-- The schema as celery-pgnotify declares it, at version 12: what the
 -- migrations (NNNN_*.sql in this folder, applied in order) build, in one
 -- reading. A new schema is created from this file; an existing one is brought
 -- up to date by the migrations it lacks. tests/test_schema.py checks that both
@@ -93,6 +93,20 @@ CREATE TABLE {s}.revoked (
 CREATE TABLE {s}.paused_queues (
     name       text PRIMARY KEY,
     paused_at  timestamptz NOT NULL DEFAULT now()
+);
+-- A queue's floor: no ready message of the queue has a smaller id (claims
+-- skip the index entries below it unvisited). Requeues lower it in their
+-- own statement; one consumer at a time raises it, never past an id a
+-- transaction still running may hold, which ``floor_mark`` proves: the
+-- identity's value at one moment and the sessions writing ``messages`` then.
+CREATE TABLE {s}.queue_floors (
+    queue  text PRIMARY KEY,
+    floor  bigint NOT NULL
+);
+CREATE TABLE {s}.floor_mark (
+    id       integer PRIMARY KEY CHECK (id = 1),
+    seq      bigint NOT NULL,
+    writers  text[] NOT NULL
 );
 -- Events too rare to have a table of their own, counted since the schema
 -- was created (the reaper's work): read by the metrics.

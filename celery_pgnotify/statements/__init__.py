@@ -7,7 +7,8 @@ parameters; queue and exchange names are data, never SQL. The schema itself
 and its migrations are the ``.sql`` files of ``schema/`` (``migrations.py``).
 
 By room: ``broker.py`` (publishing and topology, consumers, operations),
-``results.py`` (the result backend and beat), ``observing.py`` (``explain``,
+``floors.py`` (the queues' floors), ``results.py`` (the result backend and
+beat), ``observing.py`` (``explain``,
 ``check`` and the metrics), ``fragments.py`` (the pieces of SQL they share).
 """
 
@@ -26,6 +27,7 @@ from celery_pgnotify.statements.broker import (
     Publishes,
     TopologyStatements,
 )
+from celery_pgnotify.statements.floors import FloorStatements
 from celery_pgnotify.statements.fragments import CLAIMING_SESSION, DURABLE, NO_FLUSH
 from celery_pgnotify.statements.observing import ObservingStatements
 from celery_pgnotify.statements.results import BeatStatements, ResultStatements
@@ -47,6 +49,7 @@ SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 class Statements(
     TopologyStatements,
     ConsumerStatements,
+    FloorStatements,
     OperationStatements,
     ObservingStatements,
     ResultStatements,

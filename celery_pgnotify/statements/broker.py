@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from celery_pgnotify.statements.fragments import (
+    ABOVE_FLOOR,
     COUNT,
     DUE,
     NEXT_DUE,
@@ -12,6 +13,7 @@ from celery_pgnotify.statements.fragments import (
     NOTIFY,
     SCHEDULED,
     WAKE,
+    lower_floors,
     publish_direct_into,
     publish_routed_into,
     wake,
@@ -46,7 +48,7 @@ class ConsumerWrites:
         "WITH acked AS (DELETE FROM {s}.messages WHERE id = ANY(%(acks)s::bigint[])),"
         " picked AS ("
         " SELECT id FROM {s}.messages"
-        " WHERE queue = %(queue)s AND consumer_id IS NULL"
+        " WHERE queue = %(queue)s AND consumer_id IS NULL AND " + ABOVE_FLOOR + ""
         "  AND (expires_at IS NULL OR expires_at > now()) AND {nf} AND " + NOT_PAUSED + ""
         " ORDER BY rank DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED),"
         " leased AS (UPDATE {s}.messages m SET consumer_id = %(consumer)s, leased_at = now()"
@@ -76,7 +78,7 @@ class ConsumerWrites:
     take_no_ack: str = (
         "DELETE FROM {s}.messages WHERE id IN ("
         " SELECT id FROM {s}.messages"
-        " WHERE queue = %(queue)s AND consumer_id IS NULL"
+        " WHERE queue = %(queue)s AND consumer_id IS NULL AND " + ABOVE_FLOOR + ""
         "  AND (expires_at IS NULL OR expires_at > now()) AND {nf} AND " + NOT_PAUSED + ""
         " ORDER BY rank DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
         " RETURNING id, rank, payload, redelivered, octet_length(payload), false"
@@ -86,8 +88,11 @@ class ConsumerWrites:
     requeue: str = (
         "WITH back AS ("
         " UPDATE {s}.messages SET consumer_id = NULL, leased_at = NULL, redelivered = true"
-        " WHERE id = ANY(%(ids)s) AND consumer_id = %(consumer)s AND {nf} RETURNING queue)"
-        " SELECT queue, " + NOTIFY + " FROM (SELECT DISTINCT queue FROM back) AS q"
+        " WHERE id = ANY(%(ids)s) AND consumer_id = %(consumer)s AND {nf} RETURNING queue, id),"
+        + lower_floors("back")
+        + " SELECT queue, "
+        + NOTIFY
+        + " FROM (SELECT DISTINCT queue FROM back) AS q"
     )
 
 
@@ -256,8 +261,11 @@ class ConsumerStatements:
         " VALUES (%(id)s, %(hostname)s, %(pid)s, %(queues)s)"
         " ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), queues = EXCLUDED.queues),"
         " back AS (UPDATE {s}.messages SET consumer_id = NULL, leased_at = NULL,"
-        " redelivered = true WHERE consumer_id = %(id)s RETURNING queue)"
-        " SELECT queue, " + NOTIFY + " FROM (SELECT DISTINCT queue FROM back) AS q"
+        " redelivered = true WHERE consumer_id = %(id)s RETURNING queue, id),"
+        + lower_floors("back")
+        + " SELECT queue, "
+        + NOTIFY
+        + " FROM (SELECT DISTINCT queue FROM back) AS q"
     )
     resume_consumer: str = (
         "UPDATE {s}.consumers SET heartbeat_at = now(), hostname = %(hostname)s,"
@@ -268,15 +276,19 @@ class ConsumerStatements:
         "WITH back AS ("
         " UPDATE {s}.messages SET consumer_id = NULL, leased_at = NULL, redelivered = true"
         " WHERE consumer_id = %(consumer)s AND NOT (id = ANY(%(held)s::bigint[]))"
-        " RETURNING queue)"
-        " SELECT queue, count(*), " + NOTIFY + " FROM back GROUP BY queue"
+        " RETURNING queue, id),"
+        + lower_floors("back")
+        + " SELECT queue, count(*), "
+        + NOTIFY
+        + " FROM back GROUP BY queue"
     )
     touch_queues: str = "UPDATE {s}.queues SET last_used_at = now() WHERE name = ANY(%(queues)s)"
     unregister_consumer: str = (
         "WITH back AS ("
         " UPDATE {s}.messages SET consumer_id = NULL, leased_at = NULL, redelivered = true"
-        " WHERE consumer_id = %(id)s RETURNING queue),"
-        " gone AS (DELETE FROM {s}.consumers WHERE id = %(id)s)"
+        " WHERE consumer_id = %(id)s RETURNING queue, id),"
+        + lower_floors("back")
+        + ", gone AS (DELETE FROM {s}.consumers WHERE id = %(id)s)"
         " SELECT queue, " + NOTIFY + " FROM (SELECT DISTINCT queue FROM back) AS q"
     )
     # A consumer is dead when it has been silent for lease_timeout, or when
@@ -297,7 +309,9 @@ class ConsumerStatements:
         " RETURNING c.id),"
         " back AS ("
         " UPDATE {s}.messages m SET consumer_id = NULL, leased_at = NULL, redelivered = true"
-        " WHERE m.consumer_id IN (SELECT id FROM dead) RETURNING m.queue),"
+        " WHERE m.consumer_id IN (SELECT id FROM dead) RETURNING m.queue, m.id),"
+        + lower_floors("back")
+        + ","
         " expired AS ("
         " DELETE FROM {s}.messages WHERE (SELECT open FROM gate)"
         "  AND expires_at < now() AND consumer_id IS NULL RETURNING 1),"
@@ -337,7 +351,7 @@ class ConsumerStatements:
         "  AND m.consumer_id IN (SELECT h.id FROM holders h WHERE h.id IS NOT NULL"
         "   AND NOT EXISTS (SELECT 1 FROM {s}.consumers c WHERE c.id = h.id))"
         "  AND m.leased_at < now() - %(lease_timeout)s * interval '1 second'"
-        " RETURNING m.queue),"
+        " RETURNING m.queue, m.id)," + lower_floors("orphans") + ","
         " counted AS ("
         + COUNT.format("('orphaned_messages', (SELECT count(*) FROM orphans))")
         + ")"

@@ -128,3 +128,26 @@ COUNT = (
     " SELECT name, n FROM (VALUES {}) AS v(name, n) WHERE n > 0"
     " ON CONFLICT (name) DO UPDATE SET value = k.value + EXCLUDED.value"
 )
+
+
+# A claim reads nothing below its queue's floor (one probe of a tiny table):
+# the index entries of rows long acked, kept while vacuum is held back, are
+# skipped without visiting their rows.
+ABOVE_FLOOR = (
+    "id >= (SELECT coalesce(max(f.floor), 0) FROM {s}.queue_floors f WHERE f.queue = %(queue)s)"
+)
+
+
+def lower_floors(back: str) -> str:
+    """A CTE lowering the floor of each queue the CTE ``back`` (``queue, id``
+    of the messages it made ready again) put messages back on, in the same
+    statement: a floor's raiser holds its row while it reads the queue, so
+    either it sees these messages or this waits and lowers its result (see
+    floors.py). A queue without a floor gets one at 0, which skips nothing;
+    rows in queue order, so that two of these never wait on each other."""
+    return (
+        f" lowered AS (INSERT INTO {{s}}.queue_floors AS f (queue, floor)"
+        f" SELECT queue, 0 FROM {back} GROUP BY queue ORDER BY queue"
+        f" ON CONFLICT (queue) DO UPDATE SET floor = LEAST(f.floor,"
+        f" (SELECT min(b.id) FROM {back} b WHERE b.queue = EXCLUDED.queue)))"
+    )

@@ -1,0 +1,60 @@
+"""The queues' floors: below a queue's floor no message is ready.
+
+A claim reads ``messages_ready`` from the head of its queue. The index keeps
+an entry for every row until vacuum removes the row, and vacuum cannot
+while any transaction in the database holds an older snapshot (an analytics
+query, a session idle in a transaction): then every claim would walk, row by
+row, every message acked since. With ``id >= floor`` among its conditions it
+skips those entries in the index itself, without visiting their rows.
+
+A floor must never pass a message that is, or will be, ready:
+
+- A requeue (a reject, a closed consumer's unacked messages, the reaper's
+  releases) lowers the floor of its queue in its own statement
+  (``fragments.lower_floors``).
+- The raiser (one consumer at a time, after each of its reaps) holds the
+  floor rows while it reads the lowest ready id of each queue: a requeue
+  that lowered a floor before is seen, one that comes after waits for the
+  raise and lowers its result.
+- A publish still running may hold an id lower than what is visible. So the
+  raiser never goes past a *mark*: the identity's value at one round, taken
+  before the list of the sessions then writing ``messages`` (a publish is
+  handed its id after it takes its lock on the table, so any publish with
+  an id up to the mark is on that list). At a later round, once every one of
+  those sessions has ended, no transaction can still hold an id up to the
+  mark, and the floors may rise to it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import psycopg
+
+from celery_pgnotify.statements import Statements
+
+logger = logging.getLogger(__name__)
+
+
+class FloorRaiser:
+    """Raises the queues' floors; called after each reap (see reaper.py)."""
+
+    def __init__(self, stmts: Statements) -> None:
+        self._stmts = stmts
+        self._messages = f'"{stmts.schema}".messages'
+
+    def raise_floors(self, conn: psycopg.Connection[Any]) -> None:
+        stmts = self._stmts
+        conn.execute(stmts.floors_seed)
+        with conn.transaction():
+            gate = conn.execute(stmts.floors_gate, {"ns": stmts.lock_namespace}).fetchone()
+            if not (gate and gate[0]):
+                return  # another consumer is raising them
+            mark = conn.execute(stmts.floors_mark).fetchone()
+            if mark is not None and mark[1]:
+                conn.execute(stmts.floors_hold).fetchall()
+                conn.execute(stmts.floors_raise, {"seq": mark[0]})
+            row = conn.execute(stmts.messages_seq, {"messages": self._messages}).fetchone()
+            seq = int(row[0]) if row else 0
+            conn.execute(stmts.floors_write_mark, {"seq": seq, "messages": self._messages})

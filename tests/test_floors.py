@@ -1,0 +1,170 @@
+"""The queues' floors (floors.py): they rise as queues drain, and no message
+that is, or becomes, ready is ever left below one: requeued, released by the
+reaper, or published by a transaction that commits late."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+from kombu import Connection, Consumer, Producer, Queue
+
+from tests.test_transport import collect, drain_for, drain_until
+
+
+@pytest.fixture
+def transport_options(schema: str) -> dict[str, Any]:
+    # Heartbeats (and so reaps and raises) every 0.3 s.
+    return {"schema": schema, "heartbeat_interval": 0.3}
+
+
+def floor_of(db: psycopg.Connection[Any], schema: str, queue: str) -> int:
+    row = db.execute(
+        f'SELECT floor FROM "{schema}".queue_floors WHERE queue = %s', (queue,)
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def ids_of(db: psycopg.Connection[Any], schema: str, queue: str) -> list[int]:
+    rows = db.execute(
+        f'SELECT id FROM "{schema}".messages WHERE queue = %s ORDER BY id', (queue,)
+    ).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def wait_for(condition: Any, timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def publish(conn: Connection, queue: Queue, *bodies: Any) -> None:
+    producer = Producer(conn.default_channel)
+    for body in bodies:
+        producer.publish(body, routing_key=queue.name, declare=[queue])
+
+
+def test_the_floor_rises_as_a_queue_drains_and_new_messages_are_above_it(
+    make_connection: Any, db: psycopg.Connection[Any], schema: str
+) -> None:
+    producer, consumer = make_connection(), make_connection()
+    queue = Queue(f"q{uuid.uuid4().hex[:8]}")
+    publish(producer, queue, *range(20))
+    received: list[Any] = []
+    with Consumer(consumer.default_channel, [queue], callbacks=[collect(received)]):
+        drain_until(consumer, received, 20)
+        last = max(m.delivery_tag for _b, m in received)
+        assert wait_for(lambda: (drain_for(consumer, 0.2), floor_of(db, schema, queue.name))[1] > 0)
+        publish(producer, queue, "after")
+        drain_until(consumer, received, 21)
+    assert received[-1][0] == "after"
+    assert floor_of(db, schema, queue.name) <= int(last) + 1 + 1  # never past an id not acked
+
+
+def test_a_message_requeued_below_the_floor_is_delivered_again(
+    make_connection: Any, db: psycopg.Connection[Any], schema: str
+) -> None:
+    producer, holder, other = make_connection(), make_connection(), make_connection()
+    queue = Queue(f"q{uuid.uuid4().hex[:8]}")
+    publish(producer, queue, "held")
+    held: list[Any] = []
+    with Consumer(holder.default_channel, [queue], callbacks=[collect(held, ack=False)]):
+        drain_until(holder, held, 1)
+        (held_id,) = ids_of(db, schema, queue.name)
+        # The queue moves on: the floor rises past the message held (leased, not ready).
+        publish(producer, queue, *range(10))
+        received: list[Any] = []
+        with Consumer(other.default_channel, [queue], callbacks=[collect(received)]):
+            drain_until(other, received, 10)
+            assert wait_for(
+                lambda: (drain_for(other, 0.2), floor_of(db, schema, queue.name))[1] > held_id
+            ), "the floor never rose past the leased message"
+            held[0][1].reject(requeue=True)  # ready again, below the floor
+            drain_until(other, received, 11)
+    assert received[-1][0] == "held"
+
+
+_KILLED = """
+import os, sys
+from kombu import Connection, Consumer, Queue
+conn = Connection(sys.argv[1], transport_options={"schema": sys.argv[2], "heartbeat_interval": 0.3})
+got = []
+with Consumer(conn.default_channel, [Queue(sys.argv[3])], callbacks=[lambda b, m: got.append(m)]):
+    while not got:
+        conn.drain_events(timeout=10)
+    print("holding", flush=True)
+    sys.stdin.readline()
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_a_message_the_reaper_releases_below_the_floor_is_delivered(
+    make_connection: Any, broker_url: str, db: psycopg.Connection[Any], schema: str
+) -> None:
+    producer, other = make_connection(), make_connection()
+    queue = Queue(f"q{uuid.uuid4().hex[:8]}")
+    publish(producer, queue, "held")
+    with subprocess.Popen(
+        [sys.executable, "-c", _KILLED, broker_url, schema, queue.name],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as killed:
+        assert killed.stdout is not None and killed.stdout.readline() == "holding\n"
+        (held_id,) = ids_of(db, schema, queue.name)
+        publish(producer, queue, *range(10))
+        received: list[Any] = []
+        with Consumer(other.default_channel, [queue], callbacks=[collect(received)]):
+            drain_until(other, received, 10)
+            assert wait_for(
+                lambda: (drain_for(other, 0.2), floor_of(db, schema, queue.name))[1] > held_id
+            )
+            assert killed.stdin is not None
+            killed.stdin.write("\n")
+            killed.stdin.flush()
+            assert killed.wait(timeout=30) == -9
+            drain_until(other, received, 11, timeout=30)  # released by the reaper
+    assert received[-1][0] == "held"
+
+
+def test_a_publish_that_commits_late_is_never_left_below_the_floor(
+    make_connection: Any, pg_dsn: str, db: psycopg.Connection[Any], schema: str
+) -> None:
+    producer, consumer = make_connection(), make_connection()
+    queue = Queue(f"q{uuid.uuid4().hex[:8]}")
+    publish(producer, queue, "first")  # creates the schema and the queue
+    received: list[Any] = []
+    with Consumer(consumer.default_channel, [queue], callbacks=[collect(received)]):
+        drain_until(consumer, received, 1)
+        assert wait_for(
+            lambda: (drain_for(consumer, 0.2), floor_of(db, schema, queue.name))[1] > 0
+        ), "the floor never rose"
+        with psycopg.connect(pg_dsn) as late:  # a transaction: its id is taken now
+            row = late.execute(
+                f'SELECT "{schema}".send_task(%s, queue => %s)', ("t.late", queue.name)
+            ).fetchone()
+            assert row is not None
+            task_id = str(row[0])
+            late_id = ids_of(late, schema, queue.name)[-1]
+            # Later messages published and consumed meanwhile: the floor may
+            # rise to them only once the late transaction has ended.
+            for round_ in range(3):
+                publish(producer, queue, *[f"r{round_}-{i}" for i in range(5)])
+                drain_until(consumer, received, 1 + 5 * (round_ + 1))
+                drain_for(consumer, 1.0)  # several raises
+            assert floor_of(db, schema, queue.name) <= late_id
+            late.commit()  # notifies the queue's consumers
+        drain_until(consumer, received, 17, timeout=15)
+        assert received[-1][1].headers["id"] == task_id
+        # And once it has ended, the floors rise past it.
+        assert wait_for(
+            lambda: (drain_for(consumer, 0.2), floor_of(db, schema, queue.name))[1] > late_id
+        )
