@@ -23,6 +23,10 @@ A floor must never pass a message that is, or will be, ready:
   an id up to the mark is on that list). At a later round, once every one of
   those sessions has ended, no transaction can still hold an id up to the
   mark, and the floors may rise to it.
+
+And now and then the raiser looks below the floors for a ready message (one
+made ready by a worker older than the floors, which does not lower them),
+and lowers the floor to it.
 """
 
 from __future__ import annotations
@@ -37,23 +41,49 @@ from celery_pgnotify.statements import Statements
 logger = logging.getLogger(__name__)
 
 
+#: Every how many rounds the raiser also looks below the floors (see
+#: ``floors_check``): a message made ready by a worker older than the floors
+#: waits at most that many rounds.
+CHECK_EVERY = 15
+
+
 class FloorRaiser:
     """Raises the queues' floors; called after each reap (see reaper.py)."""
 
     def __init__(self, stmts: Statements) -> None:
         self._stmts = stmts
         self._messages = f'"{stmts.schema}".messages'
+        self._rounds = 0
 
     def raise_floors(self, conn: psycopg.Connection[Any]) -> None:
+        """One round; a database error other than a lost connection costs
+        the round only (the floors stay where they are, which is safe)."""
+        try:
+            self._round(conn)
+        except psycopg.OperationalError:
+            raise  # a lost connection, a lock or statement timeout: the reaper's to handle
+        except psycopg.DatabaseError as exc:
+            logger.warning("Raising the queues' floors failed (%s); they stay", exc)
+
+    def _round(self, conn: psycopg.Connection[Any]) -> None:
         stmts = self._stmts
+        self._rounds += 1
         conn.execute(stmts.floors_seed)
         with conn.transaction():
             gate = conn.execute(stmts.floors_gate, {"ns": stmts.lock_namespace}).fetchone()
             if not (gate and gate[0]):
                 return  # another consumer is raising them
             mark = conn.execute(stmts.floors_mark).fetchone()
+            conn.execute(stmts.floors_hold).fetchall()
+            if self._rounds % CHECK_EVERY == 0:
+                for queue, floor in conn.execute(stmts.floors_check).fetchall():
+                    logger.warning(
+                        "A ready message of queue %r was below its floor (made ready by an "
+                        "older celery-pgnotify?): floor lowered to %s",
+                        queue,
+                        floor,
+                    )
             if mark is not None and mark[1]:
-                conn.execute(stmts.floors_hold).fetchall()
                 conn.execute(stmts.floors_raise, {"seq": mark[0]})
             row = conn.execute(stmts.messages_seq, {"messages": self._messages}).fetchone()
             seq = int(row[0]) if row else 0

@@ -52,13 +52,14 @@ class Reaper:
         self._not_before = max(self._not_before, time.monotonic() + self._lease_timeout)
 
     def reap(self, conn: psycopg.Connection[Any]) -> None:
-        if time.monotonic() < self._not_before:
-            return
-        self._reaps += 1
+        rows: list[Any] = []
         try:
-            rows = conn.execute(self._stmts.reap, self._params).fetchall()
-            if self._reaps % ORPHANS_EVERY == 0:
-                rows += conn.execute(self._stmts.reap_orphans, self._params).fetchall()
+            if time.monotonic() >= self._not_before:
+                self._reaps += 1
+                rows = conn.execute(self._stmts.reap, self._params).fetchall()
+                if self._reaps % ORPHANS_EVERY == 0:
+                    rows += conn.execute(self._stmts.reap_orphans, self._params).fetchall()
+            # Judges nobody: not held off with the judging.
             self._floors.raise_floors(conn)
         except STALLED as exc:
             # Another reaper is at it, or the tables are locked: next beat.

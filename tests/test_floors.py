@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from kombu import Connection, Consumer, Producer, Queue
 
+from celery_pgnotify.statements import statements
 from tests.test_transport import collect, drain_for, drain_until
 
 
@@ -168,3 +169,31 @@ def test_a_publish_that_commits_late_is_never_left_below_the_floor(
         assert wait_for(
             lambda: (drain_for(consumer, 0.2), floor_of(db, schema, queue.name))[1] > late_id
         )
+
+
+def test_a_message_made_ready_below_the_floor_by_an_older_worker_is_found(
+    make_connection: Any, db: psycopg.Connection[Any], schema: str
+) -> None:
+    producer, holder, other = make_connection(), make_connection(), make_connection()
+    queue = Queue(f"q{uuid.uuid4().hex[:8]}")
+    publish(producer, queue, "held")
+    held: list[Any] = []
+    with Consumer(holder.default_channel, [queue], callbacks=[collect(held, ack=False)]):
+        drain_until(holder, held, 1)
+        (held_id,) = ids_of(db, schema, queue.name)
+        publish(producer, queue, *range(10))
+        received: list[Any] = []
+        with Consumer(other.default_channel, [queue], callbacks=[collect(received)]):
+            drain_until(other, received, 10)
+            assert wait_for(
+                lambda: (drain_for(other, 0.2), floor_of(db, schema, queue.name))[1] > held_id
+            )
+            # The requeue of a worker older than the floors: no floor lowered.
+            db.execute(
+                f'UPDATE "{schema}".messages SET consumer_id = NULL, leased_at = NULL,'
+                " redelivered = true WHERE id = %s",
+                (held_id,),
+            )
+            db.execute(f'NOTIFY "{statements(schema).channel(queue.name)}"')
+            drain_until(other, received, 11, timeout=30)  # found below the floor
+    assert received[-1][0] == "held"

@@ -53,6 +53,15 @@ class FloorStatements:
         " coalesce((" + _LOWEST_READY + "), %(seq)s + 1))"
         " WHERE f.floor <= %(seq)s"
     )
+    # The safety net, now and then: a ready message below its floor (made
+    # ready by a worker older than the floors, which does not lower them)
+    # lowers it. Reads below the floors, so it is the one costly statement.
+    floors_check: str = (
+        "UPDATE {s}.queue_floors f SET floor = below.id FROM (SELECT g.queue,"
+        " (SELECT min(m.id) FROM {s}.messages m WHERE m.queue = g.queue"
+        "  AND m.consumer_id IS NULL AND m.id < g.floor) AS id FROM {s}.queue_floors g) below"
+        " WHERE f.queue = below.queue AND below.id IS NOT NULL RETURNING f.queue, f.floor"
+    )
     # The identity's value now (read before the writers are: a transaction
     # handed an id up to it already holds its lock on ``messages``) ...
     messages_seq: str = (
