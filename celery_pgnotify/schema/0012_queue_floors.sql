@@ -15,3 +15,7 @@ CREATE TABLE {s}.floor_mark (
     seq      bigint NOT NULL,
     writers  text[] NOT NULL
 );
+-- Whose turn it is to be woken among a queue's consumers with room: a
+-- sequence, which no held transaction horizon bloats (a claim used to write
+-- its consumer's row each time it was fed).
+CREATE SEQUENCE {s}.wake_turns;

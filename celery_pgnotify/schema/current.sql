@@ -40,7 +40,8 @@ CREATE TABLE {s}.consumers (
     started_at    timestamptz NOT NULL DEFAULT now(),
     heartbeat_at  timestamptz NOT NULL DEFAULT now(),
     -- its last claim got fewer messages than it asked for: it has room, and
-    -- waits to be woken (see fragments.WAKE)
+    -- waits to be woken (see fragments.WAKE); when it was last fed (to the
+    -- second: written at most once a second)
     hungry        boolean NOT NULL DEFAULT false,
     fed_at        timestamptz NOT NULL DEFAULT now(),
     -- the server's clock minus the consumer host's, at its last heartbeat
@@ -108,6 +109,9 @@ CREATE TABLE {s}.floor_mark (
     seq      bigint NOT NULL,
     writers  text[] NOT NULL
 );
+-- Whose turn it is to be woken among a queue's consumers with room (see
+-- fragments.wake_hungry): a sequence, which a held horizon does not bloat.
+CREATE SEQUENCE {s}.wake_turns;
 -- Events too rare to have a table of their own, counted since the schema
 -- was created (the reaper's work): read by the metrics.
 CREATE TABLE {s}.counters (

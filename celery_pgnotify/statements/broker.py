@@ -19,8 +19,9 @@ from celery_pgnotify.statements.fragments import (
     wake,
 )
 
-# One more hungry consumer of %(queue)s (not this one) woken: one fed
-# longest ago. No ORDER BY: sessions that claim run with sorting off (see
+# One more hungry consumer of %(queue)s (not this one) woken, whose turn it
+# is (see fragments.wake_hungry). Ordered by id, which the primary key gives
+# without a sort: sessions that claim run with sorting off (see
 # CLAIMING_SESSION), which would price a sort out of all reason.
 _OTHER_HUNGRY = (
     " FROM {s}.consumers o WHERE %(queue)s = ANY(o.queues) AND o.hungry"
@@ -28,8 +29,9 @@ _OTHER_HUNGRY = (
 )
 PASS_ON = (
     "(SELECT bool_or(pg_notify(%(prefix)s || md5(t.id || '/' || %(queue)s), '') IS NULL)"
-    " FROM (SELECT o.id" + _OTHER_HUNGRY + ""
-    "  AND o.fed_at = (SELECT min(o.fed_at)" + _OTHER_HUNGRY + ") LIMIT 1) AS t)"
+    " FROM (SELECT o.id" + _OTHER_HUNGRY + " ORDER BY o.id"
+    "  OFFSET (SELECT nextval('{s}.wake_turns') %% greatest(count(*), 1)" + _OTHER_HUNGRY + ")"
+    "  LIMIT 1) AS t)"
 )
 
 
@@ -62,13 +64,15 @@ class ConsumerWrites:
         " m.task_id IS NOT NULL AND EXISTS (SELECT 1 FROM {s}.revoked r"
         "  WHERE r.task_id = m.task_id AND r.expires_at > now()) AS revoked),"
         # The consumer says whether it has room left (``hungry``: it got fewer
-        # than it asked for) and when it was last fed: publishes wake the
-        # hungry consumer fed longest ago (fragments.wake). Written only when
-        # that changes: an empty claim of a hungry consumer writes nothing.
+        # than it asked for): publishes wake hungry consumers in turn
+        # (fragments.wake). Written only when that changes, and when it was
+        # last fed at most once a second: a row written at every claim would
+        # leave a dead version per claim behind while vacuum is held back.
         " got AS (SELECT count(*) AS n FROM picked),"
         " fed AS (UPDATE {s}.consumers c SET hungry = got.n < %(limit)s,"
         "  fed_at = CASE WHEN got.n > 0 THEN now() ELSE c.fed_at END FROM got"
-        "  WHERE c.id = %(consumer)s AND (got.n > 0 OR NOT c.hungry)),"
+        "  WHERE c.id = %(consumer)s AND (c.hungry <> (got.n < %(limit)s)"
+        "  OR (got.n > 0 AND c.fed_at < now() - interval '1 second'))),"
         # A full claim may leave more behind: it passes the wake-up on to the
         # next hungry consumer of the queue.
         " passed AS (SELECT " + PASS_ON + " AS sent FROM got WHERE got.n >= %(limit)s)"

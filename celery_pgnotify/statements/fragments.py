@@ -60,15 +60,17 @@ CONSUMER_CHANNEL = "%(prefix)s || md5({id} || '/' || queue)"
 
 def wake_hungry(count: str) -> str:
     """Notify up to ``count`` consumers of ``queue`` that have room (hungry),
-    those fed longest ago first, each on its own channel; NULL when none is
-    hungry. Consumers whose heartbeat is older than ``%(fresh)s`` seconds may
-    be gone and are passed over."""
+    each on its own channel, taking turns (``wake_turns``: a sequence, which
+    no held transaction horizon bloats, where a row written at each claim
+    would be); NULL when none is hungry. Consumers whose heartbeat is older
+    than ``%(fresh)s`` seconds may be gone and are passed over."""
     return (
         "(SELECT bool_or(pg_notify(" + CONSUMER_CHANNEL.format(id="t.id") + ", '') IS NULL)"
-        " FROM (SELECT c.id, row_number() OVER (ORDER BY c.fed_at, c.id) AS nth"
-        "  FROM {s}.consumers c WHERE queue = ANY(c.queues) AND c.hungry"
-        "  AND c.heartbeat_at > now() - %(fresh)s * interval '1 second') AS t"
-        " WHERE t.nth <= " + count + ")"
+        " FROM (SELECT c.id, row_number() OVER (ORDER BY c.id) - 1 AS nth,"
+        "  count(*) OVER () AS total FROM {s}.consumers c WHERE queue = ANY(c.queues)"
+        "  AND c.hungry AND c.heartbeat_at > now() - %(fresh)s * interval '1 second') AS t,"
+        " (SELECT nextval('{s}.wake_turns') AS turn) AS v"
+        " WHERE (t.nth - v.turn %% t.total + t.total) %% t.total < " + count + ")"
     )
 
 
