@@ -24,9 +24,9 @@ A floor must never pass a message that is, or will be, ready:
   those sessions has ended, no transaction can still hold an id up to the
   mark, and the floors may rise to it.
 
-And now and then the raiser looks below the floors for a ready message (one
-made ready by a worker older than the floors, which does not lower them),
-and lowers the floor to it.
+While a worker older than the floors is registered (it does not lower them
+when it requeues), the raiser also looks below the floors now and then for
+a ready message, and lowers the floor to it.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ from celery_pgnotify.statements import Statements
 logger = logging.getLogger(__name__)
 
 
-#: Every how many rounds the raiser also looks below the floors (see
-#: ``floors_check``): a message made ready by a worker older than the floors
-#: waits at most that many rounds.
+#: Every how many rounds, while a worker older than the floors is
+#: registered, the raiser also looks below them (see ``floors_check``): a
+#: message such a worker made ready waits at most that many rounds.
 CHECK_EVERY = 15
 
 
@@ -73,9 +73,11 @@ class FloorRaiser:
             gate = conn.execute(stmts.floors_gate, {"ns": stmts.lock_namespace}).fetchone()
             if not (gate and gate[0]):
                 return  # another consumer is raising them
-            mark = conn.execute(stmts.floors_mark).fetchone()
+            row = conn.execute(stmts.floors_mark).fetchone()
+            assert row is not None  # one row, mark or no mark
+            seq, safe, older_workers = row
             conn.execute(stmts.floors_hold).fetchall()
-            if self._rounds % CHECK_EVERY == 0:
+            if older_workers and self._rounds % CHECK_EVERY == 0:
                 for queue, floor in conn.execute(stmts.floors_check).fetchall():
                     logger.warning(
                         "A ready message of queue %r was below its floor (made ready by an "
@@ -83,8 +85,8 @@ class FloorRaiser:
                         queue,
                         floor,
                     )
-            if mark is not None and mark[1]:
-                conn.execute(stmts.floors_raise, {"seq": mark[0]})
+            if seq is not None and safe:
+                conn.execute(stmts.floors_raise, {"seq": seq})
             row = conn.execute(stmts.messages_seq, {"messages": self._messages}).fetchone()
             seq = int(row[0]) if row else 0
             conn.execute(stmts.floors_write_mark, {"seq": seq, "messages": self._messages})

@@ -188,12 +188,29 @@ def test_a_message_made_ready_below_the_floor_by_an_older_worker_is_found(
             assert wait_for(
                 lambda: (drain_for(other, 0.2), floor_of(db, schema, queue.name))[1] > held_id
             )
-            # The requeue of a worker older than the floors: no floor lowered.
+            # A worker older than the floors registers as it did (no floors
+            # column: false), and requeues as it did: no floor lowered.
+            row = db.execute(
+                f'INSERT INTO "{schema}".consumers (hostname, pid, queues)'
+                " VALUES ('older', 1, ARRAY[%s]) RETURNING id",
+                (queue.name,),
+            ).fetchone()
+            assert row is not None
+            older = row[0]
             db.execute(
                 f'UPDATE "{schema}".messages SET consumer_id = NULL, leased_at = NULL,'
                 " redelivered = true WHERE id = %s",
                 (held_id,),
             )
             db.execute(f'NOTIFY "{statements(schema).channel(queue.name)}"')
-            drain_until(other, received, 11, timeout=30)  # found below the floor
+
+            def found() -> bool:  # the older worker stays alive meanwhile
+                db.execute(
+                    f'UPDATE "{schema}".consumers SET heartbeat_at = now() WHERE id = %s',
+                    (older,),
+                )
+                drain_for(other, 0.2)
+                return len(received) == 11
+
+            assert wait_for(found, timeout=30), "never found below the floor"
     assert received[-1][0] == "held"

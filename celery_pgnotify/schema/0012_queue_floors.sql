@@ -19,3 +19,6 @@ CREATE TABLE {s}.floor_mark (
 -- sequence, which no held transaction horizon bloats (a claim used to write
 -- its consumer's row each time it was fed).
 CREATE SEQUENCE {s}.wake_turns;
+-- Whether the consumer lowers floors when it requeues (this version on):
+-- while one that does not is registered, the raiser looks below the floors.
+ALTER TABLE {s}.consumers ADD COLUMN floors boolean NOT NULL DEFAULT false;

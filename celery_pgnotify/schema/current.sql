@@ -50,7 +50,10 @@ CREATE TABLE {s}.consumers (
     -- its claims since it started: a count per latency bucket
     -- (metrics.CLAIM_BUCKETS) and their total time, reported with heartbeats
     claims          bigint[],
-    claim_seconds   double precision
+    claim_seconds   double precision,
+    -- it lowers floors when it requeues (see floors.py); false for workers
+    -- older than schema version 12
+    floors          boolean NOT NULL DEFAULT false
 );
 CREATE TABLE {s}.messages (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

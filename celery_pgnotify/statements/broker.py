@@ -223,8 +223,8 @@ class ConsumerStatements:
     """The life of a consumer: registration, heartbeat, leases, reaping."""
 
     register_consumer: str = (
-        "INSERT INTO {s}.consumers (hostname, pid, queues)"
-        " VALUES (%(hostname)s, %(pid)s, %(queues)s) RETURNING id"
+        "INSERT INTO {s}.consumers (hostname, pid, queues, floors)"
+        " VALUES (%(hostname)s, %(pid)s, %(queues)s, true) RETURNING id"
     )
     # No row: the consumer was declared dead (reaped) and must not go on as
     # if nothing happened (see Listener._declared_dead).
@@ -261,9 +261,10 @@ class ConsumerStatements:
     # A consumer declared dead comes back under its own id, with nothing
     # leased: whatever it claimed after it was reaped goes back.
     reregister_consumer: str = (
-        "WITH me AS (INSERT INTO {s}.consumers (id, hostname, pid, queues)"
-        " VALUES (%(id)s, %(hostname)s, %(pid)s, %(queues)s)"
-        " ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), queues = EXCLUDED.queues),"
+        "WITH me AS (INSERT INTO {s}.consumers (id, hostname, pid, queues, floors)"
+        " VALUES (%(id)s, %(hostname)s, %(pid)s, %(queues)s, true)"
+        " ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), queues = EXCLUDED.queues,"
+        " floors = true),"
         " back AS (UPDATE {s}.messages SET consumer_id = NULL, leased_at = NULL,"
         " redelivered = true WHERE consumer_id = %(id)s RETURNING queue, id),"
         + lower_floors("back")
@@ -339,21 +340,23 @@ class ConsumerStatements:
         " SELECT queue, " + NOTIFY + " FROM (SELECT DISTINCT queue FROM back) AS q"
     )
     # Leases of consumers that no longer exist (a row deleted by hand). The
-    # consumer ids holding leases are found by a skip scan of the leased
-    # index (one probe per distinct id), so the search costs the same with
-    # 10 or 10 million messages leased.
+    # consumer ids holding leases are looked for between the ids of the
+    # consumers that exist (one probe of the leased index per gap, its
+    # bounds strict): the entries of live consumers, however many, are never
+    # walked, including those of the rows they acked that vacuum is held
+    # from removing. One orphaned consumer id per gap per search.
     reap_orphans: str = (
-        "WITH RECURSIVE holders(id) AS ("
-        " (SELECT consumer_id FROM {s}.messages WHERE consumer_id IS NOT NULL"
-        "  ORDER BY consumer_id LIMIT 1)"
-        " UNION ALL SELECT (SELECT m.consumer_id FROM {s}.messages m"
-        "  WHERE m.consumer_id > holders.id ORDER BY m.consumer_id LIMIT 1)"
-        " FROM holders WHERE holders.id IS NOT NULL),"
+        "WITH known AS (SELECT id, lead(id) OVER (ORDER BY id) AS next FROM"
+        " (SELECT 0 AS id UNION ALL SELECT id FROM {s}.consumers) AS k),"
+        " holders AS (SELECT h.id FROM known CROSS JOIN LATERAL"
+        " (SELECT m.consumer_id AS id FROM {s}.messages m WHERE m.consumer_id > known.id"
+        "  AND (known.next IS NULL OR m.consumer_id < known.next)"
+        "  ORDER BY m.consumer_id LIMIT 1) AS h),"
         " orphans AS ("
         " UPDATE {s}.messages m SET consumer_id = NULL, leased_at = NULL, redelivered = true"
         " WHERE (SELECT pg_try_advisory_xact_lock(%(ns)s, -2))"
-        "  AND m.consumer_id IN (SELECT h.id FROM holders h WHERE h.id IS NOT NULL"
-        "   AND NOT EXISTS (SELECT 1 FROM {s}.consumers c WHERE c.id = h.id))"
+        "  AND m.consumer_id IN (SELECT h.id FROM holders h"
+        "   WHERE NOT EXISTS (SELECT 1 FROM {s}.consumers c WHERE c.id = h.id))"
         "  AND m.leased_at < now() - %(lease_timeout)s * interval '1 second'"
         " RETURNING m.queue, m.id)," + lower_floors("orphans") + ","
         " counted AS ("

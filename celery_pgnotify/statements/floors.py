@@ -40,10 +40,12 @@ class FloorStatements:
     floors_gate: str = "SELECT pg_try_advisory_xact_lock(%(ns)s, -3)"
     # The last mark, and whether every session writing ``messages`` then has
     # ended since: then no transaction still running holds an id up to it.
+    # And whether a consumer that does not lower floors is registered.
     floors_mark: str = (
         "SELECT m.seq, NOT EXISTS (SELECT 1 FROM pg_locks l"
-        "  WHERE l.virtualtransaction = ANY(m.writers))"
-        " FROM {s}.floor_mark m WHERE m.id = 1"
+        "  WHERE l.virtualtransaction = ANY(m.writers)),"
+        " EXISTS (SELECT 1 FROM {s}.consumers c WHERE NOT c.floors)"
+        " FROM (SELECT 1) AS one LEFT JOIN {s}.floor_mark m ON m.id = 1"
     )
     # Held until COMMIT: a requeue lowering a floor meanwhile waits for the
     # raise, then lowers its result; one that lowered first is seen by it.
@@ -53,9 +55,10 @@ class FloorStatements:
         " coalesce((" + _LOWEST_READY + "), %(seq)s + 1))"
         " WHERE f.floor <= %(seq)s"
     )
-    # The safety net, now and then: a ready message below its floor (made
-    # ready by a worker older than the floors, which does not lower them)
-    # lowers it. Reads below the floors, so it is the one costly statement.
+    # While a worker older than the floors is registered, now and then: a
+    # ready message below its floor (made ready by such a worker, which does
+    # not lower floors) lowers it. It reads below the floors, row by row: the
+    # one statement whose cost grows while vacuum is held back.
     floors_check: str = (
         "UPDATE {s}.queue_floors f SET floor = below.id FROM (SELECT g.queue,"
         " (SELECT min(m.id) FROM {s}.messages m WHERE m.queue = g.queue"
