@@ -53,8 +53,11 @@ class ConsumerWrites:
         " WHERE queue = %(queue)s AND consumer_id IS NULL AND " + ABOVE_FLOOR + ""
         "  AND (expires_at IS NULL OR expires_at > now()) AND {nf} AND " + NOT_PAUSED + ""
         " ORDER BY rank DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED),"
+        # The picked rows by their ids, through the primary key: as a join,
+        # a planner whose statistics see a handful of live rows may read the
+        # whole table instead, every row vacuum has yet to remove included.
         " leased AS (UPDATE {s}.messages m SET consumer_id = %(consumer)s, leased_at = now()"
-        " FROM picked WHERE m.id = picked.id"
+        " WHERE m.id = ANY(ARRAY(SELECT id FROM picked))"
         # A message over max_message_size is not sent over the wire: it is
         # dead-lettered by id.
         " RETURNING m.id, m.rank,"
@@ -80,11 +83,11 @@ class ConsumerWrites:
     )
     # no_ack consumers (Celery's pidbox) take messages for good, in one go.
     take_no_ack: str = (
-        "DELETE FROM {s}.messages WHERE id IN ("
+        "DELETE FROM {s}.messages WHERE id = ANY(ARRAY("
         " SELECT id FROM {s}.messages"
         " WHERE queue = %(queue)s AND consumer_id IS NULL AND " + ABOVE_FLOOR + ""
         "  AND (expires_at IS NULL OR expires_at > now()) AND {nf} AND " + NOT_PAUSED + ""
-        " ORDER BY rank DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+        " ORDER BY rank DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED))"
         " RETURNING id, rank, payload, redelivered, octet_length(payload), false"
     )
     ack: str = "DELETE FROM {s}.messages WHERE id = %(id)s AND {nf}"
