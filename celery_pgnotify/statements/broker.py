@@ -303,7 +303,10 @@ class ConsumerStatements:
     # its session lock is gone and it missed its heartbeats for lock_grace.
     # The lock is probed by trying to take it for this transaction (free
     # means its session is gone), for the few consumers late enough to be
-    # suspects only: no scan of pg_locks. One reaper at a time (``gate``, a
+    # suspects only: no scan of pg_locks. Messages are found by arrays of
+    # ids, through the indexes: a join planned from statistics that see a
+    # few live rows may read a whole index, or the table, instead, rows
+    # vacuum is held from removing included. One reaper at a time (``gate``, a
     # transaction lock): the others skip their turn instead of waiting. The
     # dead consumers' messages are found through messages_leased, so the
     # cost follows the number of dead consumers, not of leased messages.
@@ -317,7 +320,7 @@ class ConsumerStatements:
         " RETURNING c.id),"
         " back AS ("
         " UPDATE {s}.messages m SET consumer_id = NULL, leased_at = NULL, redelivered = true"
-        " WHERE m.consumer_id IN (SELECT id FROM dead) RETURNING m.queue, m.id),"
+        " WHERE m.consumer_id = ANY(ARRAY(SELECT id FROM dead)) RETURNING m.queue, m.id),"
         + lower_floors("back")
         + ","
         " expired AS ("
@@ -338,8 +341,8 @@ class ConsumerStatements:
         " RETURNING q.name),"
         " stale_bindings AS (DELETE FROM {s}.bindings WHERE queue IN"
         "  (SELECT name FROM stale_queues)),"
-        " stale_messages AS (DELETE FROM {s}.messages WHERE queue IN"
-        "  (SELECT name FROM stale_queues))"
+        " stale_messages AS (DELETE FROM {s}.messages"
+        "  WHERE EXISTS (SELECT 1 FROM stale_queues) AND queue IN (SELECT name FROM stale_queues))"
         " SELECT queue, " + NOTIFY + " FROM (SELECT DISTINCT queue FROM back) AS q"
     )
     # Leases of consumers that no longer exist (a row deleted by hand). The
@@ -358,8 +361,8 @@ class ConsumerStatements:
         " orphans AS ("
         " UPDATE {s}.messages m SET consumer_id = NULL, leased_at = NULL, redelivered = true"
         " WHERE (SELECT pg_try_advisory_xact_lock(%(ns)s, -2))"
-        "  AND m.consumer_id IN (SELECT h.id FROM holders h"
-        "   WHERE NOT EXISTS (SELECT 1 FROM {s}.consumers c WHERE c.id = h.id))"
+        "  AND m.consumer_id = ANY(ARRAY(SELECT h.id FROM holders h"
+        "   WHERE NOT EXISTS (SELECT 1 FROM {s}.consumers c WHERE c.id = h.id)))"
         "  AND m.leased_at < now() - %(lease_timeout)s * interval '1 second'"
         " RETURNING m.queue, m.id)," + lower_floors("orphans") + ","
         " counted AS ("
