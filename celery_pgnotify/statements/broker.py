@@ -356,7 +356,7 @@ class ConsumerStatements:
         " (SELECT 0 AS id UNION ALL SELECT id FROM {s}.consumers) AS k),"
         " holders AS (SELECT h.id FROM known CROSS JOIN LATERAL"
         " (SELECT m.consumer_id AS id FROM {s}.messages m WHERE m.consumer_id > known.id"
-        "  AND (known.next IS NULL OR m.consumer_id < known.next)"
+        "  AND m.consumer_id < coalesce(known.next, 2147483647)"
         "  ORDER BY m.consumer_id LIMIT 1) AS h),"
         " orphans AS ("
         " UPDATE {s}.messages m SET consumer_id = NULL, leased_at = NULL, redelivered = true"
