@@ -562,3 +562,18 @@ def _scans(db: Any, schema: str) -> int:
         (schema,),
     ).fetchone()
     return int(row[0])
+
+
+def test_a_claiming_session_compiles_none_of_its_statements(connection, schema):
+    # Claiming sessions run with sorting off; a statement whose plan still
+    # sorts (a requeue orders its queues) is priced out of all reason, and
+    # was JIT-compiled at each run (about 1.8 s) until JIT was turned off too.
+    from celery_pgnotify.statements import statements
+
+    assert connection.default_channel is not None
+    conn = connection.transport.claim_conn()
+    stmts = statements(schema)
+    params = {"ids": [1], "consumer": 1, "prefix": stmts.channel_prefix}
+    plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + stmts.writes(True).requeue, params))
+    assert "Sort" in plan  # the case in point: a sort, disabled
+    assert "JIT" not in plan
