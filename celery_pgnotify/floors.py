@@ -68,11 +68,13 @@ class FloorRaiser:
     def _round(self, conn: psycopg.Connection[Any]) -> None:
         stmts = self._stmts
         self._rounds += 1
-        conn.execute(stmts.floors_seed)
         with conn.transaction():
             gate = conn.execute(stmts.floors_gate, {"ns": stmts.lock_namespace}).fetchone()
             if not (gate and gate[0]):
                 return  # another consumer is raising them
+            # New floors rows, held by this transaction until it ends: a
+            # requeue inserting the same row waits, then lowers it.
+            conn.execute(stmts.floors_seed)
             row = conn.execute(stmts.floors_mark).fetchone()
             assert row is not None  # one row, mark or no mark
             seq, safe, older_workers = row
