@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 import uuid
@@ -137,6 +138,8 @@ class Compat:
             self.app.conf.result_backend_transport_options = backend.options
         self.queues = [f"{self.prefix}-default", f"{self.prefix}-other"]
         self.kind = worker_kind
+        #: this scenario's worker, as remote control names it
+        self.node = f"{self.prefix}@{socket.gethostname()}"
         self.extra_processes: list[WorkerProcess] = []
         self.worker = self._start(worker_kind)
 

@@ -27,7 +27,7 @@ def start(e2e: E2E, kind: str, **kwargs: Any) -> Any:
 def test_inspect_scheduled_lists_what_the_broker_holds(e2e: E2E, kind: str) -> None:
     start(e2e, kind)
     later = e2e.send("record", "listed", countdown=600)
-    replies = e2e.app.control.inspect(timeout=5).scheduled()
+    replies = e2e.app.control.inspect(timeout=5, limit=1).scheduled()
     entries = [entry for per_worker in replies.values() for entry in per_worker]
     assert [e["request"]["id"] for e in entries] == [later.id]
     assert entries[0]["request"]["name"] == "tests.e2e_app.record"
@@ -74,7 +74,9 @@ def test_remote_control_pauses_and_resumes_a_queue(
     schema = e2e.options["schema"]
     start(e2e, kind)
     control = e2e.app.control
-    replies = control.broadcast("pause_queue", arguments={"queue": "celery"}, reply=True, timeout=5)
+    replies = control.broadcast(
+        "pause_queue", arguments={"queue": "celery"}, reply=True, timeout=5, limit=1
+    )
     assert [next(iter(r.values())) for r in replies] == [{"ok": "queue 'celery' paused"}]
     paused = e2e.send("record", "while-paused")
     time.sleep(2)
@@ -82,11 +84,11 @@ def test_remote_control_pauses_and_resumes_a_queue(
     row = db.execute(f'SELECT count(*) FROM "{schema}".messages WHERE task_id = %s', (paused.id,))
     assert row.fetchone() == (1,)
     replies = control.broadcast(
-        "resume_queue", arguments={"queue": "celery"}, reply=True, timeout=5
+        "resume_queue", arguments={"queue": "celery"}, reply=True, timeout=5, limit=1
     )
     assert [next(iter(r.values())) for r in replies] == [{"ok": "queue 'celery' resumed"}]
     assert e2e.wait_events("while-paused", ["run"]) == ["run"]
-    replies = control.broadcast("pause_queue", arguments={}, reply=True, timeout=5)
+    replies = control.broadcast("pause_queue", arguments={}, reply=True, timeout=5, limit=1)
     assert "error" in next(iter(replies[0].values()))
 
 
