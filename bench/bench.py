@@ -18,6 +18,9 @@ Measured for each broker:
   drain      tasks per second a freshly started worker executes from that backlog
   e2e        tasks per second when publishing into an idle running worker
   p50 / p99  latency from ``.delay()`` to the task starting, one task at a time
+  cpu        during e2e, milliseconds of CPU per task spent by the producer,
+             the worker's processes and the broker's server (``cpu.py``): with
+             every core busy, e2e/s is the cores divided by their sum
 
 and, for the result backends (pgnotify and Redis, on the same broker and worker):
   get p50 / p99  round trip of ``.delay(x).get()``, one task at a time
@@ -38,6 +41,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
+import cpu
 
 OURS_PG_WORKER = "pgnotify + celery-pg worker"
 #: the same with the ``durable_publish`` transport option off (see README, Durability)
@@ -259,9 +264,10 @@ def measure(
         first, last = wait_status(workdir, n, args.timeout)
         drain = n / max(last - first, 1e-9)
         started_wall = time.time()
-        for _ in range(n):
-            noop.delay()
-        _, last = wait_status(workdir, 2 * n, args.timeout)
+        with cpu.CpuSplit(worker.proc.pid, server_command(broker)) as split:
+            for _ in range(n):
+                noop.delay()
+            _, last = wait_status(workdir, 2 * n, args.timeout)
         e2e = n / max(last - started_wall, 1e-9)
         lat = latencies(
             noop, workdir, min(args.latency_samples, broker.latency_samples or args.latency_samples)
@@ -276,7 +282,22 @@ def measure(
         "p50": percentile(lat, 50),
         "p99": percentile(lat, 99),
         "tasks": n,
+        **{f"cpu_{part}": ms for part, ms in split.per_task(n).items()},
     }
+
+
+def server_command(broker: Broker) -> str:
+    """The command name of the broker's server processes (see cpu.py)."""
+    scheme = broker.url.split(":", 1)[0]
+    for prefix, command in (
+        ("pgnotify", "postgres"),
+        ("sqla+postgresql", "postgres"),
+        ("redis", "redis-server"),
+        ("amqp", "beam.smp"),
+    ):
+        if scheme.startswith(prefix):
+            return command
+    return ""
 
 
 def result_roundtrips(broker: Broker, backend: str, samples: int) -> dict[str, float]:
@@ -410,17 +431,25 @@ def backends(args: argparse.Namespace) -> None:
         print(f"  pgnotify vs redis: get p50 {ratio:.2f}x (lower is better)")
 
 
+def cpu_cells(row: dict[str, float]) -> str:
+    if "cpu_producer" not in row:
+        return "(no /proc here)"
+    parts = ("producer", "worker", "broker")
+    total = sum(row[f"cpu_{p}"] for p in parts)
+    return " ".join(f"{row[f'cpu_{p}']:.3f}" for p in parts) + f" = {total:.3f}"
+
+
 def report(rows: dict[str, dict[str, float]]) -> None:
     header = (
         f"{'broker / worker':<34} {'tasks':>6} {'publish/s':>10} {'drain/s':>9} "
-        f"{'e2e/s':>8} {'p50 ms':>7} {'p99 ms':>7}"
+        f"{'e2e/s':>8} {'p50 ms':>7} {'p99 ms':>7}   cpu ms/task: producer worker broker"
     )
     print("\n" + header)
     print("-" * len(header))
     for name, r in rows.items():
         print(
             f"{name:<34} {int(r['tasks']):>6} {r['publish']:>10.0f} {r['drain']:>9.0f} "
-            f"{r['e2e']:>8.0f} {r['p50']:>7.2f} {r['p99']:>7.2f}"
+            f"{r['e2e']:>8.0f} {r['p50']:>7.2f} {r['p99']:>7.2f}   {cpu_cells(r)}"
         )
     for ours in OURS:
         mine = rows.get(ours)
