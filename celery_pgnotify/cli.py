@@ -134,6 +134,10 @@ def migrate(app_path: str | None, url: str | None, schema: str | None) -> None:
         click.echo(f"schema {schema_name}: up to date at version {version}")
 
 
+#: the counts ``celery-pg status`` may show estimated
+ESTIMABLE = ("ready", "leased", "dead_letters", "scheduled")
+
+
 @main.command()
 @_connected
 @_json_option
@@ -142,8 +146,13 @@ def status(conn: Any, stmts: Any, as_json: bool) -> None:
     from celery_pgnotify import ops
 
     data = ops.status(conn, stmts)
+    # "~": estimated from a sample of the table (a queue over metrics.CAP)
+    shown = [
+        {k: f"~{v}" if q["estimated"] and k in ESTIMABLE else v for k, v in q.items()}
+        for q in data["queues"]
+    ]
     text = _table(
-        data["queues"],
+        shown,
         [
             "queue",
             "ready",

@@ -76,14 +76,14 @@ class Snapshot:
     counters: dict[str, int] = field(default_factory=dict)
 
 
-def snapshot(
+def queue_figures(
     conn: psycopg.Connection[Any],
     stmts: Statements,
     cap: int = CAP,
     sample_pages: int = SAMPLE_PAGES,
-) -> Snapshot:
-    """Read every figure the metrics show (a handful of bounded statements)."""
-    out = Snapshot()
+) -> list[Queue]:
+    """Every queue's counts, exact up to ``cap`` and estimated beyond, by name
+    (``celery-pg status`` shows the same)."""
     queues: dict[str, Queue] = {}
     for name, ready, scheduled, dead, oldest, paused in conn.execute(
         stmts.metrics_queues, {"cap": cap}
@@ -100,7 +100,18 @@ def snapshot(
     for table, needed in over.items():
         if needed:
             _estimate(conn, stmts, table, queues, cap, sample_pages)
-    out.queues = sorted(queues.values(), key=lambda q: q.name)
+    return sorted(queues.values(), key=lambda q: q.name)
+
+
+def snapshot(
+    conn: psycopg.Connection[Any],
+    stmts: Statements,
+    cap: int = CAP,
+    sample_pages: int = SAMPLE_PAGES,
+) -> Snapshot:
+    """Read every figure the metrics show (a handful of bounded statements)."""
+    out = Snapshot()
+    out.queues = queue_figures(conn, stmts, cap, sample_pages)
     out.consumers = [
         {
             "id": cid,

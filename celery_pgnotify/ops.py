@@ -19,27 +19,35 @@ from celery_pgnotify.statements import Statements
 
 def status(conn: psycopg.Connection[Any], stmts: Statements) -> dict[str, Any]:
     """Queues (ready, leased, delayed, oldest age, dead letters, scheduled in the
-    database and when the next is due) and consumers."""
+    database and when the next is due) and consumers.
+
+    The counts are the metrics' (:func:`metrics.queue_figures`): exact up to
+    ``metrics.CAP`` per queue, estimated beyond (``estimated``), so that a
+    backlog of millions costs this no more than a scrape."""
+    from celery_pgnotify.metrics import queue_figures
+
+    figures = queue_figures(conn, stmts)
     delayed: dict[str, int] = {}
     now = time.time()
     for queue, eta in conn.execute(stmts.status_etas).fetchall():
         if eta and _timestamp(eta) > now:
             delayed[queue] = delayed.get(queue, 0) + 1
+    names = [q.name for q in figures]
+    next_due = dict(conn.execute(stmts.status_next_due, {"queues": names}).fetchall())
     queues = [
         {
-            "queue": name,
-            "ready": ready,
-            "leased": leased,
-            "delayed": delayed.get(name, 0),
-            "oldest_ready_s": round(float(age), 1) if age is not None else None,
-            "dead_letters": dead,
-            "scheduled": scheduled,
-            "next_due_s": round(float(due), 1) if due is not None else None,
-            "paused": paused,
+            "queue": q.name,
+            "ready": q.ready,
+            "leased": q.leased,
+            "delayed": delayed.get(q.name, 0),
+            "oldest_ready_s": None if q.oldest_ready_s is None else round(q.oldest_ready_s, 1),
+            "dead_letters": q.dead_letters,
+            "scheduled": q.scheduled,
+            "next_due_s": None if next_due.get(q.name) is None else round(next_due[q.name], 1),
+            "paused": q.paused,
+            "estimated": q.estimated,
         }
-        for name, ready, leased, age, dead, scheduled, due, paused in conn.execute(
-            stmts.status_queues
-        ).fetchall()
+        for q in figures
     ]
     consumers = [
         {

@@ -419,23 +419,11 @@ class OperationStatements:
         " SELECT count(*) FROM d"
     )
     # -- operations --
-    status_queues: str = (
-        "WITH names AS (SELECT name FROM {s}.queues"
-        " UNION SELECT DISTINCT queue FROM {s}.messages"
-        " UNION SELECT DISTINCT queue FROM {s}.dead_letters"
-        " UNION SELECT DISTINCT queue FROM {s}.scheduled"
-        " UNION SELECT name FROM {s}.paused_queues)"
-        " SELECT n.name,"
-        " count(m.id) FILTER (WHERE m.consumer_id IS NULL),"
-        " count(m.id) FILTER (WHERE m.consumer_id IS NOT NULL),"
-        " extract(epoch FROM now() - min(m.created_at) FILTER (WHERE m.consumer_id IS NULL)),"
-        " (SELECT count(*) FROM {s}.dead_letters d WHERE d.queue = n.name),"
-        " (SELECT count(*) FROM {s}.scheduled t WHERE t.queue = n.name),"
-        " (SELECT extract(epoch FROM min(t.due_at) - now()) FROM {s}.scheduled t"
-        "  WHERE t.queue = n.name),"
-        " EXISTS (SELECT 1 FROM {s}.paused_queues p WHERE p.name = n.name)"
-        " FROM names n LEFT JOIN {s}.messages m ON m.queue = n.name"
-        " GROUP BY n.name ORDER BY n.name"
+    # When each queue's first scheduled task is due (one index probe per queue).
+    status_next_due: str = (
+        "SELECT w.name, extract(epoch FROM d.due_at - now())::float8"
+        " FROM unnest(%(queues)s::text[]) AS w(name) CROSS JOIN LATERAL"
+        " (SELECT due_at FROM {s}.scheduled WHERE queue = w.name ORDER BY due_at LIMIT 1) AS d"
     )
     # ETAs of leased messages (held by workers until due), read without
     # parsing the JSON, so that no payload can make this query fail.

@@ -1,0 +1,51 @@
+"""``celery-pg status``: its counts cost no more than a metrics scrape."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+import psycopg
+from kombu import Connection, Producer, Queue
+
+from celery_pgnotify import metrics, ops
+from celery_pgnotify.statements import statements
+from tests.workers import ROOT
+
+
+def test_a_queue_over_the_cap_is_estimated_and_a_small_one_counted(
+    connection: Connection, db: psycopg.Connection[Any], schema: str, broker_url: str
+) -> None:
+    small, big = Queue(f"s{uuid.uuid4().hex[:8]}"), Queue(f"b{uuid.uuid4().hex[:8]}")
+    producer = Producer(connection.default_channel)
+    for name in (small.name, big.name):
+        producer.publish({"n": 1}, routing_key=name, declare=[small, big])
+    producer.publish({"n": 2}, routing_key=small.name)
+    # The backlog over the cap is stored as the transport stores a publish
+    # (status reads counts, never payloads).
+    over = metrics.CAP + 500
+    db.execute(
+        f'INSERT INTO "{schema}".messages (queue, rank, payload)'
+        " SELECT %s, 0, '{}' FROM generate_series(2, %s)",
+        (big.name, over),
+    )
+    got = {q["queue"]: q for q in ops.status(db, statements(schema))["queues"]}
+    assert (got[small.name]["ready"], got[small.name]["estimated"]) == (2, False)
+    assert got[big.name]["estimated"] is True
+    # Every page of a table this small is sampled: the estimate is close.
+    assert 0.9 * over <= got[big.name]["ready"] <= 1.1 * over, got[big.name]
+
+    def cli(*extra: str) -> str:
+        argv = [sys.executable, "-m", "celery_pgnotify.cli", "status", *extra]
+        argv += ["--url", broker_url, "--schema", schema]
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    (line,) = [row for row in cli().splitlines() if row.startswith(big.name)]
+    assert f"~{got[big.name]['ready']}" in line
+    (listed,) = [q for q in json.loads(cli("--json"))["queues"] if q["queue"] == big.name]
+    assert listed["estimated"] is True and isinstance(listed["ready"], int)
