@@ -1,8 +1,9 @@
-"""``celery-pg status``: its counts cost no more than a metrics scrape."""
+"""``celery-pg status`` and the dashboard's sampler: what they read, what they log."""
 
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import uuid
@@ -12,6 +13,7 @@ import psycopg
 from kombu import Connection, Producer, Queue
 
 from celery_pgnotify import metrics, ops
+from celery_pgnotify.migrations import migrate
 from celery_pgnotify.statements import statements
 from tests.workers import ROOT
 
@@ -49,3 +51,28 @@ def test_a_queue_over_the_cap_is_estimated_and_a_small_one_counted(
     assert f"~{got[big.name]['ready']}" in line
     (listed,) = [q for q in json.loads(cli("--json"))["queues"] if q["queue"] == big.name]
     assert listed["estimated"] is True and isinstance(listed["ready"], int)
+
+
+def test_the_dashboard_says_once_that_it_cannot_read_and_once_that_it_reads_again(
+    pg_dsn: str, schema: str, caplog: Any
+) -> None:
+    from celery_pgnotify.dashboard import Dashboard
+
+    board = Dashboard(pg_dsn, schema, interval=3600)  # sampled by hand below
+    try:
+        with caplog.at_level(logging.DEBUG, logger="celery_pgnotify.dashboard"):
+            for _ in range(3):  # no schema yet: every read fails the same way
+                board.sample()
+            failed = [r for r in caplog.records if "failed" in r.getMessage()]
+            assert [r.levelno for r in failed] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+            with psycopg.connect(pg_dsn, autocommit=True) as conn:
+                migrate(conn, schema)
+            board.sample()
+            board.sample()
+        again = [r for r in caplog.records if r.getMessage().endswith("again")]
+        assert len(again) == 1 and again[0].levelno == logging.WARNING
+        assert "queues" in board.state()
+    finally:
+        board.stop()
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

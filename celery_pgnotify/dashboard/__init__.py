@@ -59,6 +59,8 @@ class Dashboard:
         self._lock = threading.Lock()  # the connection, one statement at a time
         self._history: deque[tuple[float, dict[str, int]]] = deque(maxlen=HISTORY)
         self._state: dict[str, Any] = {"error": "starting"}
+        #: the last read's error, logged once (not every interval) until a read works
+        self._failing: str | None = None
         self._stop = threading.Event()
         self._resample = threading.Event()
         self._thread: threading.Thread | None = None
@@ -114,9 +116,15 @@ class Dashboard:
                 )
             )
         except psycopg.Error as exc:
-            logger.warning("Dashboard: reading schema %r failed: %s", self._stmts.schema, exc)
-            self._state = {"error": f"cannot read the database: {exc}".strip()}
+            error = f"cannot read the database: {exc}".strip()
+            log = logger.debug if error == self._failing else logger.warning
+            log("Dashboard: reading schema %r failed: %s", self._stmts.schema, exc)
+            self._failing = error
+            self._state = {"error": error}
             return
+        if self._failing is not None:
+            logger.warning("Dashboard: reading schema %r again", self._stmts.schema)
+            self._failing = None
         now = time.time()
         self._history.append((now, {q.name: q.ready for q in snap.queues}))
         self._state = {
