@@ -303,3 +303,37 @@ def test_leases_of_a_consumer_deleted_by_hand_come_back(make_connection, db, sch
             drain_until(conn, received, 2, timeout=6)
     assert sorted(b for b, _ in received) == ["a", "b"]
     assert all(m.delivery_info["redelivered"] for _, m in received)
+
+
+def test_a_consumer_reaped_while_it_lived_takes_nothing_until_it_comes_back(
+    make_connection, db, schema
+):
+    """Reaped behind a partition or a freeze, a consumer may claim before its
+    heartbeat tells it so. It must take nothing under its dead id: whatever
+    it took, its coming back would give to another consumer too."""
+    queue = Queue("reaped", Exchange("reaped"), routing_key="reaped")
+    # With its row gone no publish notifies it: its fallback re-read claims.
+    conn = make_connection(heartbeat_interval=2, lease_timeout=10, polling_interval=0.1)
+    received: list[Any] = []
+    with conn, Consumer(conn, [queue], callbacks=[collect(received)]):
+        with pytest.raises(socket.timeout):
+            conn.drain_events(timeout=0.2)  # registered, listening
+        consumers = f'"{schema}".consumers'
+        (cid, beat) = db.execute(f"SELECT id, heartbeat_at FROM {consumers}").fetchone()
+        deadline = time.monotonic() + 5
+        while db.execute(f"SELECT heartbeat_at FROM {consumers}").fetchone()[0] == beat:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)  # a heartbeat just went: the next is 2 s away
+        db.execute(f"DELETE FROM {consumers} WHERE id = %s", (cid,))  # as a reaper does
+        publish(conn, queue, "a")
+        with pytest.raises(socket.timeout):
+            conn.drain_events(timeout=0.6)
+        assert received == []
+        row = db.execute(f'SELECT consumer_id FROM "{schema}".messages').fetchone()
+        assert row == (None,)  # still ready: taken by nobody
+    # The listener finds out at its next heartbeat; the consumer comes back
+    # as a new one and the message is delivered once.
+    conn2 = make_connection(heartbeat_interval=2, lease_timeout=10)
+    with conn2, Consumer(conn2, [queue], callbacks=[collect(received)]):
+        drain_until(conn2, received, 1, timeout=10)
+    assert [body for body, _ in received] == ["a"]

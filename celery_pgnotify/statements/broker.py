@@ -52,6 +52,10 @@ class ConsumerWrites:
         " SELECT id FROM {s}.messages"
         " WHERE queue = %(queue)s AND consumer_id IS NULL AND " + ABOVE_FLOOR + ""
         "  AND (expires_at IS NULL OR expires_at > now()) AND {nf} AND " + NOT_PAUSED + ""
+        # A consumer reaped while it lived (behind a partition, frozen) takes
+        # nothing until it has learnt so and come back: under its dead id,
+        # what it took would also be given to another consumer once it does.
+        "  AND EXISTS (SELECT 1 FROM {s}.consumers me WHERE me.id = %(consumer)s)"
         " ORDER BY rank DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED),"
         # The picked rows by their ids, through the primary key: as a join,
         # a planner whose statistics see a handful of live rows may read the
