@@ -88,12 +88,14 @@ def _sent_by_celery(headers: Any) -> bool:
 def current_connection(headers: Any = None) -> psycopg.Connection[Any] | None:
     """The connection a message with ``headers`` is published through in
     this context, if any (see the module docstring for which join)."""
-    if _sent_by_celery(headers):
-        return None
     conn = _connection.get()
     if conn is None:
         for provider in _providers:
             conn = provider()
             if conn is not None:
                 break
+    # Asked only when there is a connection to join: most publishes have
+    # none, and looking at the running task costs every publish.
+    if conn is None or _sent_by_celery(headers):
+        return None
     return conn
