@@ -34,7 +34,7 @@ from tests.workers import (
     worker_env,
 )
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
 TASK = "tests.e2e_app.mark"
 
