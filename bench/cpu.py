@@ -23,10 +23,6 @@ from typing import Any
 
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
-#: the command name (``/proc/PID/comm``) of each reference broker's server
-BROKER_COMMANDS = {"pgnotify": "postgres", "redis": "redis-server", "rabbitmq": "beam.smp"}
-
-
 def available() -> bool:
     return os.path.exists("/proc/self/stat")
 
