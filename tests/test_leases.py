@@ -331,8 +331,7 @@ def test_a_consumer_reaped_while_it_lived_takes_nothing_until_it_comes_back(
         assert received == []
         row = db.execute(f'SELECT consumer_id FROM "{schema}".messages').fetchone()
         assert row == (None,)  # still ready: taken by nobody
-    # The listener finds out at its next heartbeat; the consumer comes back
-    # as a new one and the message is delivered once.
+    # Closed without having taken it: another consumer gets it, once.
     conn2 = make_connection(heartbeat_interval=2, lease_timeout=10)
     with conn2, Consumer(conn2, [queue], callbacks=[collect(received)]):
         drain_until(conn2, received, 1, timeout=10)
