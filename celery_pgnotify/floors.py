@@ -12,7 +12,7 @@ A floor must never pass a message that is, or will be, ready:
 - A requeue (a reject, a closed consumer's unacked messages, the reaper's
   releases) lowers the floor of its queue in its own statement
   (``fragments.lower_floors``).
-- The raiser (one consumer at a time, after each of its reaps) holds the
+- The raiser (one consumer at a time, after its reaps) holds the
   floor rows while it reads the lowest ready id of each queue: a requeue
   that lowered a floor before is seen, one that comes after waits for the
   raise and lowers its result.
@@ -27,11 +27,17 @@ A floor must never pass a message that is, or will be, ready:
 While a worker older than the floors is registered (it does not lower them
 when it requeues), the raiser also looks below the floors now and then for
 a ready message, and lowers the floor to it.
+
+Every consumer reaps after each heartbeat, but a round of raising probes
+each queue's index: of n consumers, each raises after a reap with
+probability 1/n, so the fleet raises about once per ``heartbeat_interval``
+whatever its size (its cost per task does not grow with idle consumers).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from typing import Any
 
 import psycopg
@@ -54,10 +60,15 @@ class FloorRaiser:
         self._stmts = stmts
         self._messages = f'"{stmts.schema}".messages'
         self._rounds = 0
+        #: the consumers registered at the last round: they take turns
+        self._fleet = 1
 
     def raise_floors(self, conn: psycopg.Connection[Any]) -> None:
-        """One round; a database error other than a lost connection costs
-        the round only (the floors stay where they are, which is safe)."""
+        """One round, this consumer's turn (see the module docstring); a
+        database error other than a lost connection costs the round only
+        (the floors stay where they are, which is safe)."""
+        if random.random() * self._fleet >= 1:
+            return  # another consumer's turn, most likely
         try:
             self._round(conn)
         except psycopg.OperationalError:
@@ -70,7 +81,9 @@ class FloorRaiser:
         self._rounds += 1
         with conn.transaction():
             gate = conn.execute(stmts.floors_gate, {"ns": stmts.lock_namespace}).fetchone()
-            if not (gate and gate[0]):
+            assert gate is not None  # one row
+            self._fleet = max(1, int(gate[1]))
+            if not gate[0]:
                 return  # another consumer is raising them
             # New floors rows, held by this transaction until it ends: a
             # requeue inserting the same row waits, then lowers it.

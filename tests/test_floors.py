@@ -214,3 +214,46 @@ def test_a_message_made_ready_below_the_floor_by_an_older_worker_is_found(
 
             assert wait_for(found, timeout=30), "never found below the floor"
     assert received[-1][0] == "held"
+
+
+def test_a_fleet_raises_the_floors_about_once_per_heartbeat_whatever_its_size(
+    make_connection: Any, db: psycopg.Connection[Any], schema: str
+) -> None:
+    """Each consumer reaps after every heartbeat; were each to raise the
+    floors then too, every raise probing each queue's index, a fleet of idle
+    consumers would cost the database more per task the larger it is."""
+    queue = Queue(f"q{uuid.uuid4().hex[:8]}")
+    fleet = [make_connection() for _ in range(8)]
+    publish(fleet[0], queue, "first")
+    consumers = [Consumer(conn, [queue], callbacks=[collect([])]) for conn in fleet]
+    for consumer in consumers:
+        consumer.consume()
+        time.sleep(0.3 / 8)  # their heartbeats spread over the interval, as in a fleet
+    rounds = (
+        "SELECT n_tup_ins + n_tup_upd FROM pg_stat_user_tables"
+        f" WHERE relid = '\"{schema}\".floor_mark'::regclass"
+    )
+    try:
+        assert wait_for(
+            lambda: db.execute(f'SELECT count(*) FROM "{schema}".consumers').fetchone() == (8,)
+        )
+        time.sleep(3)  # 10 heartbeats of 8 consumers: 80 reaps
+    finally:
+        for consumer in consumers:
+            consumer.cancel()
+        for conn in fleet:
+            conn.close()  # their sessions end: their statistics reach the server
+    assert wait_for(
+        lambda: (
+            db.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND application_name LIKE 'celery-pgnotify%%'"
+            ).fetchone()
+            == (0,)
+        )
+    )
+    db.execute("SELECT pg_stat_clear_snapshot()")
+    done = db.execute(rounds).fetchone()
+    # About 10 (one per heartbeat), plus each consumer's first round, taken
+    # before it knew the fleet; one per reap would be about 80.
+    assert done is not None and 1 <= done[0] <= 40, done

@@ -37,7 +37,10 @@ class FloorStatements:
         " SELECT DISTINCT q.name, 0 FROM {s}.consumers c CROSS JOIN LATERAL unnest(c.queues)"
         " AS q(name) ORDER BY 1 ON CONFLICT (queue) DO NOTHING"
     )
-    floors_gate: str = "SELECT pg_try_advisory_xact_lock(%(ns)s, -3)"
+    # One raiser at a time; and how many consumers there are to take turns.
+    floors_gate: str = (
+        "SELECT pg_try_advisory_xact_lock(%(ns)s, -3), (SELECT count(*) FROM {s}.consumers)"
+    )
     # The last mark, and whether every session writing ``messages`` then has
     # ended since: then no transaction still running holds an id up to it.
     # And whether a consumer that does not lower floors is registered.
