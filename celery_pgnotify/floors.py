@@ -62,12 +62,15 @@ class FloorRaiser:
         self._rounds = 0
         #: the consumers registered at the last round: they take turns
         self._fleet = 1
+        # Its own generator: the module's is the application's (a test seeds
+        # it, Hypothesis watches it), and this thread must not move it.
+        self._turns = random.Random()
 
     def raise_floors(self, conn: psycopg.Connection[Any]) -> None:
         """One round, this consumer's turn (see the module docstring); a
         database error other than a lost connection costs the round only
         (the floors stay where they are, which is safe)."""
-        if random.random() * self._fleet >= 1:
+        if self._turns.random() * self._fleet >= 1:
             return  # another consumer's turn, most likely
         try:
             self._round(conn)

@@ -4,6 +4,7 @@ reaper, or published by a transaction that commits late."""
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 import time
@@ -257,3 +258,18 @@ def test_a_fleet_raises_the_floors_about_once_per_heartbeat_whatever_its_size(
     # About 10 (one per heartbeat), plus each consumer's first round, taken
     # before it knew the fleet; one per reap would be about 80.
     assert done is not None and 1 <= done[0] <= 40, done
+
+
+def test_taking_turns_leaves_the_applications_random_state_alone(
+    make_connection: Any, db: psycopg.Connection[Any], schema: str
+) -> None:
+    """The module-level generator is the application's: a test seeds it,
+    Hypothesis watches it. The raiser's turns must not draw from it."""
+    queue = Queue(f"q{uuid.uuid4().hex[:8]}")
+    conn = make_connection()
+    before = random.getstate()
+    with conn, Consumer(conn, [queue], callbacks=[collect([])]):
+        rows = f'SELECT count(*) FROM "{schema}".floor_mark'
+        assert wait_for(lambda: db.execute(rows).fetchone() == (1,))  # a raise went
+        time.sleep(1)  # three more heartbeats, reaps and turns
+    assert random.getstate() == before
