@@ -160,21 +160,21 @@ def test_sigkill_children_and_main_during_acks_late_stream(
 # "immediate" is a crash: the acks and claims committed without waiting for
 # the WAL flush (async_acks) may be undone, which may only run tasks again.
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
-def test_postgres_restart_during_a_10000_task_stream(
+def test_postgres_restart_during_a_task_stream(
     own_server: Any, tmp_path: Any, figures: list[str], mode: str
 ) -> None:
     url = as_broker_url(own_server.get_uri())
     s = Stream(url, {"schema": "faults", **FAST}, tmp_path)
     try:
         s.worker("celery-pg", "-c", "2")
-        producing = s.produce(10_000)
+        producing = s.produce(5_000)  # the restart at 2,000: 3,000 more after it
         while len(s.sent) < 2_000:
             time.sleep(0.05)
         down = restart(own_server, mode)
         producing.join()
         what = "restarted" if mode == "fast" else "crashed (immediate stop) and restarted"
         s.account(
-            f"PostgreSQL {what} ({down:.1f} s) during a 10,000-task stream (celery-pg worker)",
+            f"PostgreSQL {what} ({down:.1f} s) during a 5,000-task stream (celery-pg worker)",
             figures,
             True,
         )
