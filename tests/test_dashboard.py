@@ -131,6 +131,9 @@ def test_the_page_lists_queues_and_a_dead_letter_retried_from_it_runs(
         lambda: not browser.find_elements(By.CSS_SELECTOR, "#dead-letters tr[data-dead-letter]"),
         what="the dead letter to leave the page",
     )
+    empty = browser.find_element(By.CSS_SELECTOR, "#dead-letters td.empty")
+    assert empty.text == "none: every message ran, or waits to"
+    assert empty.get_attribute("colspan") == "7"
     e2e.pg_worker("-Q", "celery")
     assert e2e.wait_events("put-back", ["run"]) == ["run"]
 
