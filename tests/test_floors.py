@@ -4,11 +4,13 @@ reaper, or published by a transaction that commits late."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -71,9 +73,13 @@ def test_the_floor_rises_as_a_queue_drains_and_new_messages_are_above_it(
     assert floor_of(db, schema, queue.name) <= int(last) + 1 + 1  # never past an id not acked
 
 
-def test_a_message_requeued_below_the_floor_is_delivered_again(
+@contextlib.contextmanager
+def held_below_the_floor(
     make_connection: Any, db: psycopg.Connection[Any], schema: str
-) -> None:
+) -> Iterator[tuple[Queue, list[Any], int, Connection, list[Any]]]:
+    """A message leased by a holder while ten more are consumed by another
+    consumer, until the queue's floor has risen past it. Yields the queue,
+    the holder's message, its id, the other consumer and what it received."""
     producer, holder, other = make_connection(), make_connection(), make_connection()
     queue = Queue(f"q{uuid.uuid4().hex[:8]}")
     publish(producer, queue, "held")
@@ -89,8 +95,15 @@ def test_a_message_requeued_below_the_floor_is_delivered_again(
             assert wait_for(
                 lambda: (drain_for(other, 0.2), floor_of(db, schema, queue.name))[1] > held_id
             ), "the floor never rose past the leased message"
-            held[0][1].reject(requeue=True)  # ready again, below the floor
-            drain_until(other, received, 11)
+            yield queue, held, held_id, other, received
+
+
+def test_a_message_requeued_below_the_floor_is_delivered_again(
+    make_connection: Any, db: psycopg.Connection[Any], schema: str
+) -> None:
+    with held_below_the_floor(make_connection, db, schema) as (_, held, _, other, received):
+        held[0][1].reject(requeue=True)  # ready again, below the floor
+        drain_until(other, received, 11)
     assert received[-1][0] == "held"
 
 
@@ -175,45 +188,32 @@ def test_a_publish_that_commits_late_is_never_left_below_the_floor(
 def test_a_message_made_ready_below_the_floor_by_an_older_worker_is_found(
     make_connection: Any, db: psycopg.Connection[Any], schema: str
 ) -> None:
-    producer, holder, other = make_connection(), make_connection(), make_connection()
-    queue = Queue(f"q{uuid.uuid4().hex[:8]}")
-    publish(producer, queue, "held")
-    held: list[Any] = []
-    with Consumer(holder.default_channel, [queue], callbacks=[collect(held, ack=False)]):
-        drain_until(holder, held, 1)
-        (held_id,) = ids_of(db, schema, queue.name)
-        publish(producer, queue, *range(10))
-        received: list[Any] = []
-        with Consumer(other.default_channel, [queue], callbacks=[collect(received)]):
-            drain_until(other, received, 10)
-            assert wait_for(
-                lambda: (drain_for(other, 0.2), floor_of(db, schema, queue.name))[1] > held_id
-            )
-            # A worker older than the floors registers as it did (no floors
-            # column: false), and requeues as it did: no floor lowered.
-            row = db.execute(
-                f'INSERT INTO "{schema}".consumers (hostname, pid, queues)'
-                " VALUES ('older', 1, ARRAY[%s]) RETURNING id",
-                (queue.name,),
-            ).fetchone()
-            assert row is not None
-            older = row[0]
+    with held_below_the_floor(make_connection, db, schema) as (queue, _, held_id, other, received):
+        # A worker older than the floors registers as it did (no floors
+        # column: false), and requeues as it did: no floor lowered.
+        row = db.execute(
+            f'INSERT INTO "{schema}".consumers (hostname, pid, queues)'
+            " VALUES ('older', 1, ARRAY[%s]) RETURNING id",
+            (queue.name,),
+        ).fetchone()
+        assert row is not None
+        older = row[0]
+        db.execute(
+            f'UPDATE "{schema}".messages SET consumer_id = NULL, leased_at = NULL,'
+            " redelivered = true WHERE id = %s",
+            (held_id,),
+        )
+        db.execute(f'NOTIFY "{statements(schema).channel(queue.name)}"')
+
+        def found() -> bool:  # the older worker stays alive meanwhile
             db.execute(
-                f'UPDATE "{schema}".messages SET consumer_id = NULL, leased_at = NULL,'
-                " redelivered = true WHERE id = %s",
-                (held_id,),
+                f'UPDATE "{schema}".consumers SET heartbeat_at = now() WHERE id = %s',
+                (older,),
             )
-            db.execute(f'NOTIFY "{statements(schema).channel(queue.name)}"')
+            drain_for(other, 0.2)
+            return len(received) == 11
 
-            def found() -> bool:  # the older worker stays alive meanwhile
-                db.execute(
-                    f'UPDATE "{schema}".consumers SET heartbeat_at = now() WHERE id = %s',
-                    (older,),
-                )
-                drain_for(other, 0.2)
-                return len(received) == 11
-
-            assert wait_for(found, timeout=30), "never found below the floor"
+        assert wait_for(found, timeout=30), "never found below the floor"
     assert received[-1][0] == "held"
 
 
