@@ -15,7 +15,9 @@ A floor must never pass a message that is, or will be, ready:
 - The raiser (one consumer at a time, after its reaps) holds the
   floor rows while it reads the lowest ready id of each queue: a requeue
   that lowered a floor before is seen, one that comes after waits for the
-  raise and lowers its result.
+  raise and lowers its result. A raiser that stalls inside its transaction
+  loses its session after ``heartbeat_interval`` idle there, so the
+  requeues of the fleet wait that long at most.
 - A publish still running may hold an id lower than what is visible. So the
   raiser never goes past a *mark*: the identity's value at one round, taken
   before the list of the sessions then writing ``messages`` (a publish is
@@ -56,8 +58,10 @@ CHECK_EVERY = 15
 class FloorRaiser:
     """Raises the queues' floors; called after each reap (see reaper.py)."""
 
-    def __init__(self, stmts: Statements) -> None:
+    def __init__(self, stmts: Statements, idle_timeout: float) -> None:
         self._stmts = stmts
+        #: how long a round may sit idle inside its transaction (seconds)
+        self._idle_ms = str(max(1, int(idle_timeout * 1000)))
         self._messages = f'"{stmts.schema}".messages'
         self._rounds = 0
         #: the consumers registered at the last round: they take turns
@@ -83,7 +87,9 @@ class FloorRaiser:
         stmts = self._stmts
         self._rounds += 1
         with conn.transaction():
-            gate = conn.execute(stmts.floors_gate, {"ns": stmts.lock_namespace}).fetchone()
+            gate = conn.execute(
+                stmts.floors_gate, {"ns": stmts.lock_namespace, "idle": self._idle_ms}
+            ).fetchone()
             assert gate is not None  # one row
             self._fleet = max(1, int(gate[1]))
             if not gate[0]:

@@ -44,7 +44,7 @@ class Reaper:
         }
         self._not_before = 0.0
         self._reaps = 0
-        self._floors = FloorRaiser(stmts)
+        self._floors = FloorRaiser(stmts, opts.heartbeat_interval)
 
     def hold_off(self) -> None:
         """Judge nobody for ``lease_timeout`` (a new session, or a gap in our

@@ -8,6 +8,7 @@ import contextlib
 import random
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import psycopg
 import pytest
 from kombu import Connection, Consumer, Producer, Queue
 
+from celery_pgnotify.floors import FloorRaiser
 from celery_pgnotify.statements import statements
 from tests.test_transport import collect, drain_for, drain_until
 
@@ -273,3 +275,63 @@ def test_taking_turns_leaves_the_applications_random_state_alone(
         assert wait_for(lambda: db.execute(rows).fetchone() == (1,))  # a raise went
         time.sleep(1)  # three more heartbeats, reaps and turns
     assert random.getstate() == before
+
+
+def test_a_raiser_stalled_inside_its_round_holds_no_requeue_up_for_long(
+    make_connection: Any, db: psycopg.Connection[Any], schema: str, pg_dsn: str
+) -> None:
+    """The raiser holds every floor row, which every requeue writes. A raiser
+    whose process stalls in the middle of its round (frozen, swapped out)
+    must not stall the fleet's requeues for as long as it does."""
+    queue = Queue(f"q{uuid.uuid4().hex[:8]}")
+    publish(make_connection(), queue, "one")  # the schema and the queue
+    db.execute(
+        f'INSERT INTO "{schema}".consumers (hostname, pid, queues, floors)'
+        " VALUES ('stalled', 1, ARRAY[%s], true)",
+        (queue.name,),
+    )
+    stmts = statements(schema)
+
+    class Stalling:
+        """The raiser's connection, its process stalling once it holds the rows."""
+
+        def __init__(self, conn: psycopg.Connection[Any]) -> None:
+            self.conn = conn
+            self.holding = threading.Event()
+
+        def transaction(self) -> Any:
+            return self.conn.transaction()
+
+        def execute(self, query: str, params: Any = None) -> Any:
+            cursor = self.conn.execute(query, params)
+            if query == stmts.floors_hold:
+                cursor.fetchall()
+                self.holding.set()
+                time.sleep(8)
+            return cursor
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        stalling = Stalling(conn)
+
+        def run() -> None:
+            # The round is lost (logged), or the lost session raised: either way it ends.
+            with contextlib.suppress(psycopg.OperationalError):
+                FloorRaiser(stmts, idle_timeout=0.5).raise_floors(stalling)  # type: ignore[arg-type]
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        try:
+            assert stalling.holding.wait(10)
+            started = time.monotonic()
+            # What every requeue does to its queue's floor (fragments.lower_floors).
+            db.execute(
+                f'INSERT INTO "{schema}".queue_floors AS f (queue, floor) VALUES (%s, 0)'
+                " ON CONFLICT (queue) DO UPDATE SET floor = LEAST(f.floor, 0)",
+                (queue.name,),
+            )
+            waited = time.monotonic() - started
+        finally:
+            thread.join(15)
+        ended = conn.closed or conn.broken
+    assert waited < 4, f"a requeue waited {waited:.1f} s on a stalled raiser"
+    assert ended, "the stalled raiser's session should have been ended"

@@ -38,8 +38,13 @@ class FloorStatements:
         " AS q(name) ORDER BY 1 ON CONFLICT (queue) DO NOTHING"
     )
     # One raiser at a time; and how many consumers there are to take turns.
+    # The raiser holds every floor row, which every requeue of the fleet
+    # writes: should its process stall mid-transaction (frozen, swapped
+    # out), the server ends the session after ``idle`` ms idle in it,
+    # releasing them, instead of holding every requeue up with it.
     floors_gate: str = (
-        "SELECT pg_try_advisory_xact_lock(%(ns)s, -3), (SELECT count(*) FROM {s}.consumers)"
+        "SELECT pg_try_advisory_xact_lock(%(ns)s, -3), (SELECT count(*) FROM {s}.consumers),"
+        " set_config('idle_in_transaction_session_timeout', %(idle)s, true)"
     )
     # The last mark, and whether every session writing ``messages`` then has
     # ended since: then no transaction still running holds an id up to it.
