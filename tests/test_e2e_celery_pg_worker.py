@@ -135,12 +135,13 @@ def test_a_retiring_child_is_never_handed_a_task(e2e: E2E):
 
 
 def test_max_lifetime_per_child_replaces_children(e2e: E2E):
-    e2e.pg_worker("-c", "1", "--max-lifetime-per-child", "1")
+    # Long enough for two tasks to run in the first child on a loaded machine.
+    e2e.pg_worker("-c", "1", "--max-lifetime-per-child", "3")
     e2e.send("whoami", "young")
     e2e.wait_events("young", ["pid"])
     e2e.send("whoami", "still-young")
     e2e.wait_events("still-young", ["pid"])
-    time.sleep(1.2)
+    time.sleep(3.2)
     e2e.send("whoami", "old")  # runs in the child that outlived its second
     e2e.wait_events("old", ["pid"])
     e2e.send("whoami", "replaced")
