@@ -23,6 +23,7 @@ from typing import Any
 
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
+
 def available() -> bool:
     return os.path.exists("/proc/self/stat")
 

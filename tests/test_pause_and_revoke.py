@@ -128,3 +128,51 @@ def test_a_claim_tells_the_worker_of_a_revoke_it_did_not_hear(
     # does), and the worker now knows the revoke.
     assert doomed in state.revoked and spared not in state.revoked
     state.revoked.discard(doomed)
+
+
+def _revoked_reads(db: psycopg.Connection[Any], schema: str) -> tuple[int, int]:
+    """(rows read by sequential scans, index scans) of ``revoked`` so far."""
+    db.execute("SELECT pg_stat_clear_snapshot()")
+    row = db.execute(
+        "SELECT seq_tup_read, coalesce(idx_scan, 0) FROM pg_stat_user_tables"
+        " WHERE schemaname = %s AND relname = 'revoked'",
+        (schema,),
+    ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def test_a_burst_of_revokes_leaves_every_claim_one_probe_per_message(
+    make_connection: Any, db: psycopg.Connection[Any], schema: str
+) -> None:
+    """A claim asks ``revoked`` about each message it takes. Its plan is made
+    once per session; made while ``revoked`` was empty (and vacuumed), it
+    read the whole table for every message once a burst of revokes had
+    filled it, until the table was next analysed: every claim of every
+    consumer slowed with the table's size."""
+    producer, consumer = make_connection(), make_connection()
+    queue = Queue(f"q{uuid.uuid4().hex[:8]}")
+    received: list[Any] = []
+
+    def one_at_a_time(rounds: int) -> None:
+        for _ in range(rounds):
+            task(producer, queue, eta_in=None)
+            drain_until(consumer, received, len(received) + 1)
+
+    with Consumer(consumer.default_channel, [queue], callbacks=[collect(received)]):
+        one_at_a_time(1)
+        db.execute(f'VACUUM "{schema}".revoked')  # empty, and known to be
+        one_at_a_time(12)  # the claim's plan is made and kept: prepared, generic
+        db.execute(
+            f'INSERT INTO "{schema}".revoked (task_id, expires_at)'
+            " SELECT 'r' || g, now() + interval '1 hour' FROM generate_series(1, 20000) AS g"
+        )
+        rows_before, probes_before = _revoked_reads(db, schema)
+        one_at_a_time(5)
+        claims = consumer.transport.claim_conn()
+        claims.execute("SELECT pg_stat_force_next_flush()")
+        claims.execute("SELECT 1")  # its statistics reach the server as it goes idle
+    assert len(received) == 18
+    rows, probes = _revoked_reads(db, schema)
+    assert probes - probes_before >= 5 or rows > rows_before, "no statistics of the claims"
+    assert rows == rows_before, f"5 claims read {rows - rows_before} rows of revoked"

@@ -1,4 +1,4 @@
--- The schema as celery-pgnotify declares it, at version 12: what the
+-- The schema as celery-pgnotify declares it, at version 13: what the
 -- migrations (NNNN_*.sql in this folder, applied in order) build, in one
 -- reading. A new schema is created from this file; an existing one is brought
 -- up to date by the migrations it lacks. tests/test_schema.py checks that both
@@ -93,6 +93,17 @@ CREATE TABLE {s}.revoked (
     revoked_at  timestamptz NOT NULL DEFAULT now(),
     expires_at  timestamptz NOT NULL
 );
+-- Whether a task is revoked: one probe of the primary key per message a
+-- claim takes, whatever the planner believes of the table (a claim's plan,
+-- made once per session while the table was empty, would read all of it per
+-- message after a burst of revokes, until the table was next analysed).
+CREATE FUNCTION {s}.is_revoked(task text) RETURNS boolean
+    LANGUAGE plpgsql STABLE SET enable_seqscan = off AS $is_revoked$
+BEGIN
+    RETURN EXISTS (SELECT 1 FROM {s}.revoked r
+                   WHERE r.task_id = is_revoked.task AND r.expires_at > now());
+END
+$is_revoked$;
 -- Queues no claim takes from until resumed; publishing goes on.
 CREATE TABLE {s}.paused_queues (
     name       text PRIMARY KEY,

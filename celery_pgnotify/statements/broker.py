@@ -67,9 +67,9 @@ class ConsumerWrites:
         " RETURNING m.id, m.rank,"
         " CASE WHEN octet_length(m.payload) <= %(max_size)s THEN m.payload END AS payload,"
         " m.redelivered, octet_length(m.payload) AS size,"
-        # Revoked while no worker was there to hear it (see revoking.py).
-        " m.task_id IS NOT NULL AND EXISTS (SELECT 1 FROM {s}.revoked r"
-        "  WHERE r.task_id = m.task_id AND r.expires_at > now()) AS revoked),"
+        # Revoked while no worker was there to hear it (see revoking.py):
+        # a probe by primary key whatever the plan (see is_revoked).
+        " m.task_id IS NOT NULL AND {s}.is_revoked(m.task_id) AS revoked),"
         # The consumer says whether it has room left (``hungry``: it got fewer
         # than it asked for): publishes wake hungry consumers in turn
         # (fragments.wake). Written only when that changes, and when it was
