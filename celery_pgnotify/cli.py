@@ -135,7 +135,7 @@ def migrate(app_path: str | None, url: str | None, schema: str | None) -> None:
 
 
 #: the counts ``celery-pg status`` may show estimated
-ESTIMABLE = ("ready", "leased", "dead_letters", "scheduled")
+ESTIMABLE = ("ready", "leased", "delayed", "dead_letters", "scheduled")
 
 
 @main.command()

@@ -23,15 +23,25 @@ def status(conn: psycopg.Connection[Any], stmts: Statements) -> dict[str, Any]:
 
     The counts are the metrics' (:func:`metrics.queue_figures`): exact up to
     ``metrics.CAP`` per queue, estimated beyond (``estimated``), so that a
-    backlog of millions costs this no more than a scrape."""
-    from celery_pgnotify.metrics import queue_figures
+    backlog of millions costs this no more than a scrape. ``delayed`` is
+    counted among the first ``CAP`` leased messages (their ETAs are in their
+    payloads), and scaled to the queue's leased count beyond."""
+    from celery_pgnotify.metrics import CAP, queue_figures
 
     figures = queue_figures(conn, stmts)
     delayed: dict[str, int] = {}
+    read: dict[str, int] = {}
     now = time.time()
-    for queue, eta in conn.execute(stmts.status_etas).fetchall():
+    etas = conn.execute(stmts.status_etas, {"cap": CAP}).fetchall()
+    for queue, eta in etas:
+        read[queue] = read.get(queue, 0) + 1
         if eta and _timestamp(eta) > now:
             delayed[queue] = delayed.get(queue, 0) + 1
+    if len(etas) >= CAP:  # a sample: each queue's share of it, scaled
+        for q in figures:
+            if read.get(q.name):
+                delayed[q.name] = round(delayed.get(q.name, 0) * q.leased / read[q.name])
+                q.estimated = True
     names = [q.name for q in figures]
     next_due = dict(conn.execute(stmts.status_next_due, {"queues": names}).fetchall())
     queues = [

@@ -53,6 +53,54 @@ def test_a_queue_over_the_cap_is_estimated_and_a_small_one_counted(
     assert listed["estimated"] is True and isinstance(listed["ready"], int)
 
 
+def test_delayed_reads_at_most_the_cap_of_leased_payloads_and_scales_beyond(
+    db: psycopg.Connection[Any], schema: str
+) -> None:
+    """``delayed`` (leased messages a worker holds until their ETA) comes from
+    the payloads: it read every leased message's, however many workers held."""
+    migrate(db, schema)
+    held, few = f"h{uuid.uuid4().hex[:8]}", f"f{uuid.uuid4().hex[:8]}"
+    due = '{"headers": {"eta": "2999-01-01T00:00:00+00:00"}}'
+    past = '{"headers": {"eta": "2001-01-01T00:00:00+00:00"}}'
+    # A quarter of the held queue is overdue (its worker runs it now).
+    leased = 5 * metrics.CAP
+    db.execute(
+        f'INSERT INTO "{schema}".messages (queue, rank, payload, consumer_id, leased_at)'
+        " SELECT %s, 0, CASE WHEN g %% 4 = 0 THEN %s ELSE %s END, 1, now()"
+        " FROM generate_series(1, %s) AS g",
+        (held, past, due, leased),
+    )
+    db.execute(
+        f'INSERT INTO "{schema}".messages (queue, rank, payload, consumer_id, leased_at)'
+        " VALUES (%s, 0, %s, 1, now()), (%s, 0, %s, 1, now())",
+        (few, due, few, past),
+    )
+
+    def so_far() -> int:  # rows this session read of messages, not yet reported
+        row = db.execute(
+            "SELECT seq_tup_read + coalesce(idx_tup_fetch, 0) FROM pg_stat_xact_user_tables"
+            " WHERE schemaname = %s AND relname = 'messages'",
+            (schema,),
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def rows_read(read: Any) -> tuple[Any, int]:
+        with db.transaction():
+            before = so_far()
+            out = read(db, statements(schema))
+            return out, so_far() - before
+
+    _, counting = rows_read(metrics.queue_figures)  # the counts, shared with the metrics
+    status, read = rows_read(ops.status)
+    assert read - counting <= metrics.CAP, f"delayed read {read - counting} of {leased + 2}"
+    got = {q["queue"]: q for q in status["queues"]}
+    want = leased * 3 // 4
+    assert got[held]["estimated"] is True
+    assert 0.9 * want <= got[held]["delayed"] <= 1.1 * want, got[held]
+    assert got[few]["leased"] == 2 and got[few]["delayed"] in (0, 1, 2)
+
+
 def test_the_dashboard_says_once_that_it_cannot_read_and_once_that_it_reads_again(
     pg_dsn: str, schema: str, caplog: Any
 ) -> None:

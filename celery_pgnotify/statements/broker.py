@@ -430,10 +430,11 @@ class OperationStatements:
         " (SELECT due_at FROM {s}.scheduled WHERE queue = w.name ORDER BY due_at LIMIT 1) AS d"
     )
     # ETAs of leased messages (held by workers until due), read without
-    # parsing the JSON, so that no payload can make this query fail.
+    # parsing the JSON, so that no payload can make this query fail; at most
+    # %(cap)s of them (ops.status estimates beyond).
     status_etas: str = (
         'SELECT queue, substring(payload FROM \'"eta":\\s*"([^"]+)"\')'
-        " FROM {s}.messages WHERE consumer_id IS NOT NULL"
+        " FROM {s}.messages WHERE consumer_id IS NOT NULL LIMIT %(cap)s"
     )
     # A revoke recorded for workers yet to start, until it expires (later, for
     # a task scheduled beyond that: its revoke must outlast its wait).
