@@ -175,19 +175,23 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
                 self._conn = conn
         return conn
 
-    def _execute(self, statement: str, params: dict[str, Any]) -> psycopg.Cursor[Any]:
+    def _execute(
+        self, statement: str, params: dict[str, Any], lookup: bool = False
+    ) -> psycopg.Cursor[Any]:
         """Run one statement; a connection found dead is replaced once.
-
         Every statement here is idempotent or guarded (a SUCCESS is never
-        overwritten), so the retry cannot store anything twice.
-        """
+        overwritten), so the retry cannot store anything twice. A ``lookup``
+        (rows by key) is planned at each run: a kept plan made while
+        ``results`` was empty read all of it per ``.get()`` once it had
+        filled (this session may be pooled: no setting can stand in)."""
+        prepare = False if lookup else None
         try:
-            return self._connection().execute(statement, params)
+            return self._connection().execute(statement, params, prepare=prepare)
         except psycopg.OperationalError:
             if self._conn is not None and not self._conn.broken and not self._conn.closed:
                 raise
             self._conn = None
-            return self._connection().execute(statement, params)
+            return self._connection().execute(statement, params, prepare=prepare)
 
     def exception_safe_to_retry(self, exc: BaseException) -> bool:
         # result_backend_always_retry: lost connections are worth retrying.
@@ -213,7 +217,9 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
 
     def fetch_metas(self, task_ids: Sequence[str]) -> list[dict[str, Any]]:
         """The stored metas of ``task_ids`` (those that have one)."""
-        rows = self._execute(self.stmts.get_results, {"ids": list(task_ids)}).fetchall()
+        rows = self._execute(
+            self.stmts.get_results, {"ids": list(task_ids)}, lookup=True
+        ).fetchall()
         metas = []
         for task_id, raw in rows:
             meta = self.decode_result(bytes(raw))
@@ -349,12 +355,12 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
     def get(self, key: Any) -> bytes | None:
         kind, ident = self._split_key(key)
         statement = self.stmts.get_result if kind == "result" else self.stmts.get_group
-        row = self._execute(statement, {"id": ident}).fetchone()
+        row = self._execute(statement, {"id": ident}, lookup=True).fetchone()
         return bytes(row[0]) if row else None
 
     def mget(self, keys: Sequence[Any]) -> list[bytes | None]:
         ids = [self._split_key(k)[1] for k in keys]
-        rows = self._execute(self.stmts.get_results, {"ids": ids}).fetchall()
+        rows = self._execute(self.stmts.get_results, {"ids": ids}, lookup=True).fetchall()
         found = {task_id: bytes(raw) for task_id, raw in rows}
         return [found.get(i) for i in ids]
 
@@ -375,7 +381,7 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
     def delete(self, key: Any) -> None:
         kind, ident = self._split_key(key)
         delete, _ = self._by_key(kind)
-        self._execute(delete, {"id": ident})
+        self._execute(delete, {"id": ident}, lookup=True)
 
     def on_chord_part_return(self, request: Any, state: Any, result: Any, **kwargs: Any) -> None:
         # Celery's chord logic calls incr() with the counter's key only: say
@@ -399,13 +405,13 @@ class PgNotifyBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):  # type: ign
             "expires": getattr(self, "chord_expires", self.expires) or None,
         }
         statement = self.stmts.chord_incr if part is None else self.stmts.chord_incr_once
-        row = self._execute(statement, params).fetchone()
+        row = self._execute(statement, params, lookup=part is not None).fetchone()
         return int(row[0]) if row else 0  # 0: a repeat after the counter was deleted
 
     def expire(self, key: Any, value: Any) -> None:
         kind, ident = self._split_key(key)
         _, expire = self._by_key(kind)
-        self._execute(expire, {"id": ident, "expires": value})
+        self._execute(expire, {"id": ident, "expires": value}, lookup=True)
 
     def cleanup(self) -> None:
         """Delete expired results, groups and chord counters."""

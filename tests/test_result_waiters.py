@@ -122,3 +122,48 @@ def test_get_is_woken_by_the_store_it_waits_for(
         assert result.get(timeout=20) == 42
     finally:
         storer.join()
+
+
+def test_reading_results_after_a_burst_reads_none_but_those_asked_for(
+    app: Celery, db: psycopg.Connection[Any], schema: str
+) -> None:
+    """A session keeps a prepared statement's plan: made while ``results`` was
+    empty and vacuumed, reading one result read the whole table once it had
+    filled, until the table was next analysed."""
+    backend = app.backend
+
+    def store_and_read(rounds: int) -> None:
+        for i in range(rounds):
+            task_id = str(uuid.uuid4())
+            backend.store_result(task_id, i, states.SUCCESS)
+            assert backend.get_task_meta(task_id)["result"] == i
+            backend._cache.pop(task_id, None)  # read it from the table each time
+
+    def seq_scans() -> int:
+        db.execute("SELECT pg_stat_clear_snapshot()")
+        row = db.execute(
+            "SELECT seq_scan FROM pg_stat_user_tables WHERE schemaname = %s AND relname = 'results'",
+            (schema,),
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def report() -> None:  # the backend session's statistics reach the server
+        conn = backend._connection()
+        conn.execute("SELECT pg_stat_force_next_flush()")
+        conn.execute("SELECT 1")
+
+    store_and_read(1)
+    db.execute(f'DELETE FROM "{schema}".results')
+    db.execute(f'VACUUM "{schema}".results')  # empty, and known to be
+    store_and_read(12)  # the plans are made and kept, where they are kept
+    db.execute(
+        f'INSERT INTO "{schema}".results (task_id, status, meta, expires_at)'
+        " SELECT 'x' || g, 'SUCCESS', ''::bytea, now() + interval '1 day'"
+        " FROM generate_series(1, 100000) AS g"
+    )
+    report()
+    before = seq_scans()
+    store_and_read(5)
+    report()
+    assert seq_scans() == before, "reading 5 results scanned the whole table"
