@@ -4,7 +4,9 @@ costs the database.
     python bench/fleet.py --consumers 1,4,8,16 --rate 200 --seconds 10
 
 Each consumer is a worker process running one task at a time (``celery-pg
-worker -c 1`` or ``celery worker -P solo``); M producer processes publish
+worker -c 1`` or ``celery worker -P solo``), or ``--concurrency`` N at a
+time (``-c N``, prefork for the stock worker: still one consumer, one
+LISTEN session, whatever N); M producer processes publish
 no-op tasks at a steady total ``--rate`` for ``--seconds``. pgnotify runs in
 a database of its own, created for the run, so that PostgreSQL's own
 statistics count this workload alone:
@@ -141,12 +143,16 @@ def run(
 ) -> Row:
     queue = f"fleet_{uuid.uuid4().hex[:8]}"
     workdir = tempfile.mkdtemp(prefix="pgnotify-fleet-")
-    size = ("-c", "1") if kind == "celery-pg" else ("-P", "solo")
+    if args.concurrency > 1:
+        size: tuple[str, ...] = ("-c", str(args.concurrency))
+    else:
+        size = ("-c", "1") if kind == "celery-pg" else ("-P", "solo")
     workers = [Worker(broker, queue, workdir, 10**9, kind, size=size) for _ in range(consumers)]
     try:
         # Every worker is up once a warm-up task per worker has run.
-        produce(broker, queue, 1, 50, consumers * 4 / 50)
-        wait_ran(workdir, consumers * 4, 120)
+        warmup = consumers * max(4, 2 * args.concurrency)
+        produce(broker, queue, 1, 50, warmup / 50)
+        wait_ran(workdir, warmup, 120)
         time.sleep(3)
         idle_rate = 0.0
         if stats is not None:
@@ -216,6 +222,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--workers", default="celery-pg,celery")
     parser.add_argument(
+        "--concurrency", type=int, default=1, help="tasks each consumer runs at a time"
+    )
+    parser.add_argument(
         "--references", default="", help="redis,rabbitmq,rabbitmq-confirm (same fleet)"
     )
     parser.add_argument("--options", default="", help="pgnotify transport options, k=v,...")
@@ -248,7 +257,10 @@ def main() -> None:
 
 
 def report(rows: list[Row], args: argparse.Namespace) -> None:
-    print(f"\n{args.rate:g} tasks/s for {args.seconds:g} s, {args.producers} producer(s)")
+    print(
+        f"\n{args.rate:g} tasks/s for {args.seconds:g} s, {args.producers} producer(s),"
+        f" consumers running {args.concurrency} task(s) at a time"
+    )
     header = (
         f"{'broker / worker':<34} {'K':>3} {'sent':>6} {'ran':>6} {'commits/task':>13} "
         f"{'scans/task':>11} {'p50 ms':>7} {'p99 ms':>7}"
