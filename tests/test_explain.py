@@ -238,3 +238,23 @@ def test_a_waiting_task_past_its_expires_time_says_it_will_be_discarded(
     got = answer(db, schema, task_id)
     assert got["state"] == "waiting"
     assert f"its expires time {expired} has passed" in got["summary"]
+
+
+def test_a_task_with_a_large_body_is_explained_all_the_same(
+    make_connection: Any, db: psycopg.Connection[Any], schema: str, queue: Queue
+) -> None:
+    """A stored message's body comes before its headers: a body of more than
+    8,000 characters hid the task's name, ETA and expiry from explain."""
+    producer = make_connection(broker_eta_threshold=60.0)  # held by a worker, not scheduled
+    worker = make_connection()
+    task_id = str(uuid.uuid4())
+    eta = datetime.now(timezone.utc) + timedelta(seconds=30)
+    headers = {"task": "proj.big", "id": task_id, "eta": eta.isoformat()}
+    Producer(producer.default_channel).publish(
+        {"blob": "x" * 20_000}, routing_key=queue.name, declare=[queue], headers=headers
+    )
+    leased(worker, queue)
+    got = answer(db, schema, task_id)
+    assert got["messages"][0]["task"] == "proj.big", got["messages"]
+    assert got["state"] == "delayed", got
+    assert f"until its ETA {eta.isoformat()}" in got["summary"]

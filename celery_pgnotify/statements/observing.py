@@ -9,8 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # A header of a message read without parsing its JSON, so that no payload can
-# make these statements fail (the head of the payload holds the headers).
-_HEADER = 'substring(left({t}.payload, 8000) FROM \'"{name}":\\s*"([^"]+)"\')'
+# make these statements fail: in the 8,000 characters from the headers' key,
+# which follows the body (a body's own quotes are escaped: it cannot hold
+# that key, or a header, as written here).
+_HEADER = (
+    "substring(substring({t}.payload FROM position('\"headers\":' IN {t}.payload) FOR 8000)"
+    ' FROM \'"{name}":\\s*"([^"]+)"\')'
+)
 
 # Whether consumer ``{id}``'s session still holds its session lock (the
 # reaper's own test of life, see listener.py), read from pg_locks.
