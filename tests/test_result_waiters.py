@@ -142,7 +142,8 @@ def test_reading_results_after_a_burst_reads_none_but_those_asked_for(
     def seq_scans() -> int:
         db.execute("SELECT pg_stat_clear_snapshot()")
         row = db.execute(
-            "SELECT seq_scan FROM pg_stat_user_tables WHERE schemaname = %s AND relname = 'results'",
+            "SELECT seq_scan FROM pg_stat_user_tables"
+            " WHERE schemaname = %s AND relname = 'results'",
             (schema,),
         ).fetchone()
         assert row is not None
