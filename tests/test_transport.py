@@ -462,6 +462,27 @@ def test_queue_expires_and_is_removed_by_the_reaper(make_connection, db, schema)
                 raise AssertionError("expired queue was not removed")
 
 
+def test_heartbeats_rewrite_no_queue_row_but_an_expiring_ones(make_connection, db, schema):
+    """Each heartbeat of each consumer rewrote the row of every queue it
+    consumed: while a transaction held vacuum back, every publish to the
+    queue walked all those dead versions (16 consumers, 10 minutes: 4,800)."""
+    plain = Queue("plain", Exchange("plain"), routing_key="plain")
+    expiring = Queue("expiring", Exchange("expiring"), routing_key="expiring", expires=0.5)
+    conn = make_connection(heartbeat_interval=0.2, lease_timeout=0.5)
+
+    def versions() -> dict[str, str]:
+        rows = db.execute(f'SELECT name, xmin::text FROM "{schema}".queues').fetchall()
+        return dict(rows)
+
+    with conn, Consumer(conn, [plain, expiring], callbacks=[collect([])]):
+        drain_for(conn, 0.5)  # declared, and heartbeats under way
+        before = versions()
+        drain_for(conn, 1.5)  # seven heartbeats or so
+        after = versions()
+    assert after["plain"] == before["plain"]  # never written
+    assert after["expiring"] != before["expiring"]  # said it was used
+
+
 # -- names are data ------------------------------------------------------------------
 
 

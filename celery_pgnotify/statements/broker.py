@@ -294,7 +294,16 @@ class ConsumerStatements:
         + NOTIFY
         + " FROM back GROUP BY queue"
     )
-    touch_queues: str = "UPDATE {s}.queues SET last_used_at = now() WHERE name = ANY(%(queues)s)"
+    # Consumed queues that expire when unused (x-expires) say they were used,
+    # at most every tenth of their expiry (a minute at most): a row rewritten
+    # by every consumer's every heartbeat left a dead version of itself each
+    # time, which every publish to the queue walked while a transaction held
+    # vacuum back. A queue without an expiry is never written.
+    touch_queues: str = (
+        "UPDATE {s}.queues SET last_used_at = now() WHERE name = ANY(%(queues)s)"
+        " AND expires_ms IS NOT NULL AND last_used_at < now()"
+        " - least(expires_ms / 10, 60000) * interval '1 millisecond'"
+    )
     unregister_consumer: str = (
         "WITH back AS ("
         " UPDATE {s}.messages SET consumer_id = NULL, leased_at = NULL, redelivered = true"
