@@ -134,11 +134,12 @@ class ConsumerSession:
             acks = self.unwritten_acks + deferred_acks
             _parked_consumers[self._parking_key()] = (listener.consumer_id, acks)
 
-    def claimed(self, seconds: float) -> None:
-        """A claim took ``seconds``: counted for the consumer's heartbeat."""
+    def claimed(self, seconds: float, fed: bool) -> None:
+        """A claim took ``seconds`` (and got messages, ``fed``): reported with
+        the consumer's heartbeat."""
         listener = self._listener
         if listener is not None:
-            listener.claim_times.record(seconds)
+            listener.claim_times.record(seconds, fed)
 
     def forget_after_fork(self) -> None:
         self._listener = None

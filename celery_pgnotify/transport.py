@@ -306,7 +306,7 @@ class Channel(Topology, DeadLettering, Gathering, virtual.Channel):
             except BaseException:
                 self._deferred_acks[:0] = acks  # still to be written
                 raise
-            self.connection.session.claimed(time.perf_counter() - started)
+            self.connection.session.claimed(time.perf_counter() - started, bool(rows))
         rows.sort(key=lambda r: (-r[1], r[0]))
         self.refused = 0
         messages = []

@@ -201,3 +201,72 @@ def test_a_consumer_whose_loop_is_held_up_steps_aside(
         f'SELECT hungry FROM "{schema}".consumers WHERE id = %s', (held,)
     ).fetchone()
     assert hungry == (False,)
+
+
+def test_a_claim_writes_its_consumers_row_only_when_its_room_changes(
+    make_connection: Any, db: psycopg.Connection[Any], schema: str
+) -> None:
+    """Every row version a claim writes stays while vacuum is held back, and
+    every publish reads them all to choose whom to wake: a claim that got
+    messages wrote when its consumer was last fed, once a second. That goes
+    with the heartbeat now, which writes the row anyway."""
+    name = f"fed{time.monotonic_ns()}"
+    queue = Queue(name, Exchange(name), routing_key=name)
+    # No heartbeat while the test runs (the first is at registration).
+    quiet = make_connection(heartbeat_interval=10.0, lease_timeout=20.0, broker_eta_threshold=25.0)
+    producer = make_connection()
+    received: list[Any] = []
+
+    def row() -> tuple[str, bool]:
+        got = db.execute(f'SELECT xmin::text, hungry FROM "{schema}".consumers').fetchone()
+        assert got is not None
+        return got[0], got[1]
+
+    def on_message(body: Any, message: Any) -> None:
+        received.append(body)
+        message.ack()
+
+    with Consumer(quiet.default_channel, [queue], callbacks=[on_message]):
+        for n in range(4):
+            Producer(producer.default_channel).publish(
+                n, exchange=queue.exchange, routing_key=name, declare=[queue]
+            )
+            deadline = time.monotonic() + 10
+            while len(received) <= n and time.monotonic() < deadline:
+                try:
+                    quiet.drain_events(timeout=1)
+                except TimeoutError:
+                    pass
+            if n == 0:
+                first = row()  # hungry: it asked for more than it got
+            time.sleep(1.1)
+        last = row()
+    assert received == [0, 1, 2, 3]
+    assert first[1] is True and last == first
+
+
+def test_the_heartbeat_says_when_the_consumer_was_last_fed(
+    make_connection: Any, db: psycopg.Connection[Any], schema: str
+) -> None:
+    name = f"fed{time.monotonic_ns()}"
+    queue = Queue(name, Exchange(name), routing_key=name)
+    consumer = make_connection(heartbeat_interval=0.2, lease_timeout=1.0)
+    with Consumer(consumer.default_channel, [queue], callbacks=[lambda b, m: m.ack()]):
+        time.sleep(1.5)  # registered (fed_at starts there) well before the message
+        Producer(consumer.default_channel).publish(
+            1, exchange=queue.exchange, routing_key=name, declare=[queue]
+        )
+        deadline = time.monotonic() + 10
+        fed = None
+        while fed is None and time.monotonic() < deadline:
+            try:
+                consumer.drain_events(timeout=0.2)
+            except TimeoutError:
+                pass
+            got = db.execute(
+                "SELECT extract(epoch FROM now() - fed_at), extract(epoch FROM now() - started_at)"
+                f' FROM "{schema}".consumers'
+            ).fetchone()
+            if got is not None and float(got[0]) < float(got[1]) - 1.0:
+                fed = float(got[0])
+    assert fed is not None and fed < 1.0

@@ -40,8 +40,8 @@ CREATE TABLE {s}.consumers (
     started_at    timestamptz NOT NULL DEFAULT now(),
     heartbeat_at  timestamptz NOT NULL DEFAULT now(),
     -- its last claim got fewer messages than it asked for: it has room, and
-    -- waits to be woken (see fragments.WAKE); when it was last fed (to the
-    -- second: written at most once a second)
+    -- waits to be woken (see fragments.WAKE); when a claim last got messages
+    -- (reported with its heartbeat)
     hungry        boolean NOT NULL DEFAULT false,
     fed_at        timestamptz NOT NULL DEFAULT now(),
     -- the server's clock minus the consumer host's, at its last heartbeat

@@ -72,14 +72,14 @@ class ConsumerWrites:
         " m.task_id IS NOT NULL AND {s}.is_revoked(m.task_id) AS revoked),"
         # The consumer says whether it has room left (``hungry``: it got fewer
         # than it asked for): publishes wake hungry consumers in turn
-        # (fragments.wake). Written only when that changes, and when it was
-        # last fed at most once a second: a row written at every claim would
-        # leave a dead version per claim behind while vacuum is held back.
+        # (fragments.wake). Written only when that changes: a row written at
+        # every claim would leave a dead version per claim behind while vacuum
+        # is held back, and every publish reads them to choose whom to wake.
+        # When it was last fed goes with its heartbeat, which writes the row
+        # anyway.
         " got AS (SELECT count(*) AS n FROM picked),"
-        " fed AS (UPDATE {s}.consumers c SET hungry = got.n < %(limit)s,"
-        "  fed_at = CASE WHEN got.n > 0 THEN now() ELSE c.fed_at END FROM got"
-        "  WHERE c.id = %(consumer)s AND (c.hungry <> (got.n < %(limit)s)"
-        "  OR (got.n > 0 AND c.fed_at < now() - interval '1 second'))),"
+        " fed AS (UPDATE {s}.consumers c SET hungry = got.n < %(limit)s FROM got"
+        "  WHERE c.id = %(consumer)s AND c.hungry <> (got.n < %(limit)s)),"
         # A full claim may leave more behind: it passes the wake-up on to the
         # next hungry consumer of the queue.
         " passed AS (SELECT " + PASS_ON + " AS sent FROM got WHERE got.n >= %(limit)s)"
@@ -243,7 +243,8 @@ class ConsumerStatements:
     heartbeat: str = (
         "UPDATE {s}.consumers SET heartbeat_at = now(), queues = %(queues)s,"
         " clock_offset_s = extract(epoch FROM now()) - %(clock)s::float8,"
-        " claims = %(claims)s::bigint[], claim_seconds = %(claim_seconds)s"
+        " claims = %(claims)s::bigint[], claim_seconds = %(claim_seconds)s,"
+        " fed_at = coalesce(now() - %(fed_ago)s::float8 * interval '1 second', fed_at)"
         " WHERE id = %(id)s RETURNING id, (" + NEXT_DUE + ")"
     )
     next_due: str = NEXT_DUE
