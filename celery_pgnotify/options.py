@@ -134,7 +134,8 @@ class TransportOptions:
             raise ConfigurationError(
                 f"{setting}['schema']",
                 f"{self.schema!r} is not a plain SQL identifier "
-                "(letters, digits and _, at most 63, not starting with a digit)",
+                "(letters, digits and _, at most 63, not starting with a digit, nor with pg_,"
+                " which PostgreSQL keeps for itself)",
             )
         if self.priority_order not in ("desc", "asc"):
             raise ConfigurationError(

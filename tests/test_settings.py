@@ -53,3 +53,7 @@ def test_a_bad_app_setting_raises_an_error_naming_it(name, value, says):
 def test_a_bad_transport_option_raises_an_error_naming_it():
     with pytest.raises(ConfigurationError, match=r"broker_transport_options\['claim_batch'\]"):
         TransportOptions.from_mapping({"claim_batch": "many"})
+    # PostgreSQL refuses to create it (a reserved prefix): said before connecting.
+    with pytest.raises(ConfigurationError, match=r"broker_transport_options\['schema'\].*pg_"):
+        TransportOptions.from_mapping({"schema": "pg_queues"})
+    assert TransportOptions.from_mapping({"schema": "PG_queues"}).schema == "PG_queues"

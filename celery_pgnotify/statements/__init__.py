@@ -42,7 +42,8 @@ __all__ = [
 ]
 
 #: Schema names are plain identifiers: they are quoted, but never contain quotes.
-SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+# PostgreSQL reserves schema names starting with pg_ for itself.
+SCHEMA_NAME = re.compile(r"^(?!pg_)[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
 @dataclass(frozen=True)
