@@ -41,7 +41,7 @@ def status(conn: psycopg.Connection[Any], stmts: Statements) -> dict[str, Any]:
         for q in figures:
             if read.get(q.name):
                 delayed[q.name] = round(delayed.get(q.name, 0) * q.leased / read[q.name])
-                q.estimated = True
+            q.estimated = q.estimated or q.leased > 0
     names = [q.name for q in figures]
     next_due = dict(conn.execute(stmts.status_next_due, {"queues": names}).fetchall())
     queues = [
