@@ -14,6 +14,7 @@ from kombu import Connection, Consumer, Producer, Queue
 from celery_pgnotify import ops
 from celery_pgnotify.revoking import REVOKE_EXPIRES
 from celery_pgnotify.statements import statements
+from tests.tablestats import report, table_reads
 from tests.test_scheduled import task
 from tests.test_transport import collect, drain_for, drain_until
 from tests.workers import close_app
@@ -130,18 +131,6 @@ def test_a_claim_tells_the_worker_of_a_revoke_it_did_not_hear(
     state.revoked.discard(doomed)
 
 
-def _revoked_reads(db: psycopg.Connection[Any], schema: str) -> tuple[int, int]:
-    """(rows read by sequential scans, index scans) of ``revoked`` so far."""
-    db.execute("SELECT pg_stat_clear_snapshot()")
-    row = db.execute(
-        "SELECT seq_tup_read, coalesce(idx_scan, 0) FROM pg_stat_user_tables"
-        " WHERE schemaname = %s AND relname = 'revoked'",
-        (schema,),
-    ).fetchone()
-    assert row is not None
-    return int(row[0]), int(row[1])
-
-
 def test_a_burst_of_revokes_leaves_every_claim_one_probe_per_message(
     make_connection: Any, db: psycopg.Connection[Any], schema: str
 ) -> None:
@@ -167,12 +156,11 @@ def test_a_burst_of_revokes_leaves_every_claim_one_probe_per_message(
             f'INSERT INTO "{schema}".revoked (task_id, expires_at)'
             " SELECT 'r' || g, now() + interval '1 hour' FROM generate_series(1, 20000) AS g"
         )
-        rows_before, probes_before = _revoked_reads(db, schema)
+        before = table_reads(db, schema, "revoked")
         one_at_a_time(5)
-        claims = consumer.transport.claim_conn()
-        claims.execute("SELECT pg_stat_force_next_flush()")
-        claims.execute("SELECT 1")  # its statistics reach the server as it goes idle
+        report(consumer.transport.claim_conn())
     assert len(received) == 18
-    rows, probes = _revoked_reads(db, schema)
-    assert probes - probes_before >= 5 or rows > rows_before, "no statistics of the claims"
-    assert rows == rows_before, f"5 claims read {rows - rows_before} rows of revoked"
+    after = table_reads(db, schema, "revoked")
+    read = after["seq_tup_read"] - before["seq_tup_read"]
+    assert after["idx_scan"] - before["idx_scan"] >= 5 or read, "no statistics of the claims"
+    assert read == 0, f"5 claims read {read} rows of revoked"

@@ -16,6 +16,7 @@ from celery import Celery, states
 
 from celery_pgnotify import waiting
 from celery_pgnotify.connect import received_notifies
+from tests.tablestats import report, table_reads
 from tests.workers import close_app
 
 
@@ -140,19 +141,7 @@ def test_reading_results_after_a_burst_reads_none_but_those_asked_for(
             backend._cache.pop(task_id, None)  # read it from the table each time
 
     def seq_scans() -> int:
-        db.execute("SELECT pg_stat_clear_snapshot()")
-        row = db.execute(
-            "SELECT seq_scan FROM pg_stat_user_tables"
-            " WHERE schemaname = %s AND relname = 'results'",
-            (schema,),
-        ).fetchone()
-        assert row is not None
-        return int(row[0])
-
-    def report() -> None:  # the backend session's statistics reach the server
-        conn = backend._connection()
-        conn.execute("SELECT pg_stat_force_next_flush()")
-        conn.execute("SELECT 1")
+        return table_reads(db, schema, "results")["seq_scan"]
 
     store_and_read(1)
     db.execute(f'DELETE FROM "{schema}".results')
@@ -163,8 +152,8 @@ def test_reading_results_after_a_burst_reads_none_but_those_asked_for(
         " SELECT 'x' || g, 'SUCCESS', ''::bytea, now() + interval '1 day'"
         " FROM generate_series(1, 100000) AS g"
     )
-    report()
+    report(backend._connection())
     before = seq_scans()
     store_and_read(5)
-    report()
+    report(backend._connection())
     assert seq_scans() == before, "reading 5 results scanned the whole table"

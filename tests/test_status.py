@@ -15,6 +15,7 @@ from kombu import Connection, Producer, Queue
 from celery_pgnotify import metrics, ops
 from celery_pgnotify.migrations import migrate
 from celery_pgnotify.statements import statements
+from tests.tablestats import table_reads
 from tests.workers import ROOT
 
 
@@ -77,13 +78,8 @@ def test_delayed_reads_at_most_the_cap_of_leased_payloads_and_scales_beyond(
     )
 
     def so_far() -> int:  # rows this session read of messages, not yet reported
-        row = db.execute(
-            "SELECT seq_tup_read + coalesce(idx_tup_fetch, 0) FROM pg_stat_xact_user_tables"
-            " WHERE schemaname = %s AND relname = 'messages'",
-            (schema,),
-        ).fetchone()
-        assert row is not None
-        return int(row[0])
+        reads = table_reads(db, schema, "messages", this_session=True)
+        return reads["seq_tup_read"] + reads["idx_tup_fetch"]
 
     def rows_read(read: Any) -> tuple[Any, int]:
         with db.transaction():

@@ -13,6 +13,7 @@ import pytest
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
 from celery_pgnotify.errors import ConfigurationError, InvalidName
+from tests.tablestats import report, table_reads
 
 
 def drain_until(conn: Connection, received: list[Any], count: int, timeout: float = 10) -> None:
@@ -600,17 +601,6 @@ def test_a_claiming_session_compiles_none_of_its_statements(connection, schema):
     assert "JIT" not in plan
 
 
-def _messages_scans(db: Any, schema: str) -> tuple[int, int]:
-    """(sequential scans, index scans) of ``messages`` reported so far."""
-    db.execute("SELECT pg_stat_clear_snapshot()")
-    row = db.execute(
-        "SELECT seq_scan, coalesce(idx_scan, 0) FROM pg_stat_user_tables"
-        " WHERE schemaname = %s AND relname = 'messages'",
-        (schema,),
-    ).fetchone()
-    return int(row[0]), int(row[1])
-
-
 def test_a_burst_into_a_quiet_queue_leaves_claims_and_acks_on_the_indexes(
     make_connection, db, schema
 ):
@@ -637,13 +627,11 @@ def test_a_burst_into_a_quiet_queue_leaves_claims_and_acks_on_the_indexes(
             f'INSERT INTO "{schema}".messages (queue, rank, payload)'
             " SELECT 'elsewhere', 0, '{}' FROM generate_series(1, 200000)"
         )
-        claims = consumer.transport.claim_conn()
-        claims.execute("SELECT pg_stat_force_next_flush()")
-        claims.execute("SELECT 1")  # its statistics so far reach the server
-        seq_before, idx_before = _messages_scans(db, schema)
+        report(consumer.transport.claim_conn())  # its statistics so far
+        before = table_reads(db, schema, "messages")
         one_at_a_time(5)
-        claims.execute("SELECT pg_stat_force_next_flush()")
-        claims.execute("SELECT 1")
-    seq, idx = _messages_scans(db, schema)
-    assert idx > idx_before, "no statistics of the claims"
-    assert seq == seq_before, f"5 claims and acks scanned messages {seq - seq_before} times"
+        report(consumer.transport.claim_conn())
+    after = table_reads(db, schema, "messages")
+    assert after["idx_scan"] > before["idx_scan"], "no statistics of the claims"
+    scans = after["seq_scan"] - before["seq_scan"]
+    assert scans == 0, f"5 claims and acks scanned messages {scans} times"
