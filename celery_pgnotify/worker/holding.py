@@ -22,7 +22,9 @@ class Holding:
     """A time-ordered heap of held messages, and the token buckets of rate limits."""
 
     def __init__(self, app: Any) -> None:
-        self._app = app
+        # Read once, as Celery's own worker does at start.
+        self._no_rate_limits = bool(app.conf.worker_disable_rate_limits)
+        self._default_rate = app.conf.task_default_rate_limit
         #: (when, seq, message, is_eta), earliest first
         self._heap: list[tuple[float, int, Message, bool]] = []
         self._seq = itertools.count()
@@ -64,10 +66,10 @@ class Holding:
 
     def rate_wait(self, task: Any) -> float:
         """Seconds to wait for ``task``'s rate_limit (0: go now, token taken)."""
-        if self._app.conf.worker_disable_rate_limits:
+        if self._no_rate_limits:
             return 0.0
         if task.name not in self._buckets:
-            limit = rate(task.rate_limit or self._app.conf.task_default_rate_limit)
+            limit = rate(task.rate_limit or self._default_rate)
             self._buckets[task.name] = TokenBucket(limit, capacity=1) if limit else None
         bucket = self._buckets[task.name]
         if bucket is None or bucket.can_consume(1):

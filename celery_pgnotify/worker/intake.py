@@ -70,6 +70,7 @@ class Intake:
         self._events = events
         self._on_hold = on_hold  # an ETA message was held: widen the prefetch window
         self._accept: set[str] = prepare_accept_content(app.conf.accept_content)
+        self._default_soft_limit = app.conf.task_soft_time_limit  # read once, as Celery's worker
 
     def on_message(self, message: Message, held: bool = False) -> None:
         """A task message arrived (``held``: one held here comes due)."""
@@ -91,7 +92,10 @@ class Intake:
     def _receive(self, message: Message, held: bool) -> None:
         headers = message.headers
         try:
-            check_task_headers(headers)
+            if not isinstance(headers, dict) or "task" not in headers:
+                # A task message's headers were checked as the transport took
+                # it (envelope.parse); this one is not a task message at all.
+                check_task_headers(headers)
             name, task_id = headers["task"], headers["id"]
             task = self._app.tasks.get(name)
             if task is None:
@@ -164,7 +168,7 @@ class Intake:
             name,
             request,
             body,  # decoded once, here; the child does not decode again
-            soft_time_limit=soft or task.soft_time_limit or self._app.conf.task_soft_time_limit,
+            soft_time_limit=soft or task.soft_time_limit or self._default_soft_limit,
             tag=message.delivery_tag,
             expires=expires,
         )

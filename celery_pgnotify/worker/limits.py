@@ -25,7 +25,7 @@ class Limits:
     """When each running task started, and the ones being cancelled."""
 
     def __init__(self, app: Any, pool: Pool, grace: float) -> None:
-        self._app = app
+        self._default_limit = app.conf.task_time_limit  # read once, as Celery's worker does
         self._pool = pool
         self._grace = grace  # SIGUSR1 to SIGKILL
         self._started: dict[int, float] = {}  # delivery tag -> monotonic start
@@ -69,5 +69,5 @@ class Limits:
 
     def _hard_limit(self, message: Message, task: Any) -> float | None:
         limits = (message.headers or {}).get("timelimit") or (None, None)
-        limit = limits[0] or task.time_limit or self._app.conf.task_time_limit
+        limit = limits[0] or task.time_limit or self._default_limit
         return float(limit) if limit else None

@@ -18,12 +18,13 @@ import collections
 import logging
 import multiprocessing
 import os
+import selectors
 import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any
 
 from celery_pgnotify.wakeup import WakePipe
@@ -309,22 +310,36 @@ class Pool:
         self._wakeup.poke()
 
     def _watch(self) -> None:
-        while True:
-            with self._lock:
-                if self._stopping and not self._children:
-                    return
-                by_conn = {c.conn: c for c in self._children.values()}
-                by_sentinel = {c.process.sentinel: c for c in self._children.values()}
-            wake_fd = self._wakeup.fd
-            ready = wait([wake_fd, *by_conn, *by_sentinel], timeout=1.0)
-            for item in ready:
-                if item == wake_fd:
-                    self._wakeup.drain()
-                elif item in by_conn:
-                    self._read(by_conn[item])
-            for item in ready:
-                if item in by_sentinel:
-                    self._reap(by_sentinel[item])
+        # One selector for the thread's life, told of each child as it comes
+        # and goes (a new one for each wake-up, every descriptor registered
+        # again, cost the manager more CPU per task than its claims).
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._wakeup.fd, selectors.EVENT_READ)
+            watched: dict[int, Child] = {}  # pid -> child whose pipe and sentinel are watched
+            while True:
+                with self._lock:
+                    if self._stopping and not self._children:
+                        return
+                    new = [c for pid, c in self._children.items() if watched.get(pid) is not c]
+                for child in new:
+                    watched[child.process.pid] = child
+                    selector.register(child.conn.fileno(), selectors.EVENT_READ, child)
+                    selector.register(child.process.sentinel, selectors.EVENT_READ, child)
+                ended = []
+                for key, _ in selector.select(timeout=1.0):
+                    child = key.data
+                    if child is None:
+                        self._wakeup.drain()
+                    elif key.fd == child.process.sentinel:
+                        ended.append(child)
+                    else:
+                        self._read(child)
+                for child in ended:
+                    # Before its pipe is closed, whose number may soon be another's.
+                    selector.unregister(child.conn.fileno())
+                    selector.unregister(child.process.sentinel)
+                    watched.pop(child.process.pid, None)
+                    self._reap(child)
 
     def _read(self, child: Child) -> None:
         try:
