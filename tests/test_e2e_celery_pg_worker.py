@@ -380,3 +380,28 @@ def test_control_rate_limit_at_runtime(e2e: E2E):
     assert row[0].total_seconds() >= 1.8
     unknown = e2e.app.control.rate_limit("no.such.task", "1/s", reply=True, timeout=5, limit=1)
     assert all("error" in r for reply in unknown for r in reply.values())
+
+
+def test_a_warm_shutdown_ends_a_worker_that_cannot_reach_its_broker(e2e: E2E):
+    """A worker retrying its first connection kept retrying after SIGTERM
+    ("Warm shutdown" logged, the process left running for good), where
+    Celery's own worker stops."""
+    import socket
+
+    from tests.workers import celery_pg_worker
+
+    with socket.socket() as closed:  # bound, never listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        env = dict(e2e.env, PGNOTIFY_BROKER_URL=f"pgnotify://nobody@127.0.0.1:{port}/none")
+        worker = celery_pg_worker(env, "-Q", "unreachable", loglevel="info")
+        try:
+            worker.wait_for("Broker connection error", timeout=30)
+            asked = time.monotonic()
+            worker.kill(signal.SIGTERM)
+            code = worker.proc.wait(15)
+            took = time.monotonic() - asked
+        finally:
+            worker.stop()
+    assert code == 0, worker.output()
+    assert took < 5, f"stopped {took:.1f} s after SIGTERM"

@@ -51,6 +51,10 @@ from celery_pgnotify.worker.state import Ledger, WorkerState
 logger = logging.getLogger(__name__)
 
 
+class _Stopped(Exception):
+    """A stop was asked for while the broker could not be reached."""
+
+
 class Manager(ConsumerMixin):
     """Consumes task messages and runs them on the pool."""
 
@@ -252,6 +256,21 @@ class Manager(ConsumerMixin):
         dropped = len(waiting) + len(self.holding.clear())
         logger.warning("Reconnected: %d waiting message(s) left to their queues", dropped)
 
+    @contextlib.contextmanager
+    def establish_connection(self) -> Iterator[Any]:
+        # kombu's own, but a stop ends the retries: the callback runs before
+        # each attempt and each second of the wait between two (kombu's
+        # retries otherwise go on for ever, SIGTERM or not).
+        with self.create_connection() as conn:
+            conn.ensure_connection(
+                self.on_connection_error, self.connect_max_retries, callback=self._stop_retrying
+            )
+            yield conn
+
+    def _stop_retrying(self) -> None:
+        if self.should_stop:
+            raise _Stopped
+
     def on_connection_error(self, exc: BaseException, interval: float) -> None:
         logger.warning("Broker connection error: %s; retrying in %.1fs", exc, interval)
 
@@ -266,6 +285,8 @@ class Manager(ConsumerMixin):
         signal.signal(signal.SIGINT, self._on_stop_signal)
         try:
             self.run()
+        except _Stopped:
+            logger.info("Stopped before the broker could be reached")
         finally:
             self._shutdown()
 
