@@ -405,3 +405,29 @@ def test_a_warm_shutdown_ends_a_worker_that_cannot_reach_its_broker(e2e: E2E):
             worker.stop()
     assert code == 0, worker.output()
     assert took < 5, f"stopped {took:.1f} s after SIGTERM"
+
+
+def test_the_children_of_a_killed_manager_do_not_outlive_it(e2e: E2E):
+    """Each child holds copies of the manager's ends of the pipes (a fork
+    inherits them), so a SIGKILLed manager's pipes never closed: its idle
+    children waited for a next job for good."""
+    import os
+    import subprocess
+
+    worker = e2e.pg_worker(concurrency=2)
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(worker.proc.pid)], capture_output=True, text=True
+    ).stdout
+    children = [int(pid) for pid in out.split()]
+    assert len(children) == 2, out
+    os.kill(worker.proc.pid, signal.SIGKILL)  # the manager alone, not its group
+    worker.proc.wait(10)
+    deadline = time.monotonic() + 10
+    alive = children
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in children if os.path.exists(f"/proc/{pid}")]
+    try:
+        assert alive == [], f"children {alive} outlived their manager"
+    finally:
+        worker.kill()  # the group: whatever is left

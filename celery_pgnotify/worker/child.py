@@ -110,13 +110,13 @@ def child_main(
     _set_task_join_will_block(True)
     signals.worker_process_init.send(sender=None)
     trace = _tracer(app, hostname)
-    pid = os.getpid()
+    pid, manager = os.getpid(), os.getppid()
     conn.send(("ready", pid))
     born = time.monotonic()
     done = 0
     try:
         while True:
-            message = conn.recv()
+            message = _next_message(conn, manager)
             if message[0] == "stop":
                 break
             job: Job = message[1]
@@ -137,6 +137,21 @@ def child_main(
         pass  # the manager is gone: nothing left to do
     finally:
         signals.worker_process_shutdown.send(sender=None, pid=pid, exitcode=0)
+
+
+#: Seconds between two looks, while idle, at whether the manager still lives.
+PARENT_CHECK = 1.0
+
+
+def _next_message(conn: Connection, manager: int) -> Any:
+    """The manager's next message; EOFError once the manager is gone. Its
+    pipe does not say so: a fork inherits every descriptor, so each child
+    holds copies of the manager's ends of the pipes, which outlive it (a
+    SIGKILLed manager left its idle children waiting for good)."""
+    while not conn.poll(PARENT_CHECK):
+        if os.getppid() != manager:
+            raise EOFError("the manager is gone")
+    return conn.recv()
 
 
 #: Longest result/exception text sent back for task events.
