@@ -164,6 +164,7 @@ class Gathering:
 
     def _publish_many(self, batch: PublishBatch) -> None:
         params = batch.params(self._stmts.channel_prefix, self._opts.fresh)
+        params["wake_all"] = batch.through is not None  # it commits later (see fragments.wake)
         if batch.through is not None:  # inside enqueue_in(conn): the caller's transaction
             query = self._stmts.durable_publishes.publish_many
             rows = batch.through.execute(query, params).fetchall()

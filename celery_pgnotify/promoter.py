@@ -65,6 +65,7 @@ class Promoter:
             "limit": PROMOTE_BATCH,
             "prefix": self._stmts.channel_prefix,
             "fresh": self._fresh,
+            "wake_all": False,  # it commits at once
         }
         stop_at = time.monotonic() + self._budget
         try:

@@ -206,6 +206,7 @@ class Channel(Topology, DeadLettering, Gathering, virtual.Channel):
         # A task due later waits in the database, not in a worker's memory.
         # Inside enqueue_in(conn): the row is written in the caller's transaction.
         through = current_connection(headers)
+        params["wake_all"] = through is not None  # it commits later (see fragments.wake)
         publishes = self._stmts.durable_publishes if through is not None else self._publishes
         due = envelope.due_time(headers, self._opts.broker_eta_threshold)
         if due is not None and self._opts.broker_etas:

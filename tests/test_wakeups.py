@@ -272,3 +272,47 @@ def test_the_heartbeat_says_when_the_consumer_was_last_fed(
             if got is not None and float(got[0]) < float(got[1]) - 1.0:
                 fed = float(got[0])
     assert fed is not None and fed < 1.0
+
+
+def test_a_transactional_enqueue_wakes_a_consumer_that_came_during_its_transaction(
+    broker_url: str, pg_dsn: str, schema: str, make_connection: Any
+) -> None:
+    """A publish judges as its statement runs whether any consumer reads the
+    queue. Inside ``enqueue_in`` it commits later: a consumer that came in
+    between had looked at its queues already, was not notified, and took the
+    task only at its fallback re-read (here 120 s; 5 s by default)."""
+    from celery import Celery
+
+    from celery_pgnotify import enqueue_in
+    from tests.test_transport import collect
+    from tests.workers import close_app
+
+    name = f"tx{time.monotonic_ns()}"
+    queue = Queue(name, Exchange(name), routing_key=name)
+    app = Celery("tx", broker=broker_url, set_as_current=False)
+    app.conf.broker_transport_options = {"schema": schema, "polling_interval": 120.0}
+    consumer = make_connection(polling_interval=120.0)
+    received: list[Any] = []
+    user = psycopg.connect(pg_dsn)  # its transaction stays open until commit()
+    try:
+        with app.connection_for_write() as conn:
+            queue(conn.default_channel).declare()  # the schema and the queue exist
+        with enqueue_in(user):
+            app.send_task("t.noop", exchange=name, routing_key=name)  # no consumer yet
+        with Consumer(consumer.default_channel, [queue], callbacks=[collect(received)]):
+            try:  # registered, and it has looked at its queues
+                consumer.drain_events(timeout=1)
+            except TimeoutError:
+                pass
+            assert received == []  # not committed yet
+            user.commit()
+            deadline = time.monotonic() + 10
+            while not received and time.monotonic() < deadline:
+                try:
+                    consumer.drain_events(timeout=0.5)
+                except TimeoutError:
+                    pass
+    finally:
+        user.close()
+        close_app(app)
+    assert len(received) == 1, "the task was not delivered within 10 s of its commit"

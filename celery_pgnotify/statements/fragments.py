@@ -91,11 +91,19 @@ def wake(count: str) -> str:
     the others remember the queue and claim once room frees. Every idle
     LISTEN session of the database runs a transaction per notifying commit,
     whatever the channel, so waking one consumer saves the claims of the
-    others, not their reading of the notification."""
+    others, not their reading of the notification.
+
+    Whether any consumer reads the queue is judged as the statement runs;
+    a statement in a transaction of the caller's (``%(wake_all)s``: inside
+    ``enqueue_in``) may commit long after, when a consumer registered
+    meanwhile has looked at its queues already: it notifies the queue's
+    channel whatever it saw, or the message would wait for the fallback
+    re-read."""
     return (
         "CASE WHEN NOT EXISTS (SELECT 1 FROM {s}.paused_queues p WHERE p.name = queue) THEN"
         " coalesce(" + wake_hungry(count) + ","
-        " CASE WHEN EXISTS (SELECT 1 FROM {s}.consumers c WHERE queue = ANY(c.queues))"
+        " CASE WHEN %(wake_all)s"
+        "  OR EXISTS (SELECT 1 FROM {s}.consumers c WHERE queue = ANY(c.queues))"
         "  THEN " + NOTIFY + " IS NULL END) END"
     )
 
