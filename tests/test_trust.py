@@ -155,6 +155,7 @@ def test_durable_publish_decides_whether_a_publish_waits_for_the_flush(
             "prefix": channel._stmts.channel_prefix,
             "fresh": 3.0,
             "task_id": None,
+            "wake_all": False,
         }
         for name in ("publish_direct", "publish_routed"):
             with db.transaction(force_rollback=True):
