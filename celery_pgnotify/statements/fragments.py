@@ -9,13 +9,6 @@ EXPIRY = (
     "now() + {q}.message_ttl_ms * interval '1 millisecond')"
 )
 NOTIFY = "pg_notify(%(prefix)s || md5(queue), '')"
-# Notify only when some live consumer reads the queue: NOTIFY serialises
-# committing transactions, and a publish nobody waits for should not pay it.
-# A paused queue's consumers are not woken either: they could claim nothing.
-WAITED_FOR = (
-    "EXISTS (SELECT 1 FROM {s}.consumers c WHERE queue = ANY(c.queues))"
-    " AND NOT EXISTS (SELECT 1 FROM {s}.paused_queues p WHERE p.name = queue)"
-)
 # A claim takes nothing from a paused queue (one probe of a tiny table).
 NOT_PAUSED = "NOT EXISTS (SELECT 1 FROM {s}.paused_queues p WHERE p.name = %(queue)s)"
 
@@ -93,6 +86,9 @@ def wake(count: str) -> str:
     whatever the channel, so waking one consumer saves the claims of the
     others, not their reading of the notification.
 
+    Nobody is notified when no consumer reads the queue (NOTIFY serialises
+    committing transactions; a publish nobody waits for should not pay it),
+    nor when the queue is paused (its consumers could claim nothing).
     Whether any consumer reads the queue is judged as the statement runs;
     a statement in a transaction of the caller's (``%(wake_all)s``: inside
     ``enqueue_in``) may commit long after, when a consumer registered
