@@ -22,8 +22,9 @@ mode). It
   heartbeats (the database, a lock or this process was slow) it judges
   nobody for ``lease_timeout``: the others were most likely held up too;
 - moves its queues' scheduled tasks to them when due (``promoter.py``);
-- reconnects with capped exponential backoff, and after any gap marks every
-  queue as notified so the consumer re-reads the tables;
+- reconnects with capped exponential backoff, and after any gap or change of
+  its queues marks every queue as notified so the consumer re-reads the
+  tables, then does so again twice shortly after (``RELOOKS``);
 - can take over a consumer whose connection was lost (given its id, see
   ``Transport.park``): its leases stay its own unless it was reaped meanwhile.
 """
@@ -57,6 +58,14 @@ logger = logging.getLogger(__name__)
 #: ``application_name`` of listener sessions (visible in pg_stat_activity).
 LISTENER_APP_NAME = "celery-pgnotify-listener"
 
+#: Seconds after its queues changed (a start, a reconnection, a queue added)
+#: at which a consumer looks at them again. A publish judges as its statement
+#: runs whether any consumer reads its queue; one that judged "nobody" just
+#: before the consumer said it did notified nobody, and if its commit was held
+#: up (a slow WAL flush) past the consumer's first look, only these find it
+#: before the fallback re-read (``polling_interval``).
+RELOOKS = (0.05, 1.0)
+
 
 class _Reaped(Exception):
     """Ends the thread: the consumer was declared dead (see _declared_dead)."""
@@ -88,6 +97,7 @@ class Listener:
         self._first_session = threading.Event()
         self._first_error: BaseException | None = None
         self._pid = os.getpid()
+        self._relooks = _Relooks()
         self._reaper = Reaper(stmts, opts)
         self._last_beat = 0.0  # monotonic time of the last heartbeat that committed
         self._promoter = Promoter(stmts, opts.heartbeat_interval / 2, opts.fresh)
@@ -204,6 +214,10 @@ class Listener:
     def _poke(self) -> None:
         self._ctrl.poke()
 
+    def _queue_names(self) -> list[str]:
+        with self._lock:
+            return list(self._queues.values())
+
     def _wake(self, queues: Iterable[str]) -> None:
         with self._lock:
             was_empty = not self._notified
@@ -247,8 +261,7 @@ class Listener:
     def _open_session(self) -> None:
         # LISTEN comes once the consumer holds its session lock (_sync_listen).
         conn = self._listen.open(_session_conninfo(self._conninfo, self._opts))
-        with self._lock:
-            queues = list(self._queues.values())
+        queues = self._queue_names()
         params = {"hostname": self._hostname, "pid": os.getpid(), "queues": queues}
         if self.consumer_id is None:
             row = conn.execute(self._stmts.register_consumer, params).fetchone()
@@ -288,8 +301,10 @@ class Listener:
             wanted.update(self._turns.channels(list(wanted.values()), self.consumer_id))
         if self._listen.sync(wanted):
             self._heartbeat()
-            # Messages may have arrived before the LISTEN: look once.
+            # Messages may have arrived before the LISTEN: look now, and
+            # again in a moment (see RELOOKS).
             self._wake(wanted.values())
+            self._relooks.plan()
 
     def _on_channel(self, channel: str) -> None:
         with self._lock:
@@ -303,8 +318,7 @@ class Listener:
         held the statement up past its timeout (tried again next beat)."""
         conn = self._listen.conn
         assert conn is not None and self.consumer_id is not None
-        with self._lock:
-            queues = list(self._queues.values())
+        queues = self._queue_names()
         params = {"id": self.consumer_id, "queues": queues, **self.claim_times.report()}
         try:
             alive = conn.execute(self._stmts.heartbeat, params).fetchone()
@@ -355,7 +369,7 @@ class Listener:
         next_beat = time.monotonic() + interval
         while not self._stopping.is_set():
             wake_at = next_beat
-            for at in (self._promoter.next_at, self._turns.next_at()):
+            for at in (self._promoter.next_at, self._turns.next_at(), self._relooks.next_at):
                 if at is not None:
                     wake_at = min(wake_at, at)
             timeout = max(0.0, wake_at - time.monotonic())
@@ -367,16 +381,39 @@ class Listener:
                 self._sync_listen()
             if notified:
                 self._listen.read()
+            if self._relooks.due():
+                self._wake(self._queue_names())
             if time.monotonic() >= next_beat:
                 if self._heartbeat():
                     self._reaper.reap(conn)
                 next_beat = time.monotonic() + interval
             if self._promoter.is_due():
-                with self._lock:
-                    queues = list(self._queues.values())
-                self._promoter.promote(conn, queues)
+                self._promoter.promote(conn, self._queue_names())
             if self.consumer_id is not None:
                 self._turns.step_aside(conn, self.consumer_id)
+
+
+class _Relooks:
+    """When a consumer looks at its queues again after they changed (RELOOKS)."""
+
+    def __init__(self) -> None:
+        self._at: list[float] = []  # monotonic times, in order
+
+    @property
+    def next_at(self) -> float | None:
+        return self._at[0] if self._at else None
+
+    def plan(self) -> None:
+        now = time.monotonic()
+        self._at = [now + delay for delay in RELOOKS]
+
+    def due(self) -> bool:
+        """True once per planned time that has come (and drops it)."""
+        now = time.monotonic()
+        if not self._at or self._at[0] > now:
+            return False
+        self._at = [at for at in self._at if at > now]
+        return True
 
 
 def _session_conninfo(conninfo: str, opts: TransportOptions) -> str:

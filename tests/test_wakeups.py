@@ -316,3 +316,58 @@ def test_a_transactional_enqueue_wakes_a_consumer_that_came_during_its_transacti
         user.close()
         close_app(app)
     assert len(received) == 1, "the task was not delivered within 10 s of its commit"
+
+
+def test_a_publish_whose_commit_is_held_up_reaches_a_consumer_that_came_meanwhile(
+    make_connection: Any, db: psycopg.Connection[Any], pg_dsn: str, schema: str
+) -> None:
+    """A publish judges as its statement runs whether any consumer reads its
+    queue. One that judged "nobody" just before a consumer came, and whose
+    commit was then held up (a slow WAL flush) past the consumer's first look
+    at its queues, notified nobody: the task waited for the fallback re-read
+    (here 120 s; 5 s by default). The consumer looks again a moment later."""
+    from tests.test_transport import collect
+
+    name = f"held{time.monotonic_ns()}"
+    queue = Queue(name, Exchange(name), routing_key=name)
+    with make_connection() as producer:
+        channel = producer.default_channel
+        Producer(channel).publish({"n": 1}, declare=[queue], routing_key=name, exchange=name)
+        publishes = channel._publishes
+    # The stored message, to be published again by hand with its commit held.
+    row = db.execute(
+        f'DELETE FROM "{schema}".messages WHERE queue = %s RETURNING payload', (name,)
+    ).fetchone()
+    assert row is not None
+    params = {
+        "queue": name,
+        "rank": 0,
+        "payload": row[0],
+        "ttl": None,
+        "prefix": statements(schema).channel_prefix,
+        "fresh": 3.0,
+        "task_id": None,
+        "wake_all": False,  # a plain publish, whose statement and commit are one
+    }
+    consumer = make_connection(polling_interval=120.0)
+    received: list[Any] = []
+    slow = psycopg.connect(pg_dsn)
+    try:
+        slow.execute(publishes.publish_direct, params)  # no consumer yet: no NOTIFY
+        with Consumer(consumer.default_channel, [queue], callbacks=[collect(received)]):
+            try:  # registered, and it has looked at its queues
+                consumer.drain_events(timeout=0.3)
+            except TimeoutError:
+                pass
+            assert received == []  # not committed yet
+            slow.commit()  # the commit, held up till now
+            deadline = time.monotonic() + 5
+            while not received and time.monotonic() < deadline:
+                try:
+                    consumer.drain_events(timeout=0.5)
+                except TimeoutError:
+                    pass
+    finally:
+        slow.close()
+        consumer.release()
+    assert len(received) == 1, "the task was not delivered within 5 s of its commit"
