@@ -9,6 +9,12 @@ Redis as it runs here and with ``appendfsync always`` (``redis-fsync``),
 RabbitMQ without and with publisher confirms. No worker runs; each
 producer publishes ``--tasks`` no-op tasks as fast as it can, and the rate
 is the total over the slowest producer's time.
+
+Beside each rate, the CPU one publish cost: the producers' own (each
+measures its loop, ``time.process_time``) and the broker's server processes
+(``cpu.py``). With every core busy (four producers and a broker on two
+cores) the rate is bounded by the cores over their sum: what a broker can
+gain is only its own share.
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ import os
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench import DURABLE_REDIS, PG, Broker, cleanup, reachable  # noqa: E402
+import cpu  # noqa: E402
+
+from bench import DURABLE_REDIS, PG, Broker, cleanup, reachable, server_command  # noqa: E402
 
 
 def _publish(url: str, options: dict[str, Any], queue: str, n: int, start: Any, out: Any) -> None:
@@ -36,14 +45,23 @@ def _publish(url: str, options: dict[str, Any], queue: str, n: int, start: Any, 
     noop = app.signature("bench.noop")
     noop.delay()  # connected and declared before the clock starts
     start.wait()
-    began = time.perf_counter()
+    began, began_cpu = time.perf_counter(), time.process_time()
     for _ in range(n):
         noop.delay()
-    out.put(time.perf_counter() - began)
+    out.put((time.perf_counter() - began, time.process_time() - began_cpu))
     app.close()
 
 
-def rate(broker: Broker, producers: int, tasks: int) -> float:
+@dataclass
+class Rate:
+    """Publishes per second, and the CPU milliseconds one publish cost."""
+
+    per_second: float
+    producer_ms: float
+    broker_ms: float
+
+
+def rate(broker: Broker, producers: int, tasks: int) -> Rate:
     ctx = multiprocessing.get_context("spawn")
     queue = f"publish_{uuid.uuid4().hex[:8]}"
     start, out = ctx.Event(), ctx.Queue()
@@ -54,8 +72,12 @@ def rate(broker: Broker, producers: int, tasks: int) -> float:
     for p in procs:
         p.start()
     time.sleep(3)  # every producer connected
-    start.set()
-    slowest = max(out.get(timeout=600) for _ in procs)
+    # No process has pid -1 (nor is below it): the server counts as "broker".
+    with cpu.CpuSplit(-1, server_command(broker)) as split:
+        start.set()
+        done = [out.get(timeout=600) for _ in procs]
+    slowest = max(elapsed for elapsed, _ in done)
+    published = producers * tasks
     for p in procs:
         p.join()
     try:
@@ -65,7 +87,11 @@ def rate(broker: Broker, producers: int, tasks: int) -> float:
             conn.default_channel.queue_purge(queue)
     finally:
         cleanup(broker, [queue])
-    return producers * tasks / slowest
+    return Rate(
+        published / slowest,
+        1000 * sum(used for _, used in done) / published,
+        split.per_task(published).get("broker", float("nan")),
+    )
 
 
 def main() -> None:
@@ -89,7 +115,7 @@ def main() -> None:
             "rabbitmq confirms", "amqp://guest:guest@127.0.0.1:5672//", {"confirm_publish": True}
         ),
     ]
-    rows: dict[tuple[str, int], float] = {}
+    rows: dict[tuple[str, int], Rate] = {}
     try:
         for producers in [int(p) for p in args.producers.split(",")]:
             for broker in brokers:
@@ -103,16 +129,19 @@ def main() -> None:
     finally:
         DURABLE_REDIS.stop()
         cleanup(brokers[0], [])
-    print(f"\n{'broker':<32} {'producers':>9} {'publish/s':>10}")
-    for (name, producers), value in rows.items():
-        print(f"{name:<32} {producers:>9} {value:>10.0f}")
+    print(f"\n{'broker':<32} {'producers':>9} {'publish/s':>10}   cpu ms/publish: producers broker")
+    for (name, producers), r in rows.items():
+        print(
+            f"{name:<32} {producers:>9} {r.per_second:>10.0f}"
+            f"   {r.producer_ms:>25.3f} {r.broker_ms:>6.3f}"
+        )
     for producers in sorted({p for _, p in rows}):
         for mine in ("pgnotify", "pgnotify durable_publish=False"):
             if (mine, producers) not in rows:
                 continue
             ratios = ", ".join(
-                f"{name} {rows[mine, producers] / value:.2f}x"
-                for (name, p), value in rows.items()
+                f"{name} {rows[mine, producers].per_second / r.per_second:.2f}x"
+                for (name, p), r in rows.items()
                 if p == producers and not name.startswith("pgnotify")
             )
             print(f"{producers} producer(s), {mine} against: {ratios}")
