@@ -164,3 +164,43 @@ def test_a_burst_of_revokes_leaves_every_claim_one_probe_per_message(
     read = after["seq_tup_read"] - before["seq_tup_read"]
     assert after["idx_scan"] - before["idx_scan"] >= 5 or read, "no statistics of the claims"
     assert read == 0, f"5 claims read {read} rows of revoked"
+
+
+def test_a_revoke_reads_only_the_expired_records_it_removes(
+    make_connection: Any, db: psycopg.Connection[Any], schema: str
+) -> None:
+    """Each revoke removes the records that have expired. It found them by
+    reading the whole table: with 20,000 revokes of the last hours recorded,
+    every revoke read 20,000 rows, so revoking a batch of tasks one at a
+    time took time that grew with the square of their number."""
+    from kombu import pidbox
+
+    conn = make_connection()
+    # Celery's own broadcast (``app.control.revoke``), on a session this test knows.
+    mailbox = pidbox.Mailbox("celery", type="fanout", accept=["json"])(conn)
+
+    def revoke(task_id: str) -> None:
+        mailbox._broadcast("revoke", {"task_id": task_id, "terminate": False})
+
+    for i in range(20):  # prepared, then planned once for good while the table is small
+        revoke(f"warm{i}")
+    db.execute(
+        f'INSERT INTO "{schema}".revoked (task_id, expires_at)'
+        " SELECT 'live' || g, now() + interval '1 hour' FROM generate_series(1, 20000) AS g"
+        " UNION ALL SELECT 'gone' || g, now() - interval '1 s' FROM generate_series(1, 5) AS g"
+    )
+    work = conn.transport.work_conn()
+    report(work)
+    before = table_reads(db, schema, "revoked")
+    revoke("fresh")
+    report(work)
+    after = table_reads(db, schema, "revoked")
+    assert after["seq_scan"] + after["idx_scan"] > before["seq_scan"] + before["idx_scan"], (
+        "no statistics of the revoke"
+    )
+    read = after["seq_tup_read"] - before["seq_tup_read"]
+    assert read == 0, f"one revoke read {read} rows of revoked"
+    kinds = db.execute(
+        f'SELECT left(task_id, 4), count(*) FROM "{schema}".revoked GROUP BY 1 ORDER BY 1'
+    ).fetchall()
+    assert kinds == [("fres", 1), ("live", 20000), ("warm", 20)]  # the expired ones went

@@ -1,4 +1,4 @@
--- The schema as celery-pgnotify declares it, at version 13: what the
+-- The schema as celery-pgnotify declares it, at version 14: what the
 -- migrations (NNNN_*.sql in this folder, applied in order) build, in one
 -- reading. A new schema is created from this file; an existing one is brought
 -- up to date by the migrations it lacks. tests/test_schema.py checks that both
@@ -93,6 +93,8 @@ CREATE TABLE {s}.revoked (
     revoked_at  timestamptz NOT NULL DEFAULT now(),
     expires_at  timestamptz NOT NULL
 );
+-- Each revoke removes the expired records, found by their expiry.
+CREATE INDEX revoked_expiring ON {s}.revoked (expires_at);
 -- Whether a task is revoked: one probe of the primary key per message a
 -- claim takes, whatever the planner believes of the table (a claim's plan,
 -- made once per session while the table was empty, would read all of it per

@@ -449,10 +449,13 @@ class OperationStatements:
     # A revoke recorded for workers yet to start, until it expires (later, for
     # a task scheduled beyond that: its revoke must outlast its wait).
     # Expired revokes go in the same statement (not the ids being revoked
-    # again: a row is changed once per statement).
+    # again: a row is changed once per statement), up to 1,000 at a time,
+    # found in the expiry's index (ordered and limited, which the planner
+    # takes whatever it believes of the table) and removed by primary key.
     record_revokes: str = (
-        "WITH expired AS (DELETE FROM {s}.revoked"
-        "  WHERE expires_at <= now() AND task_id <> ALL(%(ids)s::text[]))"
+        "WITH expired AS (DELETE FROM {s}.revoked WHERE task_id = ANY(ARRAY("
+        "  SELECT e.task_id FROM {s}.revoked e WHERE e.expires_at <= now()"
+        "  AND e.task_id <> ALL(%(ids)s::text[]) ORDER BY e.expires_at LIMIT 1000)))"
         " INSERT INTO {s}.revoked AS r (task_id, expires_at)"
         " SELECT v.id, GREATEST(now(), (SELECT max(t.due_at) FROM {s}.scheduled t"
         "  WHERE t.task_id = v.id)) + %(expires)s * interval '1 second'"
