@@ -8,6 +8,12 @@ its own extension point: a consuming process on pgnotify (the stock worker;
   Celery's own answer, then the tasks waiting in the database until due;
 - ``pause_queue`` / ``resume_queue`` (``app.control.broadcast("pause_queue",
   arguments={"queue": "q"}, reply=True)``): the same as ``celery-pg pause``.
+
+They are installed as soon as Celery's registry is imported, by the import
+hook the wheel's ``.pth`` file sets up (``_pth/autoload.py``): Celery's
+command line accepts only the commands its own process registered. A
+consuming transport installs them too (once per process), for processes
+started without ``.pth`` files.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ worker is SIGKILLed while they wait) and paused queues (by remote control)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -90,6 +92,32 @@ def test_remote_control_pauses_and_resumes_a_queue(
     assert e2e.wait_events("while-paused", ["run"]) == ["run"]
     replies = control.broadcast("pause_queue", arguments={}, reply=True, timeout=5, limit=1)
     assert "error" in next(iter(replies[0].values()))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_celerys_command_line_pauses_and_resumes_a_queue(
+    e2e: E2E, db: psycopg.Connection[Any], kind: str
+) -> None:
+    """``celery control pause_queue`` was refused by Celery's command line,
+    which accepts only the commands its own process registered (the
+    broadcast worked)."""
+    schema = e2e.options["schema"]
+    start(e2e, kind)
+
+    def control(*args: str) -> str:
+        argv = [sys.executable, "-m", "celery", "-A", "tests.e2e_app", "control", *args]
+        done = subprocess.run(
+            [*argv, "--timeout", "5"], env=e2e.env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    assert "queue 'celery' paused" in control("pause_queue", "celery")
+    paused = db.execute(f'SELECT name FROM "{schema}".paused_queues').fetchall()
+    assert paused == [("celery",)]
+    assert "queue 'celery' resumed" in control("resume_queue", "celery")
+    paused = db.execute(f'SELECT name FROM "{schema}".paused_queues').fetchall()
+    assert paused == []
 
 
 @pytest.mark.parametrize("kind", KINDS)
