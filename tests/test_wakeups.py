@@ -284,7 +284,7 @@ def test_a_transactional_enqueue_wakes_a_consumer_that_came_during_its_transacti
     from celery import Celery
 
     from celery_pgnotify import enqueue_in
-    from tests.test_transport import collect
+    from tests.test_transport import collect, drain_for, drain_until
     from tests.workers import close_app
 
     name = f"tx{time.monotonic_ns()}"
@@ -300,22 +300,14 @@ def test_a_transactional_enqueue_wakes_a_consumer_that_came_during_its_transacti
         with enqueue_in(user):
             app.send_task("t.noop", exchange=name, routing_key=name)  # no consumer yet
         with Consumer(consumer.default_channel, [queue], callbacks=[collect(received)]):
-            try:  # registered, and it has looked at its queues
-                consumer.drain_events(timeout=1)
-            except TimeoutError:
-                pass
+            drain_for(consumer, 1)  # registered, and it has looked at its queues
             assert received == []  # not committed yet
             user.commit()
-            deadline = time.monotonic() + 10
-            while not received and time.monotonic() < deadline:
-                try:
-                    consumer.drain_events(timeout=0.5)
-                except TimeoutError:
-                    pass
+            drain_until(consumer, received, 1, timeout=10)  # within 10 s of the commit
     finally:
         user.close()
         close_app(app)
-    assert len(received) == 1, "the task was not delivered within 10 s of its commit"
+    assert len(received) == 1
 
 
 def test_a_publish_whose_commit_is_held_up_reaches_a_consumer_that_came_meanwhile(
@@ -326,7 +318,7 @@ def test_a_publish_whose_commit_is_held_up_reaches_a_consumer_that_came_meanwhil
     commit was then held up (a slow WAL flush) past the consumer's first look
     at its queues, notified nobody: the task waited for the fallback re-read
     (here 120 s; 5 s by default). The consumer looks again a moment later."""
-    from tests.test_transport import collect
+    from tests.test_transport import collect, drain_for, drain_until
 
     name = f"held{time.monotonic_ns()}"
     queue = Queue(name, Exchange(name), routing_key=name)
@@ -355,19 +347,10 @@ def test_a_publish_whose_commit_is_held_up_reaches_a_consumer_that_came_meanwhil
     try:
         slow.execute(publishes.publish_direct, params)  # no consumer yet: no NOTIFY
         with Consumer(consumer.default_channel, [queue], callbacks=[collect(received)]):
-            try:  # registered, and it has looked at its queues
-                consumer.drain_events(timeout=0.3)
-            except TimeoutError:
-                pass
+            drain_for(consumer, 0.3)  # registered, and it has looked at its queues
             assert received == []  # not committed yet
             slow.commit()  # the commit, held up till now
-            deadline = time.monotonic() + 5
-            while not received and time.monotonic() < deadline:
-                try:
-                    consumer.drain_events(timeout=0.5)
-                except TimeoutError:
-                    pass
+            drain_until(consumer, received, 1, timeout=5)  # within 5 s of the commit
     finally:
         slow.close()
-        consumer.release()
-    assert len(received) == 1, "the task was not delivered within 5 s of its commit"
+    assert len(received) == 1
