@@ -31,6 +31,28 @@ def test_scheme_is_known_to_a_process_that_never_imports_the_package(broker_url)
     assert out == ["celery_pgnotify.transport", "True"]
 
 
+@pytest.mark.parametrize(
+    "first", ["kombu.transport", "celery.worker.control"], ids=["kombu_first", "celery_first"]
+)
+def test_the_pth_hook_serves_both_modules_in_either_order(first: str) -> None:
+    """The hook adds the ``pgnotify`` alias to kombu and this broker's
+    remote-control commands to Celery's registry (which ``celery control``
+    checks), whichever of the two a process imports first."""
+    second = "celery.worker.control" if first == "kombu.transport" else "kombu.transport"
+    code = (
+        f"import {first}\n"
+        f"import {second}\n"
+        "from kombu.transport import TRANSPORT_ALIASES\n"
+        "from celery.worker.control import Panel\n"
+        "print(TRANSPORT_ALIASES.get('pgnotify'))\n"
+        "print(sorted(n for n in ('pause_queue', 'resume_queue') if n in Panel.meta))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out == ["celery_pgnotify.transport:Transport", "['pause_queue', 'resume_queue']"]
+
+
 def test_interpreter_start_does_not_import_kombu():
     code = "import sys; print('kombu' in sys.modules, 'celery_pgnotify' in sys.modules)"
     out = subprocess.run(
