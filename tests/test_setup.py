@@ -16,6 +16,12 @@ from celery_pgnotify.errors import ConfigurationError
 from tests.test_transport import collect, drain_until
 
 
+def _fresh_interpreter(code: str) -> list[str]:
+    """The lines ``code`` prints in a new interpreter (the .pth hook active)."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return done.stdout.splitlines()
+
+
 def test_scheme_is_known_to_a_process_that_never_imports_the_package(broker_url):
     # Only kombu is imported: the .pth hook must make the scheme resolve.
     code = (
@@ -25,10 +31,7 @@ def test_scheme_is_known_to_a_process_that_never_imports_the_package(broker_url)
         "print(type(c.transport).__module__)\n"
         "print('celery_pgnotify' in sys.modules)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout.split()
-    assert out == ["celery_pgnotify.transport", "True"]
+    assert _fresh_interpreter(code) == ["celery_pgnotify.transport", "True"]
 
 
 @pytest.mark.parametrize(
@@ -47,18 +50,15 @@ def test_the_pth_hook_serves_both_modules_in_either_order(first: str) -> None:
         "print(TRANSPORT_ALIASES.get('pgnotify'))\n"
         "print(sorted(n for n in ('pause_queue', 'resume_queue') if n in Panel.meta))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout.splitlines()
-    assert out == ["celery_pgnotify.transport:Transport", "['pause_queue', 'resume_queue']"]
+    assert _fresh_interpreter(code) == [
+        "celery_pgnotify.transport:Transport",
+        "['pause_queue', 'resume_queue']",
+    ]
 
 
 def test_interpreter_start_does_not_import_kombu():
     code = "import sys; print('kombu' in sys.modules, 'celery_pgnotify' in sys.modules)"
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout.split()
-    assert out == ["False", "False"]
+    assert _fresh_interpreter(code) == ["False False"]
 
 
 def test_dsn_transport_option_overrides_the_url(pg_dsn, schema):
