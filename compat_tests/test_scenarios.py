@@ -68,9 +68,9 @@ def test_inspect_ping(compat: Compat):
 def test_revoke_before_the_task_is_due(compat: Compat):
     # A revoke is a broadcast to the workers listening at that moment (on
     # Redis, the subscribers of that moment). On a loaded machine the stock
-    # worker on Redis once ran the revoked task: the revoke, sent right after
-    # the worker said it was ready, had not reached it. Once the worker
-    # answers a ping, it hears broadcasts.
+    # worker on Redis once ran the revoked task, most likely because the
+    # revoke, sent right after the worker said it was ready, had not reached
+    # it. Once the worker answers a ping, it hears broadcasts.
     pong = compat.app.control.ping(destination=[compat.node], timeout=10, limit=1)
     assert pong == [{compat.node: {"ok": "pong"}}]
     result = compat.send("echo", "revoked", countdown=2)
