@@ -34,11 +34,15 @@ def _register(module: "ModuleType") -> None:
 
 
 def _extend_control(module: "ModuleType") -> None:
+    # Runs inside the import of Celery's own module, in every process (other
+    # brokers' workers too): a failure here must not fail that import. The
+    # commands are an extra; a consuming transport installs them again.
     try:
         from celery_pgnotify.remote import extend_remote_control
-    except ImportError:  # the package was removed, this file left behind
+
+        extend_remote_control()
+    except Exception:  # noqa: BLE001 - the package removed, or a Celery it does not know
         return
-    extend_remote_control()
 
 
 #: module name -> what to do once it has been imported
